@@ -1,0 +1,38 @@
+# harness: the user verbs. `make help` lists them.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STUDY  ?= studies/default.yaml
+ARGS   ?=
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install study resume status ensemble submit report dashboard sync check-data train test bench lint clean
+
+help: ## list the verbs
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install harness with dev extras (only when out of date)
+
+check-data: $(STAMP) ## count persons, images and classes of STUDY's data and list every problem
+	$(BIN)/harness check-data $(STUDY) $(ARGS)
+
+train: $(STAMP) ## run one trial with STUDY's defaults (ARGS="--set lr=0.01")
+	$(BIN)/harness train $(STUDY) $(ARGS)
+
+test: $(STAMP) ## run the whole test suite
+	$(BIN)/pytest $(ARGS)
+
+bench: $(STAMP) ## run the benchmarks; figures go to runs/bench/
+	$(BIN)/python -m harness.bench $(ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check harness tests
+
+clean: ## remove runs/ outputs (keeps .venv)
+	find runs -mindepth 1 -not -name .gitkeep -delete

@@ -1,0 +1,304 @@
+"""Study files: YAML loaded into typed, frozen config objects.
+
+One study file describes one experiment: where the data is and how it is split
+(`data`), the default value of every searchable parameter (`params`, which is
+also trial 0 of a study), the fixed training settings (`train`), what the study
+searches (`search`), where runs are tracked (`tracking`) and how the best trials
+are promoted (`ensemble`). Unknown keys, wrong types and out-of-range values are
+rejected at load with the file, the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A study file that cannot be used; the message says where and why."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class ImageSize(_Frozen):
+    """Training size every image is decoded and resized to once (in the cache)."""
+
+    height: int = Field(128, ge=16, le=4096)
+    width: int = Field(96, ge=16, le=4096)
+
+
+class SyntheticData(_Frozen):
+    """Generate a synthetic competition-layout dataset at `root` when it is missing."""
+
+    people: int = Field(120, ge=12, le=100_000)
+    seed: int = 0
+    height: int = Field(512, ge=32, le=4096)
+    width: int = Field(384, ge=32, le=4096)
+    eval_images: int | None = Field(None, ge=1)
+
+
+class DataConfig(_Frozen):
+    format: Literal["competition", "imagefolder", "csv"] = "competition"
+    root: Path = Path("data")
+    csv: Path | None = None  # csv format: the index file, relative to root
+    synthetic: SyntheticData | None = None
+    image_size: ImageSize = ImageSize()
+    resize: Literal["area", "bilinear"] = "area"
+    age_bounds: tuple[int, int] = (30, 60)
+    corrections: Path | None = None
+    valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    on_bad_image: Literal["fail", "exclude"] = "fail"
+    cache_dir: Path = Path("runs/cache")
+    cache_workers: int = Field(0, ge=0, le=256)  # 0: one per CPU core
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        low, high = self.age_bounds
+        if not 0 < low < high < 150:
+            raise ValueError(f"age_bounds must be two ages with 0 < low < high < 150, got {list(self.age_bounds)}")
+        if self.format == "csv" and self.csv is None:
+            raise ValueError("format 'csv' needs `csv:`, the index file (columns path,label[,group]) relative to root")
+        return self
+
+
+# -------------------------------------------------------------------------- params
+
+
+class Params(_Frozen):
+    """Every value a study may search, with its default (which is trial 0)."""
+
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    head: Literal["multiclass", "multihead"] = "multiclass"
+    freeze: str = "none"
+    freeze_k: int = Field(1, ge=0, le=100)
+    loss: str = "ce"
+    focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    aug_strength: float = Field(0.3, ge=0.0, le=1.0)
+    preprocess: Literal["none", "center_crop", "face_crop"] = "none"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    def replace(self, **changes: Any) -> Params:
+        return Params.model_validate({**self.model_dump(), **changes})
+
+
+# --------------------------------------------------------------------------- train
+
+
+class TrainConfig(_Frozen):
+    epochs: int = Field(4, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    backbone_lr_scale: float = Field(0.1, gt=0.0, le=1.0)  # warmup_head: backbone lr after unfreezing
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    num_workers: int = Field(0, ge=0, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # multihead: mask, gender, age
+    probe_border: float = Field(0.2, ge=0.0, lt=0.5)  # background probe: fraction of each side masked
+    max_train_batches: int | None = Field(None, ge=1)  # cap an epoch (smoke runs)
+
+
+# -------------------------------------------------------------------------- search
+
+
+class _Param(_Frozen):
+    when: dict[str, list[Any]] | None = None  # conditional: sampled only if parent params take these values
+
+
+class CategoricalParam(_Param):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+class IntParam(_Param):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> IntParam:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class FloatParam(_Param):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> FloatParam:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scaled range needs low > 0, got {self.low}")
+        return self
+
+
+SearchParam = Annotated[Union[CategoricalParam, IntParam, FloatParam], Field(discriminator="type")]
+
+
+class SamplerConfig(_Frozen):
+    name: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
+    seed: int = 0
+    n_startup_trials: int = Field(5, ge=0)
+
+
+class PrunerConfig(_Frozen):
+    name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    n_startup_trials: int = Field(3, ge=0)
+    n_warmup_steps: int = Field(1, ge=0)
+
+
+class SearchConfig(_Frozen):
+    trials: int = Field(12, ge=1, le=100_000)
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    space: dict[str, SearchParam] = Field(default_factory=dict)
+    heartbeat_s: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _known_names(self) -> SearchConfig:
+        known = set(Params.model_fields)
+        for name, spec in self.space.items():
+            if name not in known:
+                raise ValueError(f"space.{name}: unknown parameter; searchable ones are {sorted(known)}")
+            for parent in spec.when or {}:
+                if parent not in self.space:
+                    raise ValueError(f"space.{name}.when: parent {parent!r} is not in the search space")
+        return self
+
+
+# ------------------------------------------------------------------ tracking, ensemble
+
+
+class TrackingConfig(_Frozen):
+    project: str = "harness"
+    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class EnsembleConfig(_Frozen):
+    enabled: bool = True
+    top_k: int = Field(5, ge=1, le=1000)
+    max_gap: float | None = None
+    rounds: int = Field(25, ge=1, le=10_000)
+
+
+# --------------------------------------------------------------------------- study
+
+
+class StudyConfig(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    seed: int = 0
+    runs_dir: Path = Path("runs")
+    data: DataConfig = DataConfig()
+    params: Params = Params()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    smoke: dict[str, Any] | None = None  # overrides that shrink the study to CPU-seconds
+
+    @property
+    def study_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+    def replace(self, overrides: dict[str, Any]) -> StudyConfig:
+        """A new config with dotted-key overrides (``{"train.epochs": 2}``) validated again."""
+        raw = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            _set_dotted(raw, dotted, value)
+        return _validate(raw, source="overrides")
+
+    def search_space_hash(self) -> str:
+        space = {k: v.model_dump(mode="json") for k, v in self.search.space.items()}
+        blob = json.dumps({"space": space, "params": self.params.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid study file ({error.error_count()} problem(s))"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"] if not _is_union_tag(p)) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        elif item["type"] == "missing":
+            msg = "required key is missing"
+        given = item.get("input")
+        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    return part in ("categorical", "int", "float")
+
+
+def _validate(raw: Any, source: str) -> StudyConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a study file must be a YAML mapping of keys, got {type(raw).__name__}")
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def parse_study(text: str, source: str = "<string>", smoke: bool = False) -> StudyConfig:
+    try:
+        raw = yaml.safe_load(text)  # safe loader: a study file is data and never runs code
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    cfg = _validate(raw, source)
+    if smoke:
+        if not cfg.smoke:
+            raise ConfigError(f"{source}: has no `smoke:` section to shrink it with")
+        cfg = cfg.replace(cfg.smoke)
+    return cfg
+
+
+def load_study(path: str | Path, smoke: bool = False, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Load and validate a study file; `smoke` applies its `smoke:` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    cfg = parse_study(path.read_text(), source=str(path), smoke=smoke)
+    if overrides:
+        try:
+            cfg = cfg.replace(overrides)
+        except ConfigError as error:
+            raise ConfigError(f"{path} with overrides {overrides}:\n{error}") from None
+    return cfg

@@ -1,0 +1,53 @@
+"""Person-grouped, stratified train/valid split and its hash.
+
+No person is ever in both train and valid (splitting by image leaks: 90% valid
+vs 20% test in the real competition). Persons are stratified on their
+attributes (gender x age group for the competition, the majority class
+otherwise) so the rare >=60 group always appears in valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+
+@dataclass(frozen=True)
+class Split:
+    train: np.ndarray  # row positions into the index
+    valid: np.ndarray
+    hash: str  # over the sorted person lists: stored with a study, checked on resume
+
+    def persons(self, frame: pd.DataFrame, part: str) -> list[str]:
+        return sorted(set(frame["person"].iloc[getattr(self, part)]))
+
+
+def person_strata(frame: pd.DataFrame) -> pd.Series:
+    """One stratum per image, constant within a person."""
+    if frame.attrs.get("tasks"):
+        return frame["gender"] * 3 + frame["age"]
+    majority = frame.groupby("person")["label"].agg(lambda labels: labels.mode().iloc[0])
+    return frame["person"].map(majority)
+
+
+def split_hash(train_persons: list[str], valid_persons: list[str]) -> str:
+    blob = "\n".join(sorted(train_persons)) + "\n--valid--\n" + "\n".join(sorted(valid_persons))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def split_by_person(frame: pd.DataFrame, valid_fraction: float = 0.2, seed: int = 0) -> Split:
+    """Stratified grouped split: one fold of StratifiedGroupKFold with round(1/fraction) folds."""
+    persons = frame["person"].to_numpy()
+    n_persons = len(set(persons))
+    n_splits = max(2, round(1 / valid_fraction))
+    if n_persons < n_splits:
+        raise ValueError(f"{n_persons} persons cannot be split with valid_fraction={valid_fraction}; "
+                         f"need at least {n_splits} persons")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train, valid = next(splitter.split(np.zeros(len(frame)), person_strata(frame), groups=persons))
+    train, valid = np.sort(train), np.sort(valid)
+    return Split(train, valid, split_hash(sorted(set(persons[train])), sorted(set(persons[valid]))))

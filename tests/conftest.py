@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny hand-made datasets and the real study files shrunk to CPU-seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from harness.config import load_study
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+STEMS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+
+
+def write_image(path: Path, seed: int, size=(24, 32)) -> None:
+    """A small real image file (format from the suffix)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG")
+
+
+def write_person(images_dir: Path, folder: str, suffix=".jpg", stems=STEMS, seed=0) -> Path:
+    person = images_dir / folder
+    for i, stem in enumerate(stems):
+        write_image(person / f"{stem}{suffix}", seed * 10 + i)
+    return person
+
+
+def write_competition(root: Path, folders: list[str], csv_rows: list[dict] | None = None) -> Path:
+    """A competition-layout train set with the given person folders and a matching train.csv."""
+    images = root / "train" / "images"
+    for i, folder in enumerate(folders):
+        write_person(images, folder, suffix=[".jpg", ".jpeg", ".png", ".JPG"][i % 4], seed=i)
+    if csv_rows is None:
+        csv_rows = []
+        for folder in folders:
+            ident, gender, race, age = folder.split("_")
+            csv_rows.append(dict(id=ident, gender=gender, race=race, age=age, path=folder))
+    pd.DataFrame(csv_rows).to_csv(root / "train" / "train.csv", index=False)
+    return root
+
+
+def people(n: int) -> list[str]:
+    """n person folders cycling through genders and all three age groups."""
+    ages = [22, 45, 63]
+    return [f"{i:06d}_{['male', 'female'][i % 2]}_Asian_{ages[(i // 2) % 3]}" for i in range(n)]
+
+
+@pytest.fixture
+def smoke_study(tmp_path):
+    """The default study's smoke variant with every output under tmp_path."""
+
+    def load(path: str | Path = REPO / "studies" / "default.yaml", **overrides):
+        return load_study(path, smoke=True, overrides={
+            "runs_dir": str(tmp_path / "runs"),
+            "data.root": str(tmp_path / "data"),
+            "data.cache_dir": str(tmp_path / "cache"),
+            **overrides,
+        })
+
+    return load

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from harness.config import ConfigError, StudyConfig, load_study, parse_study
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = sorted((REPO / "studies").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_study_file_and_its_smoke_variant_load(path):
+    cfg = load_study(path)
+    smoke = load_study(path, smoke=True)
+    assert cfg.name == path.stem
+    assert smoke.train.epochs <= cfg.train.epochs
+    assert smoke.search.trials <= cfg.search.trials
+
+
+def test_minimal_study_gets_component_defaults():
+    cfg = parse_study("name: tiny\n")
+    assert cfg.data.age_bounds == (30, 60)
+    assert cfg.params.loss == "ce"
+    assert cfg.study_dir == Path("runs/tiny")
+
+
+def test_config_is_frozen():
+    cfg = parse_study("name: tiny\n")
+    with pytest.raises(Exception):
+        cfg.train.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\ntrain: {epoch: 3}\n", ["train.epoch", "unknown key"]),
+    ("name: x\ntrain: {epochs: many}\n", ["train.epochs", "valid integer", "'many'"]),
+    ("name: x\ndata: {valid_fraction: 1.5}\n", ["data.valid_fraction", "less than 1"]),
+    ("name: x\nparams: {head: twoheads}\n", ["params.head", "'multiclass' or 'multihead'"]),
+    ("name: x\ndata: {age_bounds: [60, 30]}\n", ["data", "age_bounds"]),
+    ("name: x\nsearch: {space: {lr: {type: float, low: 0, high: 1, log: true}}}\n", ["search.space.lr", "low > 0"]),
+    ("name: x\nsearch: {space: {colour: {type: categorical, choices: [a]}}}\n", ["space.colour", "unknown parameter"]),
+    ("name: x\nsearch: {space: {lr: {type: normal}}}\n", ["search.space.lr", "categorical", "float", "int"]),
+    ("name: x\nsearch: {space: {focal_gamma: {type: float, low: 1, high: 2, when: {loss: [focal]}}}}\n",
+     ["parent 'loss' is not in the search space"]),
+    ("train: {epochs: 2}\n", ["name", "required key is missing"]),
+    ("name: '../escape'\n", ["name", "pattern"]),
+])
+def test_bad_study_files_are_rejected_with_file_key_and_reason(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_study(path)
+    message = str(error.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message
+
+
+def test_yaml_is_parsed_safely_and_never_runs_code(tmp_path):
+    path = write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned > pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_study(path)
+    assert not Path("pwned").exists()
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="YAML mapping"):
+        load_study(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_validated_again():
+    cfg = parse_study("name: x\n")
+    assert cfg.replace({"train.epochs": 7}).train.epochs == 7
+    with pytest.raises(ConfigError, match="train.epochs"):
+        cfg.replace({"train.epochs": -1})
+    with pytest.raises(ConfigError, match="train.nope"):
+        cfg.replace({"train.nope": 1})
+
+
+def test_search_space_hash_changes_with_the_space():
+    a = parse_study("name: x\nsearch: {space: {lr: {type: float, low: 0.001, high: 0.1, log: true}}}\n")
+    b = parse_study("name: x\nsearch: {space: {lr: {type: float, low: 0.001, high: 0.2, log: true}}}\n")
+    assert a.search_space_hash() != b.search_space_hash()
+    assert a.search_space_hash() == StudyConfig.model_validate(a.model_dump()).search_space_hash()

@@ -7,7 +7,7 @@ ARGS   ?=
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install study resume status ensemble submit report dashboard sync check-data train test bench lint clean
+.PHONY: help install study resume status check-data train test bench lint clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -18,6 +18,14 @@ $(STAMP): setup.cfg requirements.lock
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install harness with dev extras (only when out of date)
+
+study: $(STAMP) ## run STUDY (default: studies/default.yaml) until its target; rerun to resume (ARGS="--trials 20")
+	$(BIN)/harness study $(STUDY) $(ARGS)
+
+resume: study ## the same command as study: continue where a crashed or stopped study left off
+
+status: $(STAMP) ## table of STUDY's trials sorted by val F1 (also runs/<study>/trials.csv)
+	$(BIN)/harness status $(STUDY) $(ARGS)
 
 check-data: $(STAMP) ## count persons, images and classes of STUDY's data and list every problem
 	$(BIN)/harness check-data $(STUDY) $(ARGS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -154,7 +154,7 @@ class FloatParam(_Param):
         return self
 
 
-SearchParam = Annotated[Union[CategoricalParam, IntParam, FloatParam], Field(discriminator="type")]
+SearchParam = Annotated[CategoricalParam | IntParam | FloatParam, Field(discriminator="type")]
 
 
 class SamplerConfig(_Frozen):
@@ -174,17 +174,20 @@ class SearchConfig(_Frozen):
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     space: dict[str, SearchParam] = Field(default_factory=dict)
-    heartbeat_s: int = Field(30, ge=1)
+    heartbeat_s: int = Field(10, ge=1)  # a trial with no heartbeat for 3x this long is stale and retried
+    max_failed: int = Field(10, ge=1)  # stop the study after this many failed trials (it is probably broken)
 
     @model_validator(mode="after")
     def _known_names(self) -> SearchConfig:
         known = set(Params.model_fields)
+        seen: list[str] = []
         for name, spec in self.space.items():
             if name not in known:
                 raise ValueError(f"space.{name}: unknown parameter; searchable ones are {sorted(known)}")
             for parent in spec.when or {}:
-                if parent not in self.space:
-                    raise ValueError(f"space.{name}.when: parent {parent!r} is not in the search space")
+                if parent not in seen:  # parents are sampled first, so they must come earlier
+                    raise ValueError(f"space.{name}.when: parent {parent!r} is not in the search space above {name!r}")
+            seen.append(name)
         return self
 
 

@@ -8,12 +8,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from harness.config import load_study
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+# Tiny CPU models run fastest on one thread, and tests then leave the other core to the
+# DataLoader and subprocesses instead of fighting over both.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 STEMS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
@@ -54,15 +60,22 @@ def people(n: int) -> list[str]:
     return [f"{i:06d}_{['male', 'female'][i % 2]}_Asian_{ages[(i // 2) % 3]}" for i in range(n)]
 
 
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory) -> Path:
+    """One folder for the smoke studies' synthetic data and decoded cache, shared by the session."""
+    return tmp_path_factory.mktemp("shared-data")
+
+
 @pytest.fixture
-def smoke_study(tmp_path):
-    """The default study's smoke variant with every output under tmp_path."""
+def smoke_study(tmp_path, shared_data):
+    """A study file's smoke variant with its runs under tmp_path (data and cache shared by the session)."""
 
     def load(path: str | Path = REPO / "studies" / "default.yaml", **overrides):
+        name = Path(path).stem
         return load_study(path, smoke=True, overrides={
             "runs_dir": str(tmp_path / "runs"),
-            "data.root": str(tmp_path / "data"),
-            "data.cache_dir": str(tmp_path / "cache"),
+            "data.root": str(shared_data / name / "data"),
+            "data.cache_dir": str(shared_data / "cache"),
             **overrides,
         })
 

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from harness.config import ConfigError, StudyConfig, load_study, parse_study
 
@@ -32,7 +33,7 @@ def test_minimal_study_gets_component_defaults():
 
 def test_config_is_frozen():
     cfg = parse_study("name: tiny\n")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.epochs = 3  # type: ignore[misc]
 
 
@@ -46,7 +47,7 @@ def test_config_is_frozen():
     ("name: x\nsearch: {space: {colour: {type: categorical, choices: [a]}}}\n", ["space.colour", "unknown parameter"]),
     ("name: x\nsearch: {space: {lr: {type: normal}}}\n", ["search.space.lr", "categorical", "float", "int"]),
     ("name: x\nsearch: {space: {focal_gamma: {type: float, low: 1, high: 2, when: {loss: [focal]}}}}\n",
-     ["parent 'loss' is not in the search space"]),
+     ["parent 'loss' is not in the search space above 'focal_gamma'"]),
     ("train: {epochs: 2}\n", ["name", "required key is missing"]),
     ("name: '../escape'\n", ["name", "pattern"]),
 ])

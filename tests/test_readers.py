@@ -3,8 +3,13 @@ import pytest
 
 from conftest import STEMS, people, write_competition, write_image
 from harness.data.labels import decode
-from harness.data.readers import (DataError, read_competition_eval, read_competition_train, read_csv_index,
-                                  read_image_folder)
+from harness.data.readers import (
+    DataError,
+    read_competition_eval,
+    read_competition_train,
+    read_csv_index,
+    read_image_folder,
+)
 
 
 def errors_of(index):

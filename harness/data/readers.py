@@ -152,7 +152,8 @@ def _check_train_csv(root: Path, folders: dict[str, tuple[str, int, int]], probl
                                     f"age={row.age}; the folder name says otherwise"))
     ids = table.drop_duplicates("path").groupby("id")["path"].nunique()
     for ident in ids[ids > 1].index:
-        problems.append(Problem("warning", str(csv_path), f"id {ident} names {ids[ident]} folders; each folder is its own person"))
+        problems.append(Problem("warning", str(csv_path),
+                                f"id {ident} names {ids[ident]} folders; each folder is its own person"))
 
 
 def read_competition_train(root: Path, age_bounds=(30, 60), corrections: Path | None = None) -> DataIndex:

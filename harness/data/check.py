@@ -1,0 +1,96 @@
+"""`harness check-data`: what the data holds and everything wrong with it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from harness.config import StudyConfig
+from harness.data.cache import build_cache
+from harness.data.labels import TASKS, decode
+from harness.data.prepare import ensure_dataset
+from harness.data.readers import DataError, Problem, read_eval, read_train
+from harness.data.split import split_by_person
+
+
+def image_sizes(paths: list[str]) -> Counter:
+    """(width, height) -> count, read from the file headers only."""
+    sizes: Counter = Counter()
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes[image.size] += 1
+        except (OSError, ValueError):
+            sizes["unreadable"] += 1
+    return sizes
+
+
+def class_table(frame: pd.DataFrame, parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    names = frame.attrs["class_names"]
+    table = pd.DataFrame({part: rows["label"].value_counts().reindex(range(len(names)), fill_value=0)
+                          for part, rows in parts.items()})
+    table.index = [f"{i:2d} {name}" for i, name in enumerate(names)]
+    return table
+
+
+def task_table(parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    rows = {}
+    for task, size in TASKS.items():
+        for value in range(size):
+            rows[f"{task}={value}"] = {part: int((frame[task] == value).sum()) for part, frame in parts.items()}
+    return pd.DataFrame(rows).T
+
+
+def check_data(cfg: StudyConfig, progress: bool = True) -> tuple[str, bool]:
+    """The report text and whether the data is fit to train on (no error problems)."""
+    data = cfg.data
+    ensure_dataset(data)
+    index = read_train(data)
+    frame = index.frame
+    problems = list(index.problems)
+    cache = build_cache(list(frame["path"]), data.image_size.height, data.image_size.width, Path(data.cache_dir),
+                        resize=data.resize, workers=data.cache_workers, on_bad_image="exclude", progress=progress)
+    problems += [Problem("error", path, f"unreadable image: {reason}") for path, reason in cache.excluded]
+    good = frame[frame["path"].isin(set(cache.paths))]
+    good.attrs.update(frame.attrs)
+    lines = [f"data: {data.root} ({data.format})",
+             f"images: {len(frame)} ({len(good)} readable), persons: {frame['person'].nunique()}",
+             f"image sizes seen (W x H): {dict(image_sizes(list(frame['path'])))}"]
+    try:
+        split = split_by_person(good, data.valid_fraction, data.split_seed)
+        parts = {"train": good.iloc[split.train], "valid": good.iloc[split.valid]}
+        lines.append(f"split: {len(split.persons(good, 'train'))} train / {len(split.persons(good, 'valid'))} valid "
+                     f"persons, hash {split.hash}")
+    except ValueError as error:
+        problems.append(Problem("error", str(data.root), str(error)))
+        parts = {"all": good}
+    lines += ["", "images per class:", class_table(frame, parts).to_string()]
+    if frame.attrs["tasks"]:
+        lines += ["", "images per task label:", task_table(parts).to_string()]
+    lines += _eval_summary(cfg, problems)
+    errors = [p for p in problems if p.severity == "error"]
+    lines += ["", f"problems: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)"]
+    lines += [f"  {p}" for p in sorted(problems, key=lambda p: (p.severity != "error", p.file))]
+    return "\n".join(lines), not errors
+
+
+def _eval_summary(cfg: StudyConfig, problems: list[Problem]) -> list[str]:
+    try:
+        index = read_eval(cfg.data)
+    except DataError as error:
+        problems.append(Problem("error", str(cfg.data.root), str(error)))
+        return []
+    if index is None:
+        return []
+    problems += index.problems
+    known = index.frame["label"] >= 0
+    scored = f", {int(known.sum())} with ground truth (eval/gt.csv)" if known.any() else ""
+    lines = ["", f"eval: {len(index.frame)} images{scored}"]
+    if known.any():
+        mask, gender, age = decode(index.frame.loc[known, "label"].to_numpy())
+        lines.append(f"  eval mask/gender/age counts: {Counter(mask.tolist())} {Counter(gender.tolist())} "
+                     f"{Counter(age.tolist())}")
+    return lines

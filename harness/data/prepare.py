@@ -1,0 +1,91 @@
+"""From a study's data section to everything a trial reads: index, split, decoded cache."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.config import DataConfig
+from harness.data.cache import DecodedCache, ImageDecodeError, build_cache
+from harness.data.readers import DataIndex, read_eval, read_train
+from harness.data.split import Split, split_by_person
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    frame: pd.DataFrame  # the train index, rows in cache order
+    split: Split
+    cache: DecodedCache
+    eval_frame: pd.DataFrame | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.frame.attrs["num_classes"])
+
+    @property
+    def tasks(self) -> bool:
+        return bool(self.frame.attrs["tasks"])
+
+    def rows(self, part: str) -> np.ndarray:
+        """Cache rows of the train or valid images."""
+        return np.asarray(getattr(self.split, part))
+
+    def labels(self, part: str) -> np.ndarray:
+        return self.frame["label"].to_numpy()[getattr(self.split, part)]
+
+
+def ensure_dataset(data: DataConfig) -> None:
+    """Generate the synthetic dataset a study asks for when its root does not exist yet."""
+    root = Path(data.root)
+    if data.synthetic is None or root.exists():
+        return
+    from harness.data.synthetic import make_synthetic
+
+    spec = data.synthetic
+    log.info("generating synthetic data (%d people) at %s", spec.people, root)
+    make_synthetic(root, people=spec.people, seed=spec.seed, width=spec.width, height=spec.height,
+                   eval_images=spec.eval_images)
+
+
+def read_checked(data: DataConfig) -> DataIndex:
+    ensure_dataset(data)
+    index = read_train(data)
+    index.raise_on_errors()
+    return index
+
+
+def prepare_data(data: DataConfig, progress: bool = True, with_eval: bool = False) -> PreparedData:
+    """Index, split and cache the train data (and optionally the eval index)."""
+    frame = read_checked(data).frame
+    cache = build_cache(list(frame["path"]), data.image_size.height, data.image_size.width, Path(data.cache_dir),
+                        resize=data.resize, workers=data.cache_workers, on_bad_image=data.on_bad_image,
+                        progress=progress)
+    if cache.excluded and data.on_bad_image == "fail":
+        # a cache built earlier in "exclude" mode (e.g. by check-data) lists them
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in cache.excluded)
+        raise ImageDecodeError(f"{len(cache.excluded)} unreadable image(s):\n{listed}\n"
+                               "Remove or replace them, or set data.on_bad_image: exclude to train without them.")
+    if cache.excluded:
+        for path, reason in cache.excluded:
+            log.warning("excluded unreadable image %s: %s", path, reason)
+        keep = frame["path"].isin(set(cache.paths))
+        frame = frame[keep].reset_index(drop=True).copy()
+    frame = _in_cache_order(frame, cache)
+    split = split_by_person(frame, data.valid_fraction, data.split_seed)
+    eval_index = read_eval(data) if with_eval else None
+    return PreparedData(frame, split, cache, eval_index.raise_on_errors() if eval_index else None)
+
+
+def _in_cache_order(frame: pd.DataFrame, cache: DecodedCache) -> pd.DataFrame:
+    """Reorder rows so that row i of the index is row i of the cache."""
+    attrs = dict(frame.attrs)
+    order = np.argsort([cache.row_of(p) for p in frame["path"]], kind="stable")
+    frame = frame.iloc[order].reset_index(drop=True)
+    frame.attrs.update(attrs)
+    return frame

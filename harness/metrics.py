@@ -1,0 +1,64 @@
+"""Classification metrics: the competition's macro F1 (absent classes count as 0), per task, per class."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score
+
+from harness.data.labels import NUM_CLASSES, TASKS, decode
+
+
+def log_softmax_np(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Stable log-softmax (shifting by the max keeps exp from overflowing)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def softmax_np(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Stable softmax."""
+    return np.exp(log_softmax_np(logits, axis=axis))
+
+
+def macro_f1(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Macro F1 over all ``num_classes`` classes; a class never seen nor predicted scores 0."""
+    return float(f1_score(labels, pred, labels=range(num_classes), average="macro", zero_division=0))
+
+
+def per_class_f1(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """F1 of each class 0..num_classes-1 (0 for absent classes)."""
+    return f1_score(labels, pred, labels=range(num_classes), average=None, zero_division=0)
+
+
+def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts: rows are true classes, columns predicted classes."""
+    return confusion_matrix(labels, pred, labels=range(num_classes))
+
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray, tasks: bool) -> dict[str, float]:
+    """{"f1", "acc"} plus {"f1_mask", "f1_gender", "f1_age"} when ``tasks``.
+
+    ``scores`` are (N, C) probabilities or log-probabilities: only their argmax is used.
+    """
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    _check_inputs(scores, labels, tasks)
+    num_classes = scores.shape[1]
+    pred = scores.argmax(axis=1)
+    metrics = {"f1": macro_f1(pred, labels, num_classes), "acc": float((pred == labels).mean())}
+    if tasks:
+        for (task, size), task_pred, task_labels in zip(TASKS.items(), decode(pred), decode(labels), strict=True):
+            metrics[f"f1_{task}"] = macro_f1(task_pred, task_labels, size)
+    return metrics
+
+
+def _check_inputs(scores: np.ndarray, labels: np.ndarray, tasks: bool) -> None:
+    if scores.ndim != 2 or labels.shape != (len(scores),) or len(scores) == 0:
+        raise ValueError(f"expected scores (N, C) and labels (N,) with N > 0, got {scores.shape} and {labels.shape}")
+    num_classes = scores.shape[1]
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}; "
+            "drop rows with unknown labels (-1) before scoring"
+        )
+    if tasks and num_classes != NUM_CLASSES:
+        raise ValueError(f"task metrics decode {NUM_CLASSES} mask/gender/age classes, got C={num_classes}")

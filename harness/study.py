@@ -1,0 +1,321 @@
+"""The Optuna lifecycle: storage, sampler, pruner, search space, resume, the trial loop.
+
+`run_study(cfg)` creates the study named in the file or loads it, then runs trials
+until `target` of them have finished (complete + pruned). Rerunning the same
+command is the resume path:
+
+- a finished trial is never re-run; the target is met exactly;
+- a trial left RUNNING by a dead process stops sending heartbeats, is declared
+  stale after `3 * search.heartbeat_s` seconds, and Optuna re-enqueues it with the
+  same params; the retry keeps the original trial's identity, so it continues the
+  same folder, `last.pt` and W&B run (at most one epoch is redone);
+- a live process's trial keeps its heartbeat, so a second process never steals it;
+- the split hash and the search-space hash are stored with the study; resuming
+  with different ones stops with a message instead of mixing two experiments.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+import harness
+from harness.config import ConfigError, Params, StudyConfig
+from harness.data.prepare import PreparedData, prepare_data
+from harness.train import TrialResult, run_trial
+
+log = logging.getLogger("harness.study")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StudyError(RuntimeError):
+    """A study that cannot be opened or resumed as asked; the message says what to do."""
+
+
+class TrialFailed(Exception):
+    """Raised from the objective so Optuna records the trial as FAIL with its reason."""
+
+
+# ------------------------------------------------------------------------- storage
+
+
+def default_storage(cfg: StudyConfig) -> str:
+    return f"sqlite:///{(cfg.study_dir / 'study.db').resolve()}"
+
+
+def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
+    """An RDB storage with heartbeats (stale trials are retried) and, for SQLite, a busy timeout."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # several processes on one file: wait for the lock instead of failing with "database is locked"
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                          grace_period=3 * heartbeat_s,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=5))
+    except Exception as error:  # noqa: BLE001 - sqlalchemy raises many kinds; all mean "cannot use it"
+        raise StudyError(f"storage {redact(url)} cannot be opened: {type(error).__name__}: {error}. "
+                         "Check the URL (e.g. postgresql://user@host:5432/db or sqlite:///path.db) "
+                         "and that the server is reachable.") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    head, at, tail = url.rpartition("@")
+    if not at or "://" not in head:
+        return url
+    scheme, _, credentials = head.partition("://")
+    return f"{scheme}://{credentials.split(':')[0]}:***@{tail}" if ":" in credentials else url
+
+
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    spec = cfg.search.sampler
+    if spec.name == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
+    if spec.name == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    if spec.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
+    return optuna.samplers.QMCSampler(seed=spec.seed)
+
+
+def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    spec, epochs = cfg.search.pruner, cfg.train.epochs
+    if spec.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
+    if spec.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, spec.n_warmup_steps))
+    if spec.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, spec.n_warmup_steps), max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+# ---------------------------------------------------------------------- search space
+
+
+def suggest_params(trial: optuna.Trial, cfg: StudyConfig) -> Params:
+    """Sample the study's space; a conditional param is sampled only when its parents allow it."""
+    values = cfg.params.model_dump()
+    for name, spec in cfg.search.space.items():
+        if spec.when and not all(values[parent] in allowed for parent, allowed in spec.when.items()):
+            continue  # inactive: keeps its default and is not a param of this trial
+        if spec.type == "categorical":
+            values[name] = trial.suggest_categorical(name, spec.choices)
+        elif spec.type == "int":
+            values[name] = trial.suggest_int(name, spec.low, spec.high, step=spec.step, log=spec.log)
+        else:
+            values[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log, step=spec.step)
+    return Params.model_validate(values)
+
+
+def default_trial_params(cfg: StudyConfig) -> dict:
+    """The study file's defaults restricted to the active searched params: trial 0."""
+    values = cfg.params.model_dump()
+    active = {}
+    for name, spec in cfg.search.space.items():
+        if not spec.when or all(values[parent] in allowed for parent, allowed in spec.when.items()):
+            active[name] = values[name]
+    return active
+
+
+# ---------------------------------------------------------------------------- study
+
+
+def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str) -> optuna.Study:
+    """Create the study or load it; refuse a resume whose split or search space changed."""
+    cfg.study_dir.mkdir(parents=True, exist_ok=True)
+    url = storage_url or default_storage(cfg)
+    storage = open_storage(url, cfg.search.heartbeat_s)
+    study = optuna.create_study(study_name=cfg.name, storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    stored = study.user_attrs
+    expected = {"split_hash": split_hash, "space_hash": cfg.search_space_hash()}
+    if "split_hash" not in stored:
+        for key, value in {**expected, "harness_version": harness.__version__}.items():
+            study.set_user_attr(key, value)
+        study.enqueue_trial(default_trial_params(cfg), user_attrs={"reference": True})
+        log.info("created study %r in %s", cfg.name, redact(url))
+        return study
+    for key, what in (("split_hash", "data split"), ("space_hash", "search space or defaults")):
+        if stored[key] != expected[key]:
+            raise StudyError(
+                f"study {cfg.name!r} in {redact(url)} was created with a different {what} "
+                f"({key} {stored[key]} there, {expected[key]} now). Resuming would mix two experiments. "
+                f"Give the study a new `name:` in the study file, or delete {cfg.study_dir} to start over.")
+    log.info("resuming study %r: %s", cfg.name, count_states(study))
+    return study
+
+
+def count_states(study: optuna.Study) -> dict[str, int]:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return {state.name.lower(): states.count(state) for state in TrialState if states.count(state)}
+
+
+def trial_identity(trial: optuna.trial.BaseTrial) -> int:
+    """The trial number that owns the folder and W&B run: the original one for a retried trial."""
+    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return trial.number if original is None else original
+
+
+class Objective:
+    """One Optuna trial: sample params, run the trial with W&B tracking, store the outcome."""
+
+    def __init__(self, cfg: StudyConfig, data: PreparedData) -> None:
+        self.cfg, self.data = cfg, data
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from harness.tracking import TrialTracker
+
+        cfg = self.cfg
+        identity = trial_identity(trial)
+        params = suggest_params(trial, cfg)
+        run_dir = cfg.study_dir / "trials" / str(identity)
+        extra = {"fixed": cfg.model_dump(mode="json", exclude={"params", "search", "smoke"}),
+                 "split_hash": self.data.split.hash, "harness_version": harness.__version__, "trial": identity}
+        started = time.perf_counter()
+        with TrialTracker(cfg, identity, params.model_dump(), extra) as tracker:
+            trial.set_user_attr("identity", identity)
+            trial.set_user_attr("run_dir", str(run_dir))
+            trial.set_user_attr("wandb_run_id", tracker.run_id)
+            progress = EpochPrinter(identity, cfg.train.epochs, started)
+            result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir,
+                               on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
+            tracker.finish(result, *self._confusion(run_dir))
+        store_result(trial, result)
+        print(f"trial {identity:4d} {result.summary()}", flush=True)
+        if result.state == "pruned":
+            raise optuna.TrialPruned(f"pruned after {result.epochs_run} epoch(s)")
+        if result.state != "complete":
+            raise TrialFailed(result.reason or result.state)
+        return result.best_f1
+
+    def _confusion(self, run_dir: Path) -> tuple[np.ndarray | None, list[str]]:
+        path = run_dir / "confusion.npy"
+        matrix = np.load(path) if path.is_file() else None
+        return matrix, list(self.data.frame.attrs["class_names"])
+
+
+class EpochPrinter:
+    """One line per epoch a person can follow: trial, epoch, F1, gap, ETA."""
+
+    def __init__(self, identity: int, epochs: int, started: float) -> None:
+        self.identity, self.epochs, self.started = identity, epochs, started
+        self.done = 0
+
+    def __call__(self, row: dict) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        remaining = self.epochs - row["epoch"] - 1
+        eta = elapsed / self.done * remaining
+        print(f"trial {self.identity:4d} epoch {row['epoch'] + 1}/{self.epochs} val/f1 {row['val/f1']:.4f} "
+              f"gap/f1 {row['gap/f1']:+.4f} gap/bg {row['gap/bg']:+.4f} {row['images_per_s']:.0f} img/s "
+              f"ETA {eta:.0f}s", flush=True)
+
+
+def store_result(trial: optuna.Trial, result: TrialResult) -> None:
+    """The figures a reviewer filters on, as trial user attributes (optuna-dashboard shows them)."""
+    for key in ("gap_f1", "gap_bg", "best_epoch", "epochs_run", "images_per_s", "seconds", "state", "reason"):
+        value = asdict(result)[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        trial.set_user_attr(key, value)
+
+
+def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None = None,
+              storage: str | None = None, progress: bool = True) -> optuna.Study:
+    """Run (or resume) the study until `trials` (default: the study file's) trials have finished."""
+    target = trials or cfg.search.trials
+    data = prepare_data(cfg.data, progress=progress)
+    study = open_study(cfg, storage, data.split.hash)
+    objective = Objective(cfg, data)
+    tracker = _study_tracker(cfg, data)
+    deadline = time.monotonic() + timeout if timeout else math.inf
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        while time.monotonic() < deadline:
+            fail_stale_trials(study)  # a dead process's RUNNING trial becomes FAIL + a WAITING retry
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
+            failed = _failed_on_their_own(study)
+            if finished >= target:
+                break
+            if failed >= cfg.search.max_failed:
+                raise StudyError(f"{failed} trials failed (search.max_failed = {cfg.search.max_failed}); "
+                                 f"see their reasons with `harness status`; the study stops here")
+            if finished + running >= target:
+                # the rest is in other processes' hands, or waits for a dead one's trial to go stale
+                time.sleep(cfg.search.heartbeat_s)
+                continue
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False,
+                           callbacks=[lambda s, t: tracker.update(trials_frame(s))])
+    finally:
+        tracker.update(trials_frame(study))
+        tracker.finish()
+    return study
+
+
+def _study_tracker(cfg: StudyConfig, data: PreparedData):
+    from harness.tracking import StudyTracker
+
+    return StudyTracker(cfg, {"split_hash": data.split.hash, "space_hash": cfg.search_space_hash(),
+                              "harness_version": harness.__version__, "target_trials": cfg.search.trials})
+
+
+def _failed_on_their_own(study: optuna.Study) -> int:
+    """Failed trials, not counting stale ones that were re-enqueued (those are retried, not failures)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial identity (the latest attempt), sorted by val F1."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        rows.append({"number": attrs.get("identity", t.number), "attempt": t.number, "state": t.state.name.lower(),
+                     "val_f1": t.value if t.values else float("nan"),
+                     "gap_f1": attrs.get("gap_f1", float("nan")), "gap_bg": attrs.get("gap_bg", float("nan")),
+                     "best_epoch": attrs.get("best_epoch", -1), "epochs": attrs.get("epochs_run", 0),
+                     "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
+                     **{f"param_{k}": v for k, v in t.params.items()},
+                     "wandb_run_id": attrs.get("wandb_run_id", ""), "run_dir": attrs.get("run_dir", ""),
+                     "reason": attrs.get("reason", "")})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame = frame.sort_values("attempt").drop_duplicates("number", keep="last")
+    return frame.sort_values(["val_f1", "number"], ascending=[False, True], na_position="last").reset_index(drop=True)
+
+
+def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:
+    url = storage or default_storage(cfg)
+    if storage is None and not (cfg.study_dir / "study.db").is_file():
+        raise ConfigError(f"no study {cfg.name!r} yet ({cfg.study_dir / 'study.db'} does not exist); "
+                          "run `harness study` first")
+    try:
+        return optuna.load_study(study_name=cfg.name, storage=open_storage(url, cfg.search.heartbeat_s))
+    except KeyError:
+        raise ConfigError(f"storage {redact(url)} holds no study named {cfg.name!r}") from None
+
+
+def status(cfg: StudyConfig, storage: str | None = None) -> pd.DataFrame:
+    """The trials table, also written to runs/<study>/trials.csv."""
+    from harness.io import atomic_write_text
+
+    frame = trials_frame(load_existing_study(cfg, storage))
+    atomic_write_text(cfg.study_dir / "trials.csv", frame.to_csv(index=False))
+    return frame

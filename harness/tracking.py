@@ -1,0 +1,519 @@
+"""Weights & Biases tracking: one run per trial, one per study, one per ensemble.
+
+Every run lives in the study's W&B group (`cfg.name`) and writes under
+`runs/<study>/wandb/`. W&B runs offline unless the study file or WANDB_MODE says
+otherwise; `wandb sync runs/<study>/wandb/offline-run-*` uploads later.
+
+    with TrialTracker(cfg, identity=3, params=params, extra_config={"split_hash": h}) as tracker:
+        result = run_trial(cfg, params, trial, on_epoch=tracker.log_epoch)
+        tracker.finish(result, confusion=matrix, class_names=names)
+
+Run ids come from (study, trial identity), so a retried trial continues its own
+run (`resume="allow"`; offline, each attempt is one more `offline-run-*` folder
+with the same id, which `wandb sync` and `read_offline_run` put back together).
+
+Tracking must never stop training: any W&B error (init, log, finish) becomes one
+warning on the "harness.tracking" logger, and the tracker turns into a no-op
+(`.active` is False). Keys that look like secrets are stripped from every config
+before W&B sees it.
+
+`read_offline_run` reads back what W&B itself wrote (the binary `run-<id>.wandb`
+transaction log), so tests can assert on the real output rather than on a mirror.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("harness.tracking")
+
+# A config key whose name matches this is never logged, at any depth.
+SECRET_KEY = re.compile(r"api[_-]?key|token|passw(?:or)?d|secret|credential|private[_-]?key", re.IGNORECASE)
+REDACTED_ENV = ("WANDB_API_KEY",)  # values equal to these are dropped too, whatever their key
+
+# Settings that keep a run quiet and cheap: no console capture, code upload or system-metric
+# sampling, and several runs (study + trial) open at once in one process. Unknown ones are
+# skipped so another wandb version does not turn tracking off.
+QUIET_SETTINGS = {
+    "console": "off",
+    "save_code": False,
+    "disable_code": True,
+    "disable_job_creation": True,
+    "x_disable_stats": True,
+    "silent": True,
+    "quiet": True,
+    "reinit": "create_new",
+}
+
+TRIAL_JOB, STUDY_JOB, ENSEMBLE_JOB = "trial", "study", "ensemble"
+
+
+# ------------------------------------------------------------------------------- run ids
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-")
+    return slug[:40].rstrip("-") or "study"
+
+
+def _run_id(study_name: str, part: str) -> str:
+    # The hash of the raw name keeps "My.Study" and "my-study" apart although their slugs match.
+    digest = hashlib.sha256(f"{study_name}\0{part}".encode()).hexdigest()[:8]
+    return f"{_slug(study_name)}-{part}-{digest}"
+
+
+def run_id_for(study_name: str, identity: int) -> str:
+    """The W&B run id of trial `identity` of a study: readable, deterministic, valid W&B id characters."""
+    if not isinstance(identity, int | np.integer) or identity < 0:
+        raise ValueError(f"trial identity must be an int >= 0 (the Optuna trial number), got {identity!r}")
+    return _run_id(study_name, f"t{int(identity):04d}")
+
+
+def study_run_id(study_name: str) -> str:
+    return _run_id(study_name, "study")
+
+
+def ensemble_run_id(study_name: str) -> str:
+    return _run_id(study_name, "ensemble")
+
+
+# --------------------------------------------------------------------------- plain values
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly value; None for NaN/inf (W&B charts and tables read them badly)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if (isinstance(value, float) and not math.isfinite(value)) or type(value).__name__ == "NAType":
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if hasattr(value, "isoformat"):  # datetime / pandas Timestamp
+        return None if str(value) == "NaT" else value.isoformat()
+    if hasattr(value, "total_seconds"):  # timedelta
+        return value.total_seconds()
+    return value
+
+
+def _secret_values() -> set[str]:
+    return {os.environ[name] for name in REDACTED_ENV if os.environ.get(name)}
+
+
+def strip_secrets(config: Mapping[str, Any], _secrets: set[str] | None = None) -> dict[str, Any]:
+    """A copy without keys that look like credentials (api_key, token, password, secret...)."""
+    secrets = _secret_values() if _secrets is None else _secrets
+    clean = {}
+    for key, value in config.items():
+        if SECRET_KEY.search(str(key)) or (isinstance(value, str) and value in secrets):
+            continue
+        clean[str(key)] = strip_secrets(value, secrets) if isinstance(value, Mapping) else value
+    return clean
+
+
+def _as_dict(params: Any) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if hasattr(params, "model_dump"):
+        return params.model_dump(mode="json")
+    return dict(params)
+
+
+def _resolve_mode(configured: str) -> str:
+    # The user's WANDB_MODE beats the study file. It is read here, on every run, and passed to
+    # wandb.init explicitly: wandb reads the environment only once per process.
+    return os.environ.get("WANDB_MODE") or configured
+
+
+def _quiet_settings():
+    import wandb
+
+    known = wandb.Settings.model_fields
+    return wandb.Settings(**{k: v for k, v in QUIET_SETTINGS.items() if k in known})
+
+
+def _quiet_wandb_logger() -> None:
+    # wandb logs every init step at INFO to Python logging; a CLI at INFO would print them per
+    # trial. Its own debug.log in each run folder keeps them. A level set by the user stays.
+    wandb_logger = logging.getLogger("wandb")
+    if wandb_logger.level == logging.NOTSET:
+        wandb_logger.setLevel(logging.WARNING)
+
+
+def _table(frame):
+    """A wandb.Table of a DataFrame, NaN as empty cells."""
+    import wandb
+
+    rows = [[_plain(v) for v in row] for row in frame.itertuples(index=False)]
+    return wandb.Table(columns=[str(c) for c in frame.columns], data=rows, allow_mixed_types=True)
+
+
+def _confusion_chart(matrix: np.ndarray, class_names: list[str] | None, title: str):
+    """W&B's own confusion-matrix chart, built straight from counts.
+
+    wandb.plot.confusion_matrix wants one (label, prediction) pair per image; this is the
+    same table and Vega spec it produces, without expanding the matrix back into pairs.
+    """
+    import wandb
+
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"confusion matrix must be square (C, C), got shape {matrix.shape}")
+    names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(len(matrix))]
+    if len(names) != len(matrix):
+        raise ValueError(f"{len(names)} class names for a {len(matrix)}x{len(matrix)} confusion matrix")
+    data = [[names[i], names[j], int(matrix[i, j])] for i in range(len(names)) for j in range(len(names))]
+    table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=data)
+    fields = {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"}
+    return wandb.plot_table("wandb/confusion_matrix/v1", table, fields, {"title": title})
+
+
+# -------------------------------------------------------------------------------- trackers
+
+
+class _Tracker:
+    """One W&B run that degrades to a no-op on the first W&B error."""
+
+    def __init__(self, cfg, run_id: str, name: str, job_type: str, config: Mapping[str, Any]):
+        self.run_id = run_id
+        self.run = None
+        self.failed = False  # a W&B error happened (and was reported)
+        self.dir = Path(cfg.study_dir).resolve()
+        mode = _resolve_mode(cfg.tracking.mode)
+        if mode == "disabled":
+            return
+        with self._guard("init"):
+            import wandb
+
+            _quiet_wandb_logger()
+
+            # Created here so an unusable runs_dir fails loudly instead of wandb quietly
+            # falling back to a temporary folder.
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=cfg.tracking.project, entity=cfg.tracking.entity, mode=mode, dir=str(self.dir),
+                group=cfg.name, job_type=job_type, name=name, id=run_id, resume="allow",
+                config=_plain(strip_secrets(config)), settings=_quiet_settings())
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - tracking must never stop training
+            self.failed = True
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            log.warning("W&B %s failed for run %s under %s (%s: %s); tracking is off for this run, training goes on. "
+                        "Check tracking.* in the study file and WANDB_MODE.", what, self.run_id, self.dir / "wandb",
+                        type(error).__name__, first_line)
+            self._abandon()
+
+    def _abandon(self) -> None:
+        run, self.run = self.run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001 - already reported; a broken run may refuse to close
+                pass
+
+    def _close(self, exit_code: int) -> None:
+        if self.run is None:
+            return
+        with self._guard("finish"):
+            self.run.finish(exit_code=exit_code)
+        self.run = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._close_on_exit(exc)
+        return False  # never swallow the caller's exception
+
+    def _close_on_exit(self, exc: BaseException | None) -> None:
+        self._close(exit_code=0 if exc is None else 1)
+
+
+class TrialTracker(_Tracker):
+    """The W&B run of one trial: per-epoch metrics, then the trial's outcome."""
+
+    def __init__(self, cfg, identity: int, params: Any, extra_config: Mapping[str, Any] | None = None):
+        super().__init__(cfg, run_id_for(cfg.name, identity), f"trial-{identity:04d}", TRIAL_JOB,
+                         {**_as_dict(params), **(extra_config or {})})
+        if self.active:
+            with self._guard("define_metric"):
+                self.run.define_metric("epoch")
+                self.run.define_metric("*", step_metric="epoch")  # every chart's x axis is the epoch
+                self.run.define_metric("val/f1", summary="max")
+
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        """Log one epoch's metrics row as is (keys like "val/f1", "gap/f1", "epoch"); NaNs are left out."""
+        if not self.active:
+            return
+        clean = {str(k): v for k, v in ((k, _plain(v)) for k, v in row.items()) if v is not None}
+        with self._guard(f"log of epoch {clean.get('epoch')}"):
+            self.run.log(clean)
+
+    def finish(self, result: Any = None, confusion: np.ndarray | None = None,
+               class_names: list[str] | None = None) -> None:
+        """Write the outcome (summary, tag = state, best epoch's confusion matrix) and close the run.
+
+        `result` is a TrialResult or anything with its attributes; None closes the run as is.
+        """
+        if not self.active:
+            return
+        state = getattr(result, "state", None)
+        with self._guard("finish summary"):
+            if result is not None:
+                self.run.summary.update(_outcome_summary(result))
+            if state:
+                self.run.tags = (state,)
+            if confusion is not None:
+                epoch = getattr(result, "best_epoch", None)
+                self.run.log({"best/confusion": _confusion_chart(confusion, class_names,
+                                                                 f"valid confusion, best epoch {epoch}")})
+        self._close(exit_code=1 if state == "failed" else 0)
+
+    def _close_on_exit(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self._close(exit_code=0)
+        else:
+            self.finish(SimpleNamespace(state="failed", reason=f"{type(exc).__name__}: {exc}"))
+
+
+def _outcome_summary(result: Any) -> dict[str, Any]:
+    best_epoch = getattr(result, "best_epoch", -1)
+    summary = {"state": getattr(result, "state", None), "reason": getattr(result, "reason", None),
+               "epochs_run": getattr(result, "epochs_run", None), "seconds": getattr(result, "seconds", None)}
+    if best_epoch is not None and best_epoch >= 0:
+        summary.update({"best/val_f1": getattr(result, "best_f1", None), "best/gap_f1": getattr(result, "gap_f1", None),
+                        "best/gap_bg": getattr(result, "gap_bg", None), "best/epoch": best_epoch})
+    return {k: v for k, v in ((k, _plain(v)) for k, v in summary.items()) if v is not None}
+
+
+class StudyTracker(_Tracker):
+    """The study's own run: a table of all trials, refreshed by `update`, and the counts by state."""
+
+    def __init__(self, cfg, extra_config: Mapping[str, Any] | None = None):
+        super().__init__(cfg, study_run_id(cfg.name), "study", STUDY_JOB, dict(extra_config or {}))
+
+    def update(self, trials) -> None:
+        """Log `trials` (DataFrame: number, state, params..., val_f1, gap_f1, gap_bg, epochs, duration_s)."""
+        if not self.active:
+            return
+        with self._guard("update of the trials table"):
+            counts = _state_counts(trials)
+            row = {"trials": _table(trials), **{f"trials/{state}": n for state, n in counts.items()}}
+            best = _best_complete(trials)
+            if best is not None:
+                row["best/val_f1"] = best
+            self.run.log(row)
+
+    def finish(self) -> None:
+        self._close(exit_code=0)
+
+
+def _state_name(state: Any) -> str:
+    name = str(getattr(state, "name", state)).lower()  # optuna TrialState or its name
+    return {"fail": "failed"}.get(name, name)
+
+
+def _state_counts(trials) -> dict[str, int]:
+    states = [_state_name(s) for s in trials["state"]] if "state" in trials else []
+    return {state: states.count(state) for state in ("complete", "pruned", "failed")}
+
+
+def _best_complete(trials) -> float | None:
+    if "val_f1" not in trials or "state" not in trials:
+        return None
+    values = [_plain(v) for s, v in zip(trials["state"], trials["val_f1"]) if _state_name(s) == "complete"]
+    values = [v for v in values if isinstance(v, int | float)]
+    return max(values) if values else None
+
+
+def log_ensemble(cfg, members, metrics: Mapping[str, Any], confusion: np.ndarray | None = None,
+                 class_names: list[str] | None = None, extra_config: Mapping[str, Any] | None = None) -> str | None:
+    """One run (job_type "ensemble") in the study's group: member table with weights, metrics in the summary.
+
+    Returns the run id, or None when W&B failed (already reported as a warning) or is disabled.
+    """
+    tracker = _Tracker(cfg, ensemble_run_id(cfg.name), "ensemble", ENSEMBLE_JOB, dict(extra_config or {}))
+    if not tracker.active:
+        return None
+    with tracker._guard("ensemble logging"):
+        row = {"members": _table(members)}
+        if confusion is not None:
+            row["ensemble/confusion"] = _confusion_chart(confusion, class_names, "valid confusion, ensemble")
+        tracker.run.log(row)
+        tracker.run.summary.update(_plain(dict(metrics)))
+        tracker.run.tags = ("ensemble",)
+    tracker._close(exit_code=0)
+    return None if tracker.failed else tracker.run_id
+
+
+# ------------------------------------------------------------------- reading W&B's own files
+#
+# A run's `run-<id>.wandb` file is a LevelDB-style log (github.com/google/leveldb doc/log_format.md)
+# of protobuf `Record`s: a 7-byte header (":W&B", magic 0xBEE1, version), then 32 KiB blocks of
+# records, each `crc32 (of type byte + data), length uint16, type uint8, data`; a record that does
+# not fit a block is split into FIRST / MIDDLE / LAST pieces. wandb >= 0.19 writes it from its Go
+# core and no longer ships a Python reader, hence this one.
+
+_FILE_HEADER = struct.Struct("<4sHB")
+_RECORD_HEADER = struct.Struct("<IHB")
+_IDENT, _MAGIC = b":W&B", 0xBEE1
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _scan_records(path: Path) -> Iterator[bytes]:
+    data = path.read_bytes()
+    if len(data) < _FILE_HEADER.size or _FILE_HEADER.unpack_from(data)[:2] != (_IDENT, _MAGIC):
+        raise ValueError(f"{path}: not a W&B transaction log (no ':W&B' header); pass the run-<id>.wandb file")
+    pos, pending = _FILE_HEADER.size, b""
+    while pos + _RECORD_HEADER.size <= len(data):
+        room = _BLOCK - pos % _BLOCK
+        if room < _RECORD_HEADER.size:  # block trailer: zero padding
+            pos += room
+            continue
+        checksum, length, kind = _RECORD_HEADER.unpack_from(data, pos)
+        start = pos + _RECORD_HEADER.size
+        chunk = data[start:start + length]
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
+            log.warning("%s: record at byte %d is cut short or corrupt (was the process killed while writing?); "
+                        "reading stops there", path, pos)
+            return
+        pos = start + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+
+
+def _run_folders(wandb_dir: Path, run_id: str) -> list[Path]:
+    """Every folder holding this run's log, oldest first (a resumed run has one per attempt)."""
+    pattern = re.compile(rf"^(?:offline-)?run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?$")
+    found = []
+    for log_file in wandb_dir.glob(f"*run-*/run-{run_id}.wandb"):
+        match = pattern.match(log_file.parent.name)
+        if match:
+            found.append(((match.group(1), int(match.group(2) or 0)), log_file.parent))
+    return [folder for _, folder in sorted(found)]
+
+
+def _keys(item) -> list[str]:
+    return list(item.nested_key) or [item.key]
+
+
+def _set_nested(target: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        child = target.get(key)
+        if not isinstance(child, dict):
+            child = target[key] = {}
+        target = child
+    target[keys[-1]] = value
+
+
+def _remove_nested(target: dict, keys: list[str]) -> None:
+    for key in keys[:-1]:
+        target = target.get(key)
+        if not isinstance(target, dict):
+            return
+    target.pop(keys[-1], None)
+
+
+def _apply(target: dict, updates, removes=()) -> None:
+    for item in updates:
+        _set_nested(target, _keys(item), json.loads(item.value_json))
+    for item in removes:
+        _remove_nested(target, _keys(item))
+
+
+def read_offline_run(wandb_dir: Path, run_id: str) -> dict[str, Any]:
+    """What W&B wrote for `run_id` under `wandb_dir` (runs/<study>/wandb), all attempts merged in order.
+
+    Returns {"run_id", "history": [row dict per logged step, values decoded], "config", "summary"
+    (both without W&B's internal "_wandb" key), "tags", "job_type", "group", "name", "exit_code"
+    (of the last attempt that finished), "tables": {history key: {"columns", "data"}} (the last
+    table logged under each key, read from its file), "folders": [attempt folders, oldest first]}.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    wandb_dir = Path(wandb_dir)
+    if not any(wandb_dir.glob("*run-*")) and (wandb_dir / "wandb").is_dir():
+        wandb_dir = wandb_dir / "wandb"  # given the study folder instead of its wandb folder
+    folders = _run_folders(wandb_dir, run_id)
+    if not folders:
+        raise FileNotFoundError(f"{wandb_dir}: no W&B run folder holds run-{run_id}.wandb; "
+                                "check the run id (run_id_for) and that this is the study's wandb folder")
+    run: dict[str, Any] = {"run_id": run_id, "history": [], "config": {}, "summary": {}, "tags": [], "job_type": None,
+                           "group": None, "name": None, "exit_code": None, "tables": {},
+                           "folders": [str(f) for f in folders]}
+    for folder in folders:
+        for blob in _scan_records(folder / f"run-{run_id}.wandb"):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(blob)
+            _merge_record(run, record, folder)
+    for section in ("config", "summary"):
+        run[section].pop("_wandb", None)
+    return run
+
+
+def _merge_record(run: dict, record, folder: Path) -> None:
+    kind = record.WhichOneof("record_type")
+    if kind == "history":
+        row: dict[str, Any] = {}
+        _apply(row, record.history.item)
+        run["history"].append(row)
+        _collect_tables(run, row, folder)
+    elif kind == "summary":
+        _apply(run["summary"], record.summary.update, record.summary.remove)
+    elif kind == "config":
+        _apply(run["config"], record.config.update, record.config.remove)
+    elif kind == "run":
+        info = record.run
+        _apply(run["config"], info.config.update, info.config.remove)
+        _apply(run["summary"], info.summary.update, info.summary.remove)
+        # A later attempt starts with no tags offline; keep the last non-empty set.
+        run["tags"] = list(info.tags) or run["tags"]
+        run["job_type"] = info.job_type or run["job_type"]
+        run["group"] = info.run_group or run["group"]
+        run["name"] = info.display_name or run["name"]
+    elif kind == "exit":
+        run["exit_code"] = record.exit.exit_code
+
+
+def _collect_tables(run: dict, row: dict, folder: Path) -> None:
+    for key, value in row.items():
+        if isinstance(value, dict) and value.get("_type") == "table-file" and "path" in value:
+            table_file = folder / "files" / value["path"]
+            if table_file.is_file():
+                table = json.loads(table_file.read_text())
+                run["tables"][key] = {"columns": table["columns"], "data": table["data"]}

@@ -1,0 +1,415 @@
+"""One trial: `run_trial(cfg, params, trial=None) -> TrialResult`.
+
+Read `run_trial` top to bottom: it prepares the data, builds the model, loss,
+optimizer and schedule, resumes from `last.pt` when one exists, then runs the
+epoch loop (train, evaluate valid + train probe + background probe, write the
+epoch's row and checkpoints, report to Optuna). Everything a reviewer needs lands
+in the trial folder:
+
+    config.yaml         resolved study config and this trial's params
+    metrics.csv         one row per epoch
+    last.pt             written atomically after every epoch (resume point)
+    best.pt             model at the best val/f1
+    valid_logits.npy    class log-probabilities on valid at the best epoch
+    valid_index.csv     the valid rows those logits refer to (image_id, person, label)
+    result.json         state (complete / pruned / failed), reason, best figures
+
+A failed trial (non-finite loss, unknown backbone, out of memory, ...) is a
+result with state "failed" and its reason, never an exception for the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from harness.augment import apply_crops, build_transform, cached_crop_boxes
+from harness.config import Params, StudyConfig
+from harness.data.cache import CachedImageDataset
+from harness.data.prepare import PreparedData, prepare_data
+from harness.io import atomic_save_npy, atomic_torch_save, atomic_write_text, load_checkpoint
+from harness.losses import build_loss
+from harness.metrics import classification_metrics, confusion, per_class_f1
+from harness.model import FREEZE_POLICIES, apply_freeze, build_model, class_log_probs
+
+EVAL_BATCH = 256
+
+
+class TrialFailure(RuntimeError):
+    """A trial that cannot go on; its message becomes the result's reason."""
+
+
+@dataclass
+class TrialResult:
+    state: str  # "complete", "pruned" or "failed"
+    run_dir: str
+    best_f1: float = float("nan")
+    best_epoch: int = -1
+    epochs_run: int = 0
+    gap_f1: float = float("nan")  # train probe F1 - val F1, at the best epoch
+    gap_bg: float = float("nan")  # val F1 - val F1 with the background masked, at the best epoch
+    images_per_s: float = float("nan")
+    seconds: float = 0.0
+    reason: str | None = None
+    params: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = (f"{self.state}: val/f1 {self.best_f1:.4f} at epoch {self.best_epoch}, gap/f1 {self.gap_f1:+.4f}, "
+                f"gap/bg {self.gap_bg:+.4f}, {self.epochs_run} epoch(s), {self.images_per_s:.0f} img/s")
+        return text + (f" ({self.reason})" if self.reason else "")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrialFailure("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(choice)
+
+
+def probe_rows(frame: pd.DataFrame, train_rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A fixed sample of whole train persons holding about `size` images (the gap probe)."""
+    persons = frame["person"].to_numpy()[train_rows]
+    order = np.random.default_rng(seed).permutation(np.unique(persons))
+    chosen, count = set(), 0
+    counts = pd.Series(persons).value_counts()
+    for person in order:
+        if count >= size:
+            break
+        chosen.add(person)
+        count += counts[person]
+    return train_rows[np.isin(persons, list(chosen))]
+
+
+def mask_border(images: np.ndarray, fraction: float) -> np.ndarray:
+    """Copies of the images with the outer `fraction` of each side replaced by the image's mean colour."""
+    out = np.array(images, copy=True)
+    height, width = out.shape[1:3]
+    dy, dx = int(round(height * fraction)), int(round(width * fraction))
+    mean = out.reshape(len(out), -1, 3).mean(axis=1).astype(np.uint8)[:, None, None, :]
+    keep = out[:, dy:height - dy, dx:width - dx].copy()
+    out[:] = mean
+    out[:, dy:height - dy, dx:width - dx] = keep
+    return out
+
+
+def lr_lambdas(steps_per_epoch: int, epochs: int, warmup_epochs: float, backbone_scale: Callable[[int], float]):
+    """Per-group multipliers (backbone, head): linear warmup, then cosine to zero."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return [lambda step: schedule(step) * backbone_scale(step // steps_per_epoch), schedule]
+
+
+# ------------------------------------------------------------------------- the pieces
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    valid: DataLoader
+    probe: DataLoader
+    background: DataLoader
+    generator: torch.Generator
+    train_transform: Any
+
+
+def make_loaders(cfg: StudyConfig, params: Params, data: PreparedData, device: torch.device, seed: int) -> Loaders:
+    size = cfg.data.image_size
+    images = data.cache.images
+    if params.preprocess != "none":
+        boxes = cached_crop_boxes(images, params.preprocess,
+                                  Path(cfg.data.cache_dir) / f"{data.cache.key}.{params.preprocess}.boxes.npy")
+        images = apply_crops(images, boxes, size.height, size.width)
+    labels = data.frame["label"].to_numpy()
+    train_rows, valid_rows = data.rows("train"), data.rows("valid")
+    train_tf = build_transform(params.aug_strength, size.height, size.width, train=True)
+    eval_tf = build_transform(0.0, size.height, size.width, train=False)
+    cuda = device.type == "cuda"
+    workers = cfg.train.num_workers
+    common = dict(num_workers=workers, pin_memory=cuda, persistent_workers=cuda and workers > 0)
+    generator = torch.Generator()
+    train = DataLoader(CachedImageDataset(images, train_rows, labels[train_rows], train_tf),
+                       batch_size=cfg.train.batch_size,
+                       shuffle=True, drop_last=len(train_rows) > cfg.train.batch_size, generator=generator,
+                       **common)
+    masked = mask_border(np.asarray(images[valid_rows]), cfg.train.probe_border)
+
+    def evaluation(source, rows, rows_labels):
+        dataset = CachedImageDataset(source, rows, rows_labels, eval_tf)
+        return DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False, **common)
+
+    probe = probe_rows(data.frame, train_rows, len(valid_rows), seed)
+    return Loaders(train=train, valid=evaluation(images, valid_rows, labels[valid_rows]),
+                   probe=evaluation(images, probe, labels[probe]),
+                   background=evaluation(masked, np.arange(len(valid_rows)), labels[valid_rows]),
+                   generator=generator, train_transform=train_tf)
+
+
+def build_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
+    groups = [{"params": list(model.backbone.parameters()), "name": "backbone"},
+              {"params": list(model.head.parameters()), "name": "head"}]
+    return torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
+
+
+def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler, device, cfg: StudyConfig,
+                    epoch: int):
+    """One pass over the train loader with `frozen` modules fixed; returns (mean loss, images, seconds)."""
+    model.train()
+    apply_freeze(model, frozen)  # after train(): frozen BatchNorm layers keep their statistics
+    total_loss, images, start = 0.0, 0, time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        if cfg.train.max_train_batches and step >= cfg.train.max_train_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise TrialFailure(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
+                               "lower the learning rate or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.train.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        images += len(y)
+    return total_loss / max(1, images), images, time.perf_counter() - start
+
+
+@torch.no_grad()
+def predict(model, loader, loss_fn, device) -> tuple[np.ndarray, float]:
+    """Class log-probabilities (N, C) over a loader and the mean loss."""
+    model.eval()
+    outputs, total_loss, count = [], 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            logits = model(x)
+        logits = logits.float()
+        total_loss += loss_fn(logits, y).item() * len(y)
+        count += len(y)
+        outputs.append(class_log_probs(logits, model.head_kind).cpu())
+    return torch.cat(outputs).numpy(), total_loss / max(1, count)
+
+
+def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData) -> tuple[dict, np.ndarray]:
+    """Valid metrics, the train-probe gap and the background probe; also the valid log-probs."""
+    tasks = data.tasks
+    start = time.perf_counter()
+    valid_scores, valid_loss = predict(model, loaders.valid, loss_fn, device)
+    probe_scores, _ = predict(model, loaders.probe, loss_fn, device)
+    masked_scores, _ = predict(model, loaders.background, loss_fn, device)
+    valid = classification_metrics(valid_scores, data.labels("valid"), tasks=tasks)
+    probe = classification_metrics(probe_scores, loaders.probe.dataset.labels, tasks=tasks)
+    masked = classification_metrics(masked_scores, data.labels("valid"), tasks=tasks)
+    row = {"val/loss": valid_loss, **{f"val/{k}": v for k, v in valid.items()},
+           "train/f1_probe": probe["f1"], "gap/f1": probe["f1"] - valid["f1"],
+           "val/f1_bgmask": masked["f1"], "gap/bg": valid["f1"] - masked["f1"],
+           "probe_time": time.perf_counter() - start}
+    return row, valid_scores
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:])}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def save_last(path: Path, model, optimizer, scheduler, scaler, epoch: int, best: dict) -> None:
+    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                       "next_epoch": epoch + 1, "best": best, "rng": rng_state()}, path)
+
+
+def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
+    """Load last.pt into the live objects; returns (next epoch, best so far)."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state["next_epoch"], state["best"]
+
+
+def append_metrics(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
+
+
+def read_metrics(path: Path, before_epoch: int) -> list[dict]:
+    """Rows of epochs already finished; a row written after the last checkpoint is dropped (it is redone)."""
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    return frame[frame["epoch"] < before_epoch].to_dict("records")
+
+
+# ------------------------------------------------------------------------------ trial
+
+
+def trial_dir(cfg: StudyConfig, number: int | None) -> Path:
+    if number is None:
+        return cfg.study_dir / "single" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return cfg.study_dir / "trials" / str(number)
+
+
+def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None, *, data: PreparedData | None = None,
+              run_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
+              stop_after_epochs: int | None = None) -> TrialResult:
+    """Train one trial; never raises for a trial's own failure (see the module docstring).
+
+    `trial` is an Optuna trial to report `val/f1` to and ask whether to prune;
+    `on_epoch` receives every epoch's metrics row (the study logs it to W&B);
+    `stop_after_epochs` ends the run early as if interrupted (tests of resume).
+    """
+    params = _as_params(cfg, params)
+    run_dir = Path(run_dir or trial_dir(cfg, trial.number if trial is not None else None))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = TrialResult(state="failed", run_dir=str(run_dir), params=params.model_dump())
+    started = time.perf_counter()
+    try:
+        result = _train(cfg, params, trial, data, run_dir, on_epoch, stop_after_epochs, result)
+    except torch.OutOfMemoryError as error:
+        result.state = "failed"
+        result.reason = f"out of memory: {str(error).splitlines()[0]}; lower train.batch_size or the image size"
+    except Exception as error:  # noqa: BLE001 - a failed trial is a result, not a crash
+        result.state = "failed"
+        result.reason = f"{type(error).__name__}: {error}"
+        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+    result.seconds += time.perf_counter() - started
+    atomic_write_text(run_dir / "result.json", json.dumps(asdict(result), indent=2, default=str))
+    return result
+
+
+def _as_params(cfg: StudyConfig, params: Params | dict | None) -> Params:
+    if isinstance(params, Params):
+        return params
+    return cfg.params.replace(**(params or {}))
+
+
+def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, stop_after_epochs, result: TrialResult):
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+        {"study": cfg.model_dump(mode="json"), "params": params.model_dump(mode="json")}, sort_keys=False))
+    data = data or prepare_data(cfg.data, progress=False)
+    if params.head == "multihead" and not data.tasks:
+        raise TrialFailure("head 'multihead' needs the competition's mask/gender/age tasks; use 'multiclass'")
+    device = pick_device(cfg.train.device)
+    seed_everything(cfg.seed)
+    model = build_model(params.backbone, params.head, data.num_classes, pretrained=params.pretrained,
+                        drop_rate=params.drop_rate,
+                        image_size=(cfg.data.image_size.height, cfg.data.image_size.width)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    policy = FREEZE_POLICIES.get(params.freeze)(k=params.freeze_k)
+    loss_fn = build_loss(params.loss, params.head, data.num_classes, focal_gamma=params.focal_gamma,
+                         label_smoothing=params.label_smoothing, task_weights=cfg.train.task_weights)
+    loaders = make_loaders(cfg, params, data, device, cfg.seed)
+    optimizer = build_optimizer(model, params)
+    steps = len(loaders.train) if not cfg.train.max_train_batches else min(len(loaders.train),
+                                                                             cfg.train.max_train_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(
+        steps, cfg.train.epochs, cfg.train.warmup_epochs,
+        lambda epoch: policy.backbone_lr_scale(epoch, cfg.train.backbone_lr_scale)))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+
+    start_epoch, best = 0, {"f1": -1.0, "epoch": -1, "gap_f1": float("nan"), "gap_bg": float("nan")}
+    if (run_dir / "last.pt").is_file():
+        start_epoch, best = resume(run_dir / "last.pt", model, optimizer, scheduler, scaler)
+    rows = read_metrics(run_dir / "metrics.csv", start_epoch)
+    if trial is not None:  # a retried trial is a new Optuna trial: give the pruner the epochs it already saw
+        for row in rows:
+            trial.report(row["val/f1"], int(row["epoch"]))
+
+    result.state = "complete"
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if stop_after_epochs is not None and epoch >= start_epoch + stop_after_epochs:
+            result.state, result.reason = "interrupted", f"stopped after {stop_after_epochs} epoch(s)"
+            break
+        epoch_seed = cfg.seed * 100_003 + epoch  # the same shuffle and augmentations after a resume
+        loaders.generator.manual_seed(epoch_seed)
+        loaders.train_transform.reseed(epoch_seed)
+        train_loss, images, seconds = train_one_epoch(model, policy.frozen_modules(model, epoch), loaders.train,
+                                                      loss_fn, optimizer, scheduler, scaler, device, cfg, epoch)
+        metrics, valid_scores = evaluate(model, loaders, loss_fn, device, data)
+        row = {"epoch": epoch, "train/loss": train_loss, **metrics, "lr": optimizer.param_groups[1]["lr"],
+               "lr_backbone": optimizer.param_groups[0]["lr"], "epoch_time": seconds, "images_per_s": images / seconds}
+        rows.append(row)
+        if row["val/f1"] > best["f1"]:
+            best = {"f1": row["val/f1"], "epoch": epoch, "gap_f1": row["gap/f1"], "gap_bg": row["gap/bg"]}
+            _save_best(run_dir, model, valid_scores, data)
+        append_metrics(run_dir / "metrics.csv", rows)
+        save_last(run_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, best)
+        if on_epoch is not None:
+            on_epoch(row)
+        if trial is not None:
+            trial.report(row["val/f1"], epoch)
+            if trial.should_prune():
+                result.state = "pruned"
+                break
+    _fill_result(result, rows, best)
+    return result
+
+
+def _save_best(run_dir: Path, model, valid_scores: np.ndarray, data: PreparedData) -> None:
+    atomic_torch_save({"model": model.state_dict()}, run_dir / "best.pt")
+    atomic_save_npy(run_dir / "valid_logits.npy", valid_scores.astype(np.float32))
+    index = data.frame.iloc[data.rows("valid")][["image_id", "person", "label"]]
+    atomic_write_text(run_dir / "valid_index.csv", index.to_csv(index=False))
+    predicted, labels = valid_scores.argmax(axis=1), data.labels("valid")
+    atomic_save_npy(run_dir / "per_class_f1.npy", per_class_f1(predicted, labels, data.num_classes))
+    atomic_save_npy(run_dir / "confusion.npy", confusion(predicted, labels, data.num_classes))
+
+
+def _fill_result(result: TrialResult, rows: list[dict], best: dict) -> None:
+    result.epochs_run = len(rows)
+    result.best_f1, result.best_epoch = best["f1"], best["epoch"]
+    result.gap_f1, result.gap_bg = best["gap_f1"], best["gap_bg"]
+    if rows:
+        result.images_per_s = float(np.mean([r["images_per_s"] for r in rows]))

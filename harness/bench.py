@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -92,13 +93,16 @@ def bench_trial(quick: bool) -> list[dict]:
 
     cfg = _bench_cfg(quick)
     data = prepare_data(cfg.data, progress=False)
-    result = run_trial(cfg, data=data, run_dir=OUT / "runs" / "trial")
+    run_dir = OUT / "runs" / "trial"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh trial, not a resume of the last bench's
+    result = run_trial(cfg, data=data, run_dir=run_dir)
     if result.state != "complete":
         raise RuntimeError(f"bench trial failed: {result.reason}")
     metrics = pd.read_csv(Path(result.run_dir) / "metrics.csv")
     steps = len(data.rows("train")) // cfg.train.batch_size
-    reference = bare_loop_images_per_s(cfg, data, steps)
-    harness_speed = float(np.median(metrics["images_per_s"]))
+    # the machine is noisy: best epoch of the harness against the best of as many bare passes
+    reference = max(bare_loop_images_per_s(cfg, data, steps) for _ in range(len(metrics)))
+    harness_speed = float(metrics["images_per_s"].max())
     probe_share = float(metrics["probe_time"].sum() / metrics["epoch_time"].sum())
     return [row("trial_train_images_per_s", harness_speed, reference, "images/s", 0.9),
             row("probe_cost_share_of_epoch", float(metrics["probe_time"].sum()), float(metrics["epoch_time"].sum()),

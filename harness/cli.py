@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from harness.config import ConfigError, load_study
+from harness.config import ConfigError, Params, load_study
 from harness.data.cache import ImageDecodeError
 from harness.data.readers import DataError
 from harness.study import StudyError
@@ -28,8 +29,8 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=0.01 or --set train.epochs=2")
-        if "." not in key:
-            key = f"params.{key}"  # bare names are searchable params
+        if key in Params.model_fields:
+            key = f"params.{key}"  # bare param names: lr=0.01 means params.lr
         overrides[key] = yaml.safe_load(value)
     return overrides
 
@@ -81,6 +82,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     from harness.study import run_study, status
 
     cfg = load_study(args.study, smoke=args.smoke, overrides=parse_overrides(args.set))
+    # W&B keeps staged tables and its logs outside the run folders unless told; keep them in the study's
+    os.environ.setdefault("WANDB_DATA_DIR", str(cfg.study_dir / "wandb" / "data"))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(cfg.study_dir / "wandb" / "cache"))
     run_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage)
     frame = status(cfg, args.storage)
     print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {cfg.study_dir / 'trials.csv'}")

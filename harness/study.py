@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from harness.data.prepare import PreparedData, prepare_data
 from harness.train import TrialResult, run_trial
 
 log = logging.getLogger("harness.study")
+# heartbeats and the stale-trial retry are "experimental" in Optuna's terms; they are the resume mechanism here
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -162,9 +165,12 @@ def count_states(study: optuna.Study) -> dict[str, int]:
 
 
 def trial_identity(trial: optuna.trial.BaseTrial) -> int:
-    """The trial number that owns the folder and W&B run: the original one for a retried trial."""
-    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-    return trial.number if original is None else original
+    """The trial number that owns the folder and W&B run: the original one for a retried trial.
+
+    The objective stores it as the user attribute "identity" first thing, and Optuna's retry
+    callback copies user attributes onto the retry, so a retry finds its original number there.
+    """
+    return int(trial.user_attrs.get("identity", trial.number))
 
 
 class Objective:
@@ -188,7 +194,7 @@ class Objective:
             trial.set_user_attr("run_dir", str(run_dir))
             trial.set_user_attr("wandb_run_id", tracker.run_id)
             progress = EpochPrinter(identity, cfg.train.epochs, started)
-            result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir,
+            result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir, on_resume=tracker.catch_up,
                                on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
             tracker.finish(result, *self._confusion(run_dir))
         store_result(trial, result)

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import struct
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ QUIET_SETTINGS = {
 }
 
 TRIAL_JOB, STUDY_JOB, ENSEMBLE_JOB = "trial", "study", "ensemble"
+FLUSH_TIMEOUT_S = 30.0  # how long `finish` waits for wandb-core to write the run's last records
 
 
 # ------------------------------------------------------------------------------- run ids
@@ -242,7 +244,13 @@ class _Tracker:
         if self.run is None:
             return
         with self._guard("finish"):
+            log_file = Path(self.run.settings.sync_file)
             self.run.finish(exit_code=exit_code)
+            # finish() returns before wandb-core has flushed the run's log to disk; wait, so that a
+            # finished tracker means complete files (for readers, and for a worker killed next).
+            if not _wait_for_exit_record(log_file, FLUSH_TIMEOUT_S):
+                log.warning("W&B had not written the end of run %s to %s after %.0f s; the file may be incomplete",
+                            self.run_id, log_file, FLUSH_TIMEOUT_S)
         self.run = None
 
     def __enter__(self):
@@ -276,11 +284,30 @@ class TrialTracker(_Tracker):
         with self._guard(f"log of epoch {clean.get('epoch')}"):
             self.run.log(clean)
 
+    def catch_up(self, rows: list[Mapping[str, Any]]) -> None:
+        """Log the epochs a resumed trial already ran that W&B never received.
+
+        A process killed right after an epoch's checkpoint can die before W&B wrote that
+        epoch. Offline, the run's own files say which epochs it holds, so exactly the
+        missing ones are logged; online, only the last checkpointed epoch is at risk.
+        """
+        if not self.active or not rows:
+            return
+        if self.run.settings.mode == "offline":
+            held = {h.get("epoch") for h in read_offline_run(self.dir / "wandb", self.run_id)["history"]}
+            missing = [row for row in rows if row["epoch"] not in held]
+        else:
+            missing = list(rows[-1:])
+        for row in missing:
+            self.log_epoch(row)
+
     def finish(self, result: Any = None, confusion: np.ndarray | None = None,
                class_names: list[str] | None = None) -> None:
         """Write the outcome (summary, tag = state, best epoch's confusion matrix) and close the run.
 
         `result` is a TrialResult or anything with its attributes; None closes the run as is.
+        The chart is one more history row (key "best/confusion_table", no "val/f1"; W&B fills in
+        the last epoch logged).
         """
         if not self.active:
             return
@@ -388,9 +415,12 @@ _BLOCK = 32768
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
-def _scan_records(path: Path) -> Iterator[bytes]:
+def _scan_records(path: Path, warn: bool = True) -> Iterator[bytes]:
+    """The records of one log; stops (with a warning) at a cut-short or corrupt tail."""
     data = path.read_bytes()
-    if len(data) < _FILE_HEADER.size or _FILE_HEADER.unpack_from(data)[:2] != (_IDENT, _MAGIC):
+    if len(data) < _FILE_HEADER.size:  # nothing flushed yet, or killed before the first flush
+        return
+    if _FILE_HEADER.unpack_from(data)[:2] != (_IDENT, _MAGIC):
         raise ValueError(f"{path}: not a W&B transaction log (no ':W&B' header); pass the run-<id>.wandb file")
     pos, pending = _FILE_HEADER.size, b""
     while pos + _RECORD_HEADER.size <= len(data):
@@ -402,8 +432,9 @@ def _scan_records(path: Path) -> Iterator[bytes]:
         start = pos + _RECORD_HEADER.size
         chunk = data[start:start + length]
         if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
-            log.warning("%s: record at byte %d is cut short or corrupt (was the process killed while writing?); "
-                        "reading stops there", path, pos)
+            if warn:
+                log.warning("%s: record at byte %d is cut short or corrupt (was the process killed while writing?); "
+                            "reading stops there", path, pos)
             return
         pos = start + length
         if kind == _FULL:
@@ -415,6 +446,26 @@ def _scan_records(path: Path) -> Iterator[bytes]:
         elif kind == _LAST:
             yield pending + chunk
             pending = b""
+
+
+def _has_exit_record(path: Path) -> bool:
+    from wandb.proto import wandb_internal_pb2
+
+    record = wandb_internal_pb2.Record()
+    for blob in _scan_records(path, warn=False):
+        record.ParseFromString(blob)
+        if record.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
+def _wait_for_exit_record(path: Path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not (path.is_file() and _has_exit_record(path)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _run_folders(wandb_dir: Path, run_id: str) -> list[Path]:

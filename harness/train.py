@@ -302,11 +302,13 @@ def trial_dir(cfg: StudyConfig, number: int | None) -> Path:
 
 def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None, *, data: PreparedData | None = None,
               run_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
+              on_resume: Callable[[list[dict]], None] | None = None,
               stop_after_epochs: int | None = None) -> TrialResult:
     """Train one trial; never raises for a trial's own failure (see the module docstring).
 
     `trial` is an Optuna trial to report `val/f1` to and ask whether to prune;
     `on_epoch` receives every epoch's metrics row (the study logs it to W&B);
+    `on_resume` receives the rows of the epochs a resumed trial already ran;
     `stop_after_epochs` ends the run early as if interrupted (tests of resume).
     """
     params = _as_params(cfg, params)
@@ -315,7 +317,7 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     result = TrialResult(state="failed", run_dir=str(run_dir), params=params.model_dump())
     started = time.perf_counter()
     try:
-        result = _train(cfg, params, trial, data, run_dir, on_epoch, stop_after_epochs, result)
+        result = _train(cfg, params, trial, data, run_dir, on_epoch, on_resume, stop_after_epochs, result)
     except torch.OutOfMemoryError as error:
         result.state = "failed"
         result.reason = f"out of memory: {str(error).splitlines()[0]}; lower train.batch_size or the image size"
@@ -334,7 +336,8 @@ def _as_params(cfg: StudyConfig, params: Params | dict | None) -> Params:
     return cfg.params.replace(**(params or {}))
 
 
-def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, stop_after_epochs, result: TrialResult):
+def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, on_resume, stop_after_epochs,
+           result: TrialResult):
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
         {"study": cfg.model_dump(mode="json"), "params": params.model_dump(mode="json")}, sort_keys=False))
     data = data or prepare_data(cfg.data, progress=False)
@@ -363,6 +366,8 @@ def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, stop_after
     if (run_dir / "last.pt").is_file():
         start_epoch, best = resume(run_dir / "last.pt", model, optimizer, scheduler, scaler)
     rows = read_metrics(run_dir / "metrics.csv", start_epoch)
+    if rows and on_resume is not None:
+        on_resume(rows)
     if trial is not None:  # a retried trial is a new Optuna trial: give the pruner the epochs it already saw
         for row in rows:
             trial.report(row["val/f1"], int(row["epoch"]))

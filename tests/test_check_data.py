@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 from conftest import people, write_competition, write_image
-
 from harness.config import parse_study
 from harness.data.check import check_data
 

@@ -29,6 +29,10 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B API 
 def study(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # wandb stages every logged table under WANDB_DATA_DIR (default ~/.local/share/wandb) and its
+    # service logs under WANDB_CACHE_DIR (~/.cache/wandb): keep both inside the test.
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     return parse_study("name: t\n").replace({"runs_dir": str(tmp_path / "runs")})
 
 

@@ -1,0 +1,151 @@
+"""Optuna studies: search space, resume rules, crash-safe resume, pruning, W&B read back."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from harness.study import StudyError, default_trial_params, open_study, run_study, suggest_params, trials_frame
+from harness.tracking import read_offline_run, run_id_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_conditional_params_appear_only_when_their_parent_allows(smoke_study):
+    cfg = smoke_study()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(60):
+        trial = study.ask()
+        params = suggest_params(trial, cfg)
+        assert ("focal_gamma" in trial.params) == (params.loss == "focal")
+        assert ("label_smoothing" in trial.params) == (params.loss == "label_smoothing")
+        assert ("freeze_k" in trial.params) == (params.freeze in ("warmup_head", "late_freeze"))
+        assert {"backbone", "loss", "freeze", "aug_strength", "preprocess", "head", "lr", "weight_decay"} <= set(
+            trial.params)
+        study.tell(trial, 0.0)
+
+
+def test_trial_zero_is_the_study_files_defaults(smoke_study):
+    cfg = smoke_study()
+    defaults = default_trial_params(cfg)
+    assert defaults["backbone"] == cfg.params.backbone and defaults["lr"] == cfg.params.lr
+    assert "focal_gamma" not in defaults  # loss 'ce' leaves it inactive
+
+
+def test_a_changed_split_or_space_refuses_to_resume(smoke_study):
+    cfg = smoke_study()
+    study = open_study(cfg, None, split_hash="aaaa")
+    assert study.trials[0].state == TrialState.WAITING and study.trials[0].user_attrs["reference"]
+    assert len(open_study(cfg, None, split_hash="aaaa").trials) == 1  # loading again enqueues nothing
+    with pytest.raises(StudyError, match=r"different data split .*new `name:`"):
+        open_study(cfg, None, split_hash="bbbb")
+    changed = cfg.replace({"search.space.lr.high": 0.5})
+    with pytest.raises(StudyError, match="different search space"):
+        open_study(changed, None, split_hash="aaaa")
+
+
+def test_an_unreachable_storage_is_a_clear_error(smoke_study):
+    cfg = smoke_study()
+    with pytest.raises(StudyError, match=r"storage postgresql://u:\*\*\*@127.0.0.1:1/db cannot be opened"):
+        open_study(cfg, "postgresql://u:secret@127.0.0.1:1/db", split_hash="aaaa")
+
+
+def harness_study(args, env_extra=None, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", "study", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_config_errors_exit_non_zero_before_any_trial(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: bad\nruns_dir: {tmp_path}\ntrain: {{epochs: 0}}\n")
+    process = harness_study([str(bad)])
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "train.epochs" in output and "greater than or equal to 1" in output
+    assert not (tmp_path / "bad").exists()
+
+
+def smoke_args(cfg_path, tmp_path, shared_data, *extra):
+    return [str(cfg_path), "--smoke", "--set", f"runs_dir={tmp_path / 'runs'}",
+            "--set", f"data.root={shared_data / 'default' / 'data'}", "--set", f"data.cache_dir={shared_data / 'cache'}",
+            *extra]
+
+
+def check_wandb_history(cfg, frame):
+    """Every trial's W&B offline run (read back from W&B's own files) has val/f1 and gap/f1 per epoch."""
+    for row in frame.itertuples():
+        run = read_offline_run(cfg.study_dir / "wandb", run_id_for(cfg.name, row.number))
+        epochs = sorted({int(h["epoch"]) for h in run["history"] if "val/f1" in h and "gap/f1" in h})
+        assert epochs == list(range(row.epochs)), (row.number, epochs)
+        assert run["group"] == cfg.name and run["job_type"] == "trial"
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_to_the_exact_target(smoke_study, shared_data, tmp_path):
+    cfg = smoke_study(**{"search.heartbeat_s": 1, "train.epochs": 3, "search.pruner.name": "none"})
+    args = smoke_args(REPO / "studies" / "default.yaml", tmp_path, shared_data,
+                      "--set", "search.heartbeat_s=1", "--set", "train.epochs=3", "--set", "search.pruner.name=none")
+    victim = harness_study(args)
+    last = cfg.study_dir / "trials" / "1" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    assert last.exists(), victim.communicate()[0][-3000:]
+    victim.send_signal(signal.SIGKILL)  # mid-trial: after its first epoch's checkpoint
+    victim.wait()
+    rerun = harness_study(args)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output[-3000:]
+
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{cfg.study_dir / 'study.db'}")
+    states = [t.state for t in study.trials]
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == cfg.search.trials
+    assert TrialState.RUNNING not in states
+    frame = trials_frame(study)
+    # one row per identity; the killed trial 1 is among them (a fresh trial takes the next free number)
+    assert len(frame) == cfg.search.trials and frame["number"].is_unique and 1 in set(frame["number"])
+    metrics = pd.read_csv(cfg.study_dir / "trials" / "1" / "metrics.csv")
+    assert metrics["epoch"].tolist() == [0, 1, 2]  # resumed from last.pt, no epoch repeated
+    retried = [t for t in study.trials if t.user_attrs.get("identity") == 1]
+    assert [t.state for t in retried] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert len({t.user_attrs["wandb_run_id"] for t in retried}) == 1
+    check_wandb_history(cfg, frame)
+    assert (cfg.study_dir / "trials.csv").is_file()
+
+
+def test_study_runs_to_target_and_logs_every_trial(smoke_study):
+    cfg = smoke_study(**{"search.pruner.name": "none"})
+    study = run_study(cfg, progress=False)
+    frame = trials_frame(study)
+    assert len(frame) == cfg.search.trials and set(frame["state"]) <= {"complete", "pruned"}
+    reference = [t for t in study.trials if t.user_attrs.get("reference")]
+    assert len(reference) == 1 and reference[0].number == 0
+    for t in study.trials:
+        assert {"gap_f1", "gap_bg", "best_epoch", "epochs_run", "images_per_s", "run_dir", "wandb_run_id"} <= set(
+            t.user_attrs)
+        assert Path(t.user_attrs["run_dir"], "metrics.csv").is_file()
+    check_wandb_history(cfg, frame)
+    assert len(run_study(cfg, progress=False).trials) == cfg.search.trials  # rerun: nothing more to do
+    assert len(run_study(cfg, trials=cfg.search.trials + 1, progress=False).trials) == cfg.search.trials + 1
+
+
+def test_pruning_happens_on_a_study_built_to_prune(smoke_study):
+    cfg = smoke_study(**{
+        "search.trials": 5, "train.epochs": 3, "params.lr": 0.003, "params.freeze": "none",
+        "search.pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        "search.sampler": {"name": "random", "seed": 3},
+        "search.space": {"lr": {"type": "categorical", "choices": [0.003, 1.0e-9]}},
+    })
+    study = run_study(cfg, progress=False)
+    states = [t.state for t in study.trials]
+    assert TrialState.PRUNED in states
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert all(t.user_attrs["epochs_run"] < cfg.train.epochs for t in pruned)

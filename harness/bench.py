@@ -109,7 +109,29 @@ def bench_trial(quick: bool) -> list[dict]:
                 "seconds", 0.25, better="lower", ratio=probe_share)]
 
 
-GROUPS = {"loader": bench_loader, "trial": bench_trial}
+def bench_study_overhead(quick: bool) -> list[dict]:
+    """Per-trial harness overhead: trial wall time not spent in training or evaluation epochs.
+
+    That is model construction, loaders, checkpoint and metrics writes, Optuna storage and the
+    W&B run (init, per-epoch logs, finish); measured on the default study, two trials.
+    """
+    from harness.study import run_study, trials_frame
+
+    cfg = _bench_cfg(quick).replace({"name": "bench-overhead", "search.trials": 2, "search.pruner.name": "none",
+                                     "ensemble.enabled": False})
+    shutil.rmtree(cfg.study_dir, ignore_errors=True)
+    frame = trials_frame(run_study(cfg, progress=False))
+    total, compute = 0.0, 0.0
+    for item in frame.itertuples():
+        metrics = pd.read_csv(Path(item.run_dir) / "metrics.csv")
+        total += item.duration_s
+        compute += float(metrics["epoch_time"].sum() + metrics["probe_time"].sum())
+    overhead = total - compute
+    return [row("study_overhead_share_of_trial", overhead, total, "seconds", 0.10, better="lower",
+                ratio=overhead / total)]
+
+
+GROUPS = {"loader": bench_loader, "trial": bench_trial, "overhead": bench_study_overhead}
 
 
 def machine() -> dict:

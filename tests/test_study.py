@@ -149,3 +149,12 @@ def test_pruning_happens_on_a_study_built_to_prune(smoke_study):
     assert TrialState.PRUNED in states
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert all(t.user_attrs["epochs_run"] < cfg.train.epochs for t in pruned)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_file_runs_its_smoke_variant(smoke_study, path):
+    cfg = smoke_study(path)
+    study = run_study(cfg, progress=False)
+    frame = trials_frame(study)
+    assert len(frame) == cfg.search.trials
+    assert (frame["state"] == "complete").any(), frame[["number", "state", "reason"]]

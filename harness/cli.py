@@ -79,13 +79,16 @@ def print_top(cfg, frame, limit: int = 5) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from harness.study import run_study, status
+    from harness.study import run_study, run_workers, status
 
     cfg = load_study(args.study, smoke=args.smoke, overrides=parse_overrides(args.set))
     # W&B keeps staged tables and its logs outside the run folders unless told; keep them in the study's
     os.environ.setdefault("WANDB_DATA_DIR", str(cfg.study_dir / "wandb" / "data"))
     os.environ.setdefault("WANDB_CACHE_DIR", str(cfg.study_dir / "wandb" / "cache"))
-    run_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage)
+    if args.workers > 1:
+        run_workers(cfg, args.workers, trials=args.trials, timeout=args.timeout, storage=args.storage)
+    else:
+        run_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage)
     frame = status(cfg, args.storage)
     print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {cfg.study_dir / 'trials.csv'}")
     print_top(cfg, frame)
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--trials", type=int, help="target number of finished trials (raises the file's)")
     study.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     study.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///runs/<study>/study.db)")
+    study.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     study.add_argument("--smoke", action="store_true", help="apply the study's smoke variant")
     study.set_defaults(run=cmd_study)

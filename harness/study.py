@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import os
 import time
 import warnings
 from dataclasses import asdict
@@ -268,6 +270,40 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
         tracker.update(trials_frame(study))
         tracker.finish()
     return study
+
+
+def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeout: float | None = None,
+                storage: str | None = None, progress: bool = True) -> optuna.Study:
+    """K worker processes on one machine, each running `run_study` on the same storage.
+
+    The parent builds the decoded cache and creates the study first, so workers neither
+    race to build the cache nor enqueue trial 0 twice. Each worker takes its own trials;
+    heartbeats let a surviving worker retry the trial of one that died.
+    """
+    data = prepare_data(cfg.data, progress=progress)
+    open_study(cfg, storage, data.split.hash)
+    context = multiprocessing.get_context("spawn")  # no inherited thread pools or open DB connections
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    processes = [context.Process(target=_worker, args=(cfg, trials, timeout, storage, threads), name=f"worker-{i}")
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
+    if failed:
+        raise StudyError(f"worker(s) {', '.join(failed)} stopped with an error; see the output above. "
+                         "Running the same command resumes the study.")
+    return load_existing_study(cfg, storage)
+
+
+def _worker(cfg: StudyConfig, trials: int | None, timeout: float | None, storage: str | None, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    run_study(cfg, trials=trials, timeout=timeout, storage=storage, progress=False)
 
 
 def _study_tracker(cfg: StudyConfig, data: PreparedData):

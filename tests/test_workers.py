@@ -1,0 +1,87 @@
+"""Several workers on one study: SQLite on one machine, PostgreSQL across "machines", kills included."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from harness.study import trials_frame
+
+REPO = Path(__file__).resolve().parents[1]
+POSTGRES = os.environ.get("HARNESS_TEST_POSTGRES_URL")
+
+
+def study_command(tmp_path, shared_data, *extra):
+    return [sys.executable, "-m", "harness.cli", "study", str(REPO / "studies" / "default.yaml"), "--smoke",
+            "--set", f"runs_dir={tmp_path / 'runs'}", "--set", f"data.root={shared_data / 'default' / 'data'}",
+            "--set", f"data.cache_dir={shared_data / 'cache'}", "--set", "search.heartbeat_s=1",
+            "--set", "search.pruner.name=none", "--set", "train.epochs=3", *extra]
+
+
+def start(command, tmp_path, name):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+def check_outcome(study, target, workers):
+    states = [t.state for t in study.trials]
+    finished = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    assert target <= finished <= target + workers - 1
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    frame = trials_frame(study)
+    assert frame["number"].is_unique
+    for row in frame.itertuples():
+        epochs = pd.read_csv(Path(row.run_dir) / "metrics.csv")["epoch"].tolist()
+        assert epochs == sorted(set(epochs)), (row.number, epochs)  # no epoch twice in a trial's own record
+    return frame
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sqlite_study(tmp_path, shared_data):
+    process = start(study_command(tmp_path, shared_data, "--workers", "2", "--trials", "4"), tmp_path, "workers")
+    assert process.wait(timeout=600) == 0, (tmp_path / "workers.log").read_text()[-3000:]
+    output = (tmp_path / "workers.log").read_text()
+    assert "database is locked" not in output
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'runs' / 'default' / 'study.db'}")
+    check_outcome(study, target=4, workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not POSTGRES, reason="HARNESS_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
+def test_a_killed_worker_on_postgres_has_its_trial_retried_by_the_survivor(tmp_path, shared_data):
+    import sqlalchemy
+
+    database = f"harness_{os.getpid()}_{int(time.time())}"
+    engine = sqlalchemy.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
+    url = POSTGRES.rsplit("/", 1)[0] + f"/{database}"
+    command = study_command(tmp_path, shared_data, "--storage", url, "--trials", "3")
+    first = start(command, tmp_path, "first")  # "machine" one
+    wait_for(tmp_path / "runs" / "default" / "trials" / "0" / "last.pt", first)
+    second = start(command, tmp_path, "second")  # "machine" two joins the same study
+    time.sleep(1.0)
+    first.send_signal(signal.SIGKILL)  # mid-trial 0, after its first checkpoint
+    first.wait()
+    assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    study = optuna.load_study(study_name="default", storage=url)
+    frame = check_outcome(study, target=3, workers=2)
+    attempts = [t for t in study.trials if t.user_attrs.get("identity") == 0]
+    assert [t.state for t in attempts] == [TrialState.FAIL, TrialState.COMPLETE]
+    resumed = pd.read_csv(Path(frame.set_index("number").loc[0, "run_dir"]) / "metrics.csv")
+    assert resumed["epoch"].tolist() == [0, 1, 2]

@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 STUDY  ?= studies/default.yaml
 ARGS   ?=
 STAMP  := $(VENV)/.installed
+PORT   ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help install study resume status check-data train test bench lint clean
+.PHONY: help install study resume status ensemble submit report dashboard sync check-data train test bench lint clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -26,6 +27,21 @@ resume: study ## the same command as study: continue where a crashed or stopped 
 
 status: $(STAMP) ## table of STUDY's trials sorted by val F1 (also runs/<study>/trials.csv)
 	$(BIN)/harness status $(STUDY) $(ARGS)
+
+ensemble: $(STAMP) ## promote STUDY's best trials to an ensemble (make study does this at the end)
+	$(BIN)/harness ensemble $(STUDY) $(ARGS)
+
+submit: $(STAMP) ## predict the eval images with the ensemble: runs/<study>/submission.csv (ARGS="--tta hflip")
+	$(BIN)/harness predict $(STUDY) $(ARGS)
+
+report: $(STAMP) ## write runs/<study>/report.html (opens offline in any browser)
+	$(BIN)/harness report $(STUDY) $(ARGS)
+
+dashboard: $(STAMP) ## optuna-dashboard on STUDY's storage at 127.0.0.1 (PORT=8080)
+	$(BIN)/harness dashboard $(STUDY) --port $(PORT) $(ARGS)
+
+sync: $(STAMP) ## upload STUDY's offline W&B runs with `wandb sync` (run `.venv/bin/wandb login` first)
+	$(BIN)/harness sync $(STUDY) $(ARGS)
 
 check-data: $(STAMP) ## count persons, images and classes of STUDY's data and list every problem
 	$(BIN)/harness check-data $(STUDY) $(ARGS)

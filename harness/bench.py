@@ -131,7 +131,20 @@ def bench_study_overhead(quick: bool) -> list[dict]:
                 ratio=overhead / total)]
 
 
-GROUPS = {"loader": bench_loader, "trial": bench_trial, "overhead": bench_study_overhead}
+def bench_report(quick: bool) -> list[dict]:
+    from harness.bench_report import bench_report as rows
+
+    return rows(quick)
+
+
+def bench_ensemble(quick: bool) -> list[dict]:
+    from harness.bench_ensemble import bench_ensemble as rows
+
+    return rows(quick)
+
+
+GROUPS = {"loader": bench_loader, "trial": bench_trial, "overhead": bench_study_overhead, "ensemble": bench_ensemble,
+          "report": bench_report}
 
 
 def machine() -> dict:

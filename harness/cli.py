@@ -35,10 +35,15 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def load(args: argparse.Namespace):
+    """The study file of a verb, with its smoke variant and --set overrides applied."""
+    return load_study(args.study, smoke=args.smoke, overrides=parse_overrides(args.set))
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
     from harness.data.check import check_data
 
-    report, ok = check_data(load_study(args.study, smoke=args.smoke), progress=not args.quiet)
+    report, ok = check_data(load(args), progress=not args.quiet)
     print(report)
     return 0 if ok else 1
 
@@ -57,8 +62,7 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from harness.train import run_trial
 
-    overrides = parse_overrides(args.set)
-    cfg = load_study(args.study, smoke=args.smoke, overrides=overrides)
+    cfg = load(args)
     result = run_trial(cfg)
     print(f"{result.run_dir}: {result.summary()}")
     return 0 if result.state == "complete" else 1
@@ -81,10 +85,8 @@ def print_top(cfg, frame, limit: int = 5) -> None:
 def cmd_study(args: argparse.Namespace) -> int:
     from harness.study import run_study, run_workers, status
 
-    cfg = load_study(args.study, smoke=args.smoke, overrides=parse_overrides(args.set))
-    # W&B keeps staged tables and its logs outside the run folders unless told; keep them in the study's
-    os.environ.setdefault("WANDB_DATA_DIR", str(cfg.study_dir / "wandb" / "data"))
-    os.environ.setdefault("WANDB_CACHE_DIR", str(cfg.study_dir / "wandb" / "cache"))
+    cfg = load(args)
+    keep_wandb_files_in_study(cfg)
     if args.workers > 1:
         run_workers(cfg, args.workers, trials=args.trials, timeout=args.timeout, storage=args.storage)
     else:
@@ -92,13 +94,45 @@ def cmd_study(args: argparse.Namespace) -> int:
     frame = status(cfg, args.storage)
     print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {cfg.study_dir / 'trials.csv'}")
     print_top(cfg, frame)
+    if cfg.ensemble.enabled:
+        from harness.ensemble import run_ensemble
+
+        print()
+        run_ensemble(cfg, storage=args.storage)
+    from harness.report import write_report
+
+    print(f"report: {write_report(cfg, args.storage)}")
+    return 0
+
+
+def keep_wandb_files_in_study(cfg) -> None:
+    """W&B stages tables and writes logs outside the run folders unless told: keep them in the study's."""
+    os.environ.setdefault("WANDB_DATA_DIR", str(cfg.study_dir / "wandb" / "data"))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(cfg.study_dir / "wandb" / "cache"))
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from harness.ensemble import run_ensemble
+
+    cfg = load(args)
+    keep_wandb_files_in_study(cfg)
+    run_ensemble(cfg, storage=args.storage)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from harness.ensemble import predict
+
+    cfg = load(args)
+    keep_wandb_files_in_study(cfg)
+    predict(cfg, tta=None if args.tta == "none" else args.tta, trial=args.trial, storage=args.storage, progress=True)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from harness.study import status
 
-    cfg = load_study(args.study, smoke=args.smoke)
+    cfg = load(args)
     frame = status(cfg, args.storage)
     columns = [c for c in frame.columns if c not in ("run_dir", "wandb_run_id", "attempt")]
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
@@ -107,39 +141,82 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    cfg = load(args)
+    print(f"wrote {write_report(cfg, args.storage)}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard on the study's storage, on 127.0.0.1 unless told otherwise."""
+    from optuna_dashboard import run_server
+
+    from harness.study import default_storage, load_existing_study, redact
+
+    cfg = load(args)
+    load_existing_study(cfg, args.storage)  # a clear error when the study does not exist yet
+    url = args.storage or default_storage(cfg)
+    print(f"optuna-dashboard for study {cfg.name!r} ({redact(url)}) at http://{args.host}:{args.port}/dashboard "
+          "(Ctrl-C stops it)", flush=True)
+    run_server(url, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Upload the study's offline W&B runs with `wandb sync` (after `wandb login`)."""
+    import subprocess
+
+    cfg = load(args)
+    keep_wandb_files_in_study(cfg)
+    runs = sorted((cfg.study_dir / "wandb").glob("offline-run-*"))
+    if not runs:
+        raise ConfigError(f"no offline W&B runs under {cfg.study_dir / 'wandb'}; run the study first")
+    print(f"uploading {len(runs)} offline run folder(s) of study {cfg.name!r} to W&B project "
+          f"{cfg.tracking.project!r}", flush=True)
+    command = ["wandb", "sync", "--project", cfg.tracking.project, *map(str, runs)]
+    if cfg.tracking.entity:
+        command[2:2] = ["--entity", cfg.tracking.entity]
+    return subprocess.call(command, env={**os.environ, "WANDB_DATA_DIR": str(cfg.study_dir / "wandb" / "data")})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    check = verbs.add_parser("check-data", help="count persons, images and classes; list every data problem")
-    check.add_argument("study", help="study file (YAML)")
-    check.add_argument("--smoke", action="store_true", help="apply the study's smoke variant")
+    # what every verb on a study file takes
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("study", help="study file (YAML)")
+    common.add_argument("--smoke", action="store_true", help="apply the study's smoke variant")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param (lr=0.01) or any setting (train.epochs=2); repeatable")
+    with_storage = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_storage.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///runs/<study>/study.db)")
+
+    def verb(name: str, run, help: str, parent=common) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help, parents=[parent])
+        sub.set_defaults(run=run)
+        return sub
+
+    check = verb("check-data", cmd_check_data, "count persons, images and classes; list every data problem")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
-    check.set_defaults(run=cmd_check_data)
-
-    train = verbs.add_parser("train", help="run one trial with the study's defaults plus --set overrides")
-    train.add_argument("study", help="study file (YAML)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a param (lr=0.01) or any setting (train.epochs=2); repeatable")
-    train.add_argument("--smoke", action="store_true", help="apply the study's smoke variant")
-    train.set_defaults(run=cmd_train)
-
-    study = verbs.add_parser("study", help="create or resume the study and run trials until the target is met")
-    study.add_argument("study", help="study file (YAML)")
+    verb("train", cmd_train, "run one trial with the study's defaults plus --set overrides")
+    study = verb("study", cmd_study, "create or resume the study and run trials until the target is met", with_storage)
     study.add_argument("--trials", type=int, help="target number of finished trials (raises the file's)")
     study.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
-    study.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///runs/<study>/study.db)")
     study.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
-    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    study.add_argument("--smoke", action="store_true", help="apply the study's smoke variant")
-    study.set_defaults(run=cmd_study)
-
-    stat = verbs.add_parser("status", help="table of trials sorted by val F1 (also runs/<study>/trials.csv)")
-    stat.add_argument("study", help="study file (YAML)")
-    stat.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///runs/<study>/study.db)")
-    stat.add_argument("--smoke", action="store_true", help="apply the study's smoke variant")
-    stat.set_defaults(run=cmd_status)
+    verb("status", cmd_status, "table of trials sorted by val F1 (also runs/<study>/trials.csv)", with_storage)
+    verb("ensemble", cmd_ensemble, "promote the best trials to a greedy ensemble with an honest score", with_storage)
+    predict = verb("predict", cmd_predict, "predict the eval images: runs/<study>/submission.csv", with_storage)
+    predict.add_argument("--tta", choices=["none", "hflip"], default="none", help="test-time augmentation")
+    predict.add_argument("--trial", type=int, help="predict with this single trial instead of the ensemble")
+    verb("report", cmd_report, "write runs/<study>/report.html, one self-contained file", with_storage)
+    dash = verb("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage", with_storage)
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    dash.add_argument("--port", type=int, default=8080)
+    verb("sync", cmd_sync, "upload the study's offline W&B runs (after `wandb login`)")
 
     synth = verbs.add_parser("make-synthetic", help="write a synthetic dataset in the competition layout")
     synth.add_argument("dir", help="output folder (must not exist or be empty)")
@@ -151,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A W&B service inherited from a parent process would hold this process's runs: a kill -9
+    # here would then leave them open there. Each harness process owns its own service.
+    os.environ.pop("WANDB_SERVICE", None)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -136,7 +136,8 @@ def default_trial_params(cfg: StudyConfig) -> dict:
 # ---------------------------------------------------------------------------- study
 
 
-def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str) -> optuna.Study:
+def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
+               data_summary: dict | None = None) -> optuna.Study:
     """Create the study or load it; refuse a resume whose split or search space changed."""
     cfg.study_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url or default_storage(cfg)
@@ -146,7 +147,10 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str) -> op
     stored = study.user_attrs
     expected = {"split_hash": split_hash, "space_hash": cfg.search_space_hash()}
     if "split_hash" not in stored:
-        for key, value in {**expected, "harness_version": harness.__version__}.items():
+        stored_attrs = {**expected, "harness_version": harness.__version__}
+        if data_summary is not None:  # persons, images, class counts: the report shows them
+            stored_attrs["data_summary"] = data_summary
+        for key, value in stored_attrs.items():
             study.set_user_attr(key, value)
         study.enqueue_trial(default_trial_params(cfg), user_attrs={"reference": True})
         log.info("created study %r in %s", cfg.name, redact(url))
@@ -244,7 +248,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     """Run (or resume) the study until `trials` (default: the study file's) trials have finished."""
     target = trials or cfg.search.trials
     data = prepare_data(cfg.data, progress=progress)
-    study = open_study(cfg, storage, data.split.hash)
+    study = open_study(cfg, storage, data.split.hash, data.summary())
     objective = Objective(cfg, data)
     tracker = _study_tracker(cfg, data)
     deadline = time.monotonic() + timeout if timeout else math.inf
@@ -281,7 +285,7 @@ def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeo
     heartbeats let a surviving worker retry the trial of one that died.
     """
     data = prepare_data(cfg.data, progress=progress)
-    open_study(cfg, storage, data.split.hash)
+    open_study(cfg, storage, data.split.hash, data.summary())
     context = multiprocessing.get_context("spawn")  # no inherited thread pools or open DB connections
     threads = max(1, (os.cpu_count() or 1) // workers)
     processes = [context.Process(target=_worker, args=(cfg, trials, timeout, storage, threads), name=f"worker-{i}")

@@ -73,6 +73,9 @@ def smoke_study(tmp_path, shared_data):
     def load(path: str | Path = REPO / "studies" / "default.yaml", **overrides):
         name = Path(path).stem
         return load_study(path, smoke=True, overrides={
+            # a name of its own per test: W&B run ids derive from it, and one pytest process
+            # shares one W&B service, which refuses an id that an earlier test still holds
+            "name": f"{name}-{tmp_path.name}"[:90],
             "runs_dir": str(tmp_path / "runs"),
             "data.root": str(shared_data / name / "data"),
             "data.cache_dir": str(shared_data / "cache"),

@@ -91,7 +91,7 @@ def check_wandb_history(cfg, frame):
 @pytest.mark.slow
 def test_killed_study_resumes_to_the_exact_target(smoke_study, shared_data, tmp_path):
     cfg = smoke_study(**{"search.heartbeat_s": 1, "train.epochs": 3, "search.pruner.name": "none"})
-    args = smoke_args(REPO / "studies" / "default.yaml", tmp_path, shared_data,
+    args = smoke_args(REPO / "studies" / "default.yaml", tmp_path, shared_data, "--set", f"name={cfg.name}",
                       "--set", "search.heartbeat_s=1", "--set", "train.epochs=3", "--set", "search.pruner.name=none")
     victim = harness_study(args)
     last = cfg.study_dir / "trials" / "1" / "last.pt"

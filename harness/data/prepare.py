@@ -11,6 +11,7 @@ import pandas as pd
 
 from harness.config import DataConfig
 from harness.data.cache import DecodedCache, ImageDecodeError, build_cache
+from harness.data.labels import NUM_CLASSES, class_name
 from harness.data.readers import DataIndex, read_eval, read_train
 from harness.data.split import Split, split_by_person
 
@@ -38,6 +39,9 @@ class PreparedData:
 
     def labels(self, part: str) -> np.ndarray:
         return self.frame["label"].to_numpy()[getattr(self.split, part)]
+
+    def summary(self) -> dict:
+        return data_summary(self.frame, self.split, len(self.cache.excluded))
 
 
 def ensure_dataset(data: DataConfig) -> None:
@@ -89,3 +93,19 @@ def _in_cache_order(frame: pd.DataFrame, cache: DecodedCache) -> pd.DataFrame:
     frame = frame.iloc[order].reset_index(drop=True)
     frame.attrs.update(attrs)
     return frame
+
+
+def data_summary(frame: pd.DataFrame, split, excluded_images: int = 0) -> dict:
+    """Persons, images and class counts of train and valid: the shape stored as the study attr "data_summary"."""
+    labels = frame["label"].to_numpy()
+    num_classes = int(frame.attrs.get("num_classes", NUM_CLASSES))
+    names = list(frame.attrs.get("class_names") or [class_name(i) for i in range(num_classes)])
+
+    def counts(rows: np.ndarray) -> list[int]:
+        part = labels[rows]
+        return np.bincount(part[part >= 0], minlength=num_classes).astype(int).tolist()
+
+    return {"persons": {part: len(split.persons(frame, part)) for part in ("train", "valid")},
+            "images": {"train": len(split.train), "valid": len(split.valid)},
+            "class_counts": {"train": counts(split.train), "valid": counts(split.valid)},
+            "class_names": names, "split_hash": split.hash, "excluded_images": int(excluded_images)}

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from harness.io import atomic_save_npy  # noqa: E402
 from harness.registry import Registry  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -312,22 +312,8 @@ def cached_crop_boxes(images: np.ndarray, method: str, cache_path: str | Path, p
             return boxes
         log.warning("%s: holds %s boxes for %d images; finding them again", cache_path, boxes.shape, len(images))
     boxes = crop_boxes(images, method, progress)
-    _save_atomic(cache_path, boxes)
+    atomic_save_npy(cache_path, boxes)
     return boxes
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.save(file, array)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _check_images(images: np.ndarray) -> None:

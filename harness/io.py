@@ -3,59 +3,49 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 
-def _temp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextmanager
+def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temp file beside `path`, fsync, then os.replace it over `path`.
 
-
-def _commit(temp: Path, path: Path) -> None:
-    os.replace(temp, path)
+    A process killed at any moment leaves either the old file or the new one (plus at worst a
+    hidden temp file, never read); the same pattern as timm's checkpoint saver.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    temp = _temp_for(path)
-    try:
-        with open(temp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _commit(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path = Path(path)
-    temp = _temp_for(path)
-    try:
-        with open(temp, "wb") as handle:
-            np.save(handle, array)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _commit(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_file(path) as handle:
+        np.save(handle, array)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (timm's checkpoint saver does the same)."""
-    path = Path(path)
-    temp = _temp_for(path)
-    try:
-        with open(temp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _commit(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -45,6 +45,8 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from harness.io import atomic_write_text
+
 __all__ = [
     "FORMAT_VERSION",
     "CachedImageDataset",
@@ -308,7 +310,7 @@ def _build(
             "paths": good,
             "excluded": excluded,
         }
-        _write_json_atomically(cache_dir / f"{key}.json", meta)  # the commit marker, always last
+        _write_json(cache_dir / f"{key}.json", meta)  # the commit marker, always last
     finally:
         temporary.unlink(missing_ok=True)
         compacted.unlink(missing_ok=True)
@@ -441,21 +443,6 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _write_json_atomically(path: Path, content: dict) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w") as handle:
-            json.dump(content, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------- the dataset
-
-
 def to_float_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HWC -> float CHW in [0, 1], no normalisation (the default transform).
 
@@ -534,3 +521,7 @@ def _whole_npy_file(images: np.ndarray) -> str | None:
     if on_disk.shape != images.shape or on_disk.dtype != images.dtype:
         return None  # a slice or a raw memmap: pickle it the ordinary way
     return filename
+
+
+def _write_json(path: Path, content: dict) -> None:
+    atomic_write_text(path, json.dumps(content))

@@ -19,7 +19,7 @@ from harness.study import StudyError
 log = logging.getLogger("harness")
 
 # errors that carry a message for the user: printed without a traceback
-USER_ERRORS = (ConfigError, DataError, ImageDecodeError, FileExistsError, StudyError)
+USER_ERRORS = (ConfigError, DataError, ImageDecodeError, FileExistsError, StudyError, OSError)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -31,7 +31,11 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=0.01 or --set train.epochs=2")
         if key in Params.model_fields:
             key = f"params.{key}"  # bare param names: lr=0.01 means params.lr
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(error).splitlines()[0]}); "
+                              "quote it or fix the brackets") from None
     return overrides
 
 
@@ -239,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -222,6 +222,16 @@ class StudyConfig(_Frozen):
     ensemble: EnsembleConfig = EnsembleConfig()
     smoke: dict[str, Any] | None = None  # overrides that shrink the study to CPU-seconds
 
+    @model_validator(mode="after")
+    def _defaults_inside_the_space(self) -> StudyConfig:
+        """Trial 0 runs the defaults, so a categorical default must be one of the searched choices."""
+        for name, spec in self.search.space.items():
+            default = getattr(self.params, name)
+            if spec.type == "categorical" and default not in spec.choices:
+                raise ValueError(f"params.{name} is {default!r}, which is not among search.space.{name}.choices "
+                                 f"{spec.choices}; trial 0 runs the defaults, so add it to the choices or change it")
+        return self
+
     @property
     def study_dir(self) -> Path:
         return self.runs_dir / self.name

@@ -44,8 +44,16 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_file(path) as handle:
-        torch.save(obj, handle)
+    try:
+        with atomic_file(path) as handle:
+            torch.save(obj, handle)
+    except RuntimeError as error:
+        # torch.save wraps a failed write (disk full, file too large) in a RuntimeError; surface the cause
+        cause = error.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, f"cannot write checkpoint {path}: {cause.strerror}; "
+                          "free disk space (the previous checkpoint is kept)") from error
+        raise
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -20,6 +20,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict
@@ -40,6 +41,18 @@ from harness.train import TrialResult, run_trial
 log = logging.getLogger("harness.study")
 # heartbeats and the stale-trial retry are "experimental" in Optuna's terms; they are the resume mechanism here
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class _NoTracebackForTrialFailed(logging.Filter):
+    """A failed trial is a result: Optuna's log line keeps its reason but drops the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TrialFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForTrialFailed())
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -75,12 +88,14 @@ def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    head, at, tail = url.rpartition("@")
-    if not at or "://" not in head:
+    """The URL without its password (in the credentials or as a query parameter), for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    scheme, _, credentials = head.partition("://")
-    return f"{scheme}://{credentials.split(':')[0]}:***@{tail}" if ":" in credentials else url
+    credentials, at, host = rest.rpartition("@")  # the last "@": a raw one may hide in the password
+    if at and ":" in credentials:
+        rest = f"{credentials.split(':')[0]}:***@{host}"
+    return f"{scheme}://" + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
 def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -186,23 +201,20 @@ class Objective:
         self.cfg, self.data = cfg, data
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from harness.tracking import TrialTracker
-
         cfg = self.cfg
         identity = trial_identity(trial)
         params = suggest_params(trial, cfg)
         run_dir = cfg.study_dir / "trials" / str(identity)
+        trial.set_user_attr("identity", identity)  # first: a retry (stale or interrupted) copies it
+        trial.set_user_attr("run_dir", str(run_dir))
         extra = {"fixed": cfg.model_dump(mode="json", exclude={"params", "search", "smoke"}),
                  "split_hash": self.data.split.hash, "harness_version": harness.__version__, "trial": identity}
         started = time.perf_counter()
-        with TrialTracker(cfg, identity, params.model_dump(), extra) as tracker:
-            trial.set_user_attr("identity", identity)
-            trial.set_user_attr("run_dir", str(run_dir))
-            trial.set_user_attr("wandb_run_id", tracker.run_id)
-            progress = EpochPrinter(identity, cfg.train.epochs, started)
-            result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir, on_resume=tracker.catch_up,
-                               on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
-            tracker.finish(result, *self._confusion(run_dir))
+        try:
+            result = self._run(trial, identity, params, run_dir, extra, started)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)  # Optuna records FAIL; the next run re-enqueues it
+            raise
         store_result(trial, result)
         print(f"trial {identity:4d} {result.summary()}", flush=True)
         if result.state == "pruned":
@@ -210,6 +222,18 @@ class Objective:
         if result.state != "complete":
             raise TrialFailed(result.reason or result.state)
         return result.best_f1
+
+    def _run(self, trial, identity: int, params: Params, run_dir: Path, extra: dict, started: float) -> TrialResult:
+        from harness.tracking import TrialTracker
+
+        cfg = self.cfg
+        with TrialTracker(cfg, identity, params.model_dump(), extra) as tracker:
+            trial.set_user_attr("wandb_run_id", tracker.run_id)
+            progress = EpochPrinter(identity, cfg.train.epochs, started)
+            result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir, on_resume=tracker.catch_up,
+                               on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
+            tracker.finish(result, *self._confusion(run_dir))
+        return result
 
     def _confusion(self, run_dir: Path) -> tuple[np.ndarray | None, list[str]]:
         path = run_dir / "confusion.npy"
@@ -247,8 +271,12 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
               storage: str | None = None, progress: bool = True) -> optuna.Study:
     """Run (or resume) the study until `trials` (default: the study file's) trials have finished."""
     target = trials or cfg.search.trials
+    if not cfg.search.space and target > 1:
+        log.warning("search.space is empty: only trial 0 (the study file's defaults) can run; the target is 1")
+        target = 1
     data = prepare_data(cfg.data, progress=progress)
     study = open_study(cfg, storage, data.split.hash, data.summary())
+    requeue_interrupted(study)
     objective = Objective(cfg, data)
     tracker = _study_tracker(cfg, data)
     deadline = time.monotonic() + timeout if timeout else math.inf
@@ -318,10 +346,22 @@ def _study_tracker(cfg: StudyConfig, data: PreparedData):
 
 
 def _failed_on_their_own(study: optuna.Study) -> int:
-    """Failed trials, not counting stale ones that were re-enqueued (those are retried, not failures)."""
+    """Failed trials, not counting stale or interrupted ones (those are retried, not failures)."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
-    return sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
+    return sum(t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get("interrupted")
+               for t in trials)
+
+
+def requeue_interrupted(study: optuna.Study) -> None:
+    """A trial stopped by Ctrl-C is recorded as FAIL; enqueue it once more with its params and identity."""
+    trials = study.get_trials(deepcopy=False)
+    requeued = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in requeued:
+            attrs = {k: v for k, v in t.user_attrs.items() if k != "interrupted"}
+            study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
+            log.info("trial %s was interrupted; it will continue from its last checkpoint", attrs.get("identity"))
 
 
 # ---------------------------------------------------------------------------- status

@@ -324,7 +324,10 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     except Exception as error:  # noqa: BLE001 - a failed trial is a result, not a crash
         result.state = "failed"
         result.reason = f"{type(error).__name__}: {error}"
-        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        try:
+            (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        except OSError:
+            pass  # e.g. the disk is full: the reason in result.json is what matters
     result.seconds += time.perf_counter() - started
     atomic_write_text(run_dir / "result.json", json.dumps(asdict(result), indent=2, default=str))
     return result

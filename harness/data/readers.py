@@ -136,13 +136,17 @@ def _person_images(folder: Path, problems: list[Problem]) -> dict[str, Path]:
     return images
 
 
-def _check_train_csv(root: Path, folders: dict[str, tuple[str, int, int]], problems: list[Problem]) -> None:
+def _check_train_csv(root: Path, folders: dict[str, tuple[str, int, int]], unparsed: set[str],
+                     problems: list[Problem]) -> None:
+    """Cross-check train.csv against the parsed folders (folders that failed to parse are reported already)."""
     csv_path = root / "train" / "train.csv"
     table = _read_csv(csv_path, TRAIN_CSV_COLUMNS)
     listed = set(table["path"])
     for folder in sorted(set(folders) - listed):
         problems.append(Problem("warning", str(csv_path), f"folder {folder!r} exists but has no row"))
     for row in table.itertuples(index=False):
+        if row.path in unparsed:
+            continue
         if row.path not in folders:
             problems.append(Problem("error", str(csv_path), f"row for {row.path!r}: no such folder under train/images"))
             continue
@@ -163,17 +167,19 @@ def read_competition_train(root: Path, age_bounds=(30, 60), corrections: Path | 
         raise DataError(f"{images_dir}: folder not found; the competition layout is train/images/<id>_<gender>_<race>_<age>/")
     problems: list[Problem] = []
     folders: dict[str, tuple[str, int, int]] = {}
+    unparsed: set[str] = set()
     rows: list[dict] = []
     for folder in sorted(p for p in images_dir.iterdir() if p.is_dir() and not is_junk(p)):
         parsed = _parse_folder(folder.name, folder, problems)
         if parsed is None:
+            unparsed.add(folder.name)
             continue
         folders[folder.name] = parsed
         _, gender, age_years = parsed
         for stem, file in _person_images(folder, problems).items():
             rows.append(dict(path=str(file.resolve()), person=folder.name, image_id=f"{folder.name}/{stem}",
                              mask=MASK_OF_STEM[stem], gender=gender, age_years=age_years))
-    _check_train_csv(root, folders, problems)
+    _check_train_csv(root, folders, unparsed, problems)
     frame = pd.DataFrame(rows)
     if frame.empty:
         raise DataError(f"{images_dir}: no images found")

@@ -98,8 +98,9 @@ def redact(url: str) -> str:
     return f"{scheme}://" + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
     spec = cfg.search.sampler
+    spec = spec.model_copy(update={"seed": spec.seed + offset})
     if spec.name == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
     if spec.name == "random":
@@ -159,15 +160,18 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
     storage = open_storage(url, cfg.search.heartbeat_s)
     study = optuna.create_study(study_name=cfg.name, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    study.sampler = make_sampler(cfg, offset=len(study.trials))
     stored = study.user_attrs
     expected = {"split_hash": split_hash, "space_hash": cfg.search_space_hash()}
     if "split_hash" not in stored:
-        stored_attrs = {**expected, "harness_version": harness.__version__}
+        if not any(t.user_attrs.get("reference") for t in study.trials):
+            study.enqueue_trial(default_trial_params(cfg), user_attrs={"reference": True})
+        stored_attrs = {"space_hash": expected["space_hash"], "harness_version": harness.__version__}
         if data_summary is not None:  # persons, images, class counts: the report shows them
             stored_attrs["data_summary"] = data_summary
+        stored_attrs["split_hash"] = split_hash  # last: the mark of a study set up completely
         for key, value in stored_attrs.items():
             study.set_user_attr(key, value)
-        study.enqueue_trial(default_trial_params(cfg), user_attrs={"reference": True})
         log.info("created study %r in %s", cfg.name, redact(url))
         return study
     for key, what in (("split_hash", "data split"), ("space_hash", "search space or defaults")):
@@ -191,7 +195,11 @@ def trial_identity(trial: optuna.trial.BaseTrial) -> int:
     The objective stores it as the user attribute "identity" first thing, and Optuna's retry
     callback copies user attributes onto the retry, so a retry finds its original number there.
     """
-    return int(trial.user_attrs.get("identity", trial.number))
+    if "identity" in trial.user_attrs:
+        return int(trial.user_attrs["identity"])
+    frozen = trial if isinstance(trial, optuna.trial.FrozenTrial) else trial.study.get_trials(deepcopy=False)[trial.number]
+    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    return int(original if original is not None else trial.number)
 
 
 class Objective:
@@ -201,12 +209,16 @@ class Objective:
         self.cfg, self.data = cfg, data
 
     def __call__(self, trial: optuna.Trial) -> float:
+        from harness.tracking import run_id_for
+
         cfg = self.cfg
         identity = trial_identity(trial)
-        params = suggest_params(trial, cfg)
         run_dir = cfg.study_dir / "trials" / str(identity)
-        trial.set_user_attr("identity", identity)  # first: a retry (stale or interrupted) copies it
+        # first, before sampling: a retry (stale or interrupted) copies these and keeps the identity
+        trial.set_user_attr("identity", identity)
         trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("wandb_run_id", run_id_for(cfg.name, identity))
+        params = suggest_params(trial, cfg)
         extra = {"fixed": cfg.model_dump(mode="json", exclude={"params", "search", "smoke"}),
                  "split_hash": self.data.split.hash, "harness_version": harness.__version__, "trial": identity}
         started = time.perf_counter()
@@ -228,7 +240,6 @@ class Objective:
 
         cfg = self.cfg
         with TrialTracker(cfg, identity, params.model_dump(), extra) as tracker:
-            trial.set_user_attr("wandb_run_id", tracker.run_id)
             progress = EpochPrinter(identity, cfg.train.epochs, started)
             result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir, on_resume=tracker.catch_up,
                                on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
@@ -283,6 +294,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         while time.monotonic() < deadline:
+            _beat_for_the_silent(study, 3 * cfg.search.heartbeat_s)
             fail_stale_trials(study)  # a dead process's RUNNING trial becomes FAIL + a WAITING retry
             states = [t.state for t in study.get_trials(deepcopy=False)]
             finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
@@ -336,6 +348,31 @@ def _worker(cfg: StudyConfig, trials: int | None, timeout: float | None, storage
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s: %(message)s",
                         datefmt="%H:%M:%S")
     run_study(cfg, trials=trials, timeout=timeout, storage=storage, progress=False)
+
+
+def _beat_for_the_silent(study: optuna.Study, grace_s: float) -> None:
+    """Give one heartbeat to RUNNING trials that never sent any and are older than the grace period.
+
+    Optuna never declares a trial stale that has no heartbeat at all; a process killed between
+    `ask` and its first beat would leave it RUNNING forever. One beat lets it go stale normally.
+    (Reads Optuna's RDB heartbeat table: there is no public call for it.)
+    """
+    import datetime as dt
+
+    from optuna.storages._rdb import models
+
+    backend = getattr(study._storage, "_backend", study._storage)
+    now = dt.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace_s:
+            continue
+        session = backend.scoped_session()
+        try:
+            silent = models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None
+        finally:
+            session.close()
+        if silent:
+            backend.record_heartbeat(t._trial_id)
 
 
 def _study_tracker(cfg: StudyConfig, data: PreparedData):

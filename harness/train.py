@@ -374,6 +374,10 @@ def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, on_resume,
     if trial is not None:  # a retried trial is a new Optuna trial: give the pruner the epochs it already saw
         for row in rows:
             trial.report(row["val/f1"], int(row["epoch"]))
+        if rows and trial.should_prune():
+            result.state = "pruned"
+            _fill_result(result, rows, best)
+            return result
 
     result.state = "complete"
     for epoch in range(start_epoch, cfg.train.epochs):

@@ -1,0 +1,262 @@
+"""`make bench` groups "search" and "workers": what pruning saves, and what a second worker buys.
+
+search   studies/default.yaml at its real size (--quick: its smoke variant) run twice from
+         scratch, same seeds and trial count: once with its own pruner, once with
+         `search.pruner.name: none`. W&B is off (tracking.mode disabled) and so is the
+         ensemble: neither changes what the rows count, both cost time.
+  search_epochs        harness = epochs the pruned study trained (sum of epochs_run over its
+                       trials), reference = the unpruned study's. ratio = harness / reference,
+                       met at <= 0.6 (at least 40% fewer epochs).
+  search_best_f1_gap   harness = the pruned study's best val F1 over its complete trials,
+                       reference = the unpruned study's. ratio = reference - harness, met at
+                       <= 0.01.
+         `fewest_possible_ratio` on the epochs row is the floor the pruner's settings allow:
+         its startup trials run in full and every later trial runs at least until its first
+         prunable epoch. HARNESS_BENCH_SEARCH_TRIALS=N runs both studies with N trials.
+
+workers  One fixed study (the smoke variant, 12 trials x 6 epochs, no pruner; --quick: 2 trials
+         x 1 epoch of 2 batches) on a throwaway PostgreSQL server (.ci/postgres), one database
+         per run. Harness figure of both rows: wall time of run_workers(cfg, 2), two spawned
+         processes with one torch thread each (run_workers gives each cpu_count // workers).
+         The size keeps the fixed costs of workers (spawn and imports, about 5-10 s; the idle
+         tail, up to search.heartbeat_s) small against the work: at 6 trials x 2 epochs the
+         whole study took ~20-30 s on two cores and no worker count could meet the target.
+         HARNESS_BENCH_WORKERS_TRIALS=N changes the trial count.
+  workers_wall_seconds the reference is run_study(cfg) in this process with torch's default
+                       thread count, os.cpu_count() whatever the caller's OMP_NUM_THREADS: the
+                       machine used as a plain `harness study` uses it. ratio = harness /
+                       reference, met at <= 0.65.
+  workers_wall_seconds_vs_one_thread
+                       the same with run_study at one torch thread: pure process parallelism.
+                       On a small machine whose cores are shared, torch's threads spin against
+                       the other load and one thread can be several times faster than two,
+                       which flatters the first row; this one cannot be flattered that way.
+         Every clock runs from the call to the return with the data cache already built, so
+         the workers' process start-up and imports count against them, as they do for a user.
+         The searched space is narrowed to lr, weight_decay and loss (backbone, freeze policy
+         and the rest at their defaults) so that every trial does the same work and the ratio
+         measures parallelism, not which backbones the sampler happened to draw. The rows also
+         report `idle_tail_s` (from the last trial's end to run_workers' return: a worker with
+         nothing left to start polls every search.heartbeat_s) and `duplicate_param_sets`.
+         When the server cannot start, both rows have no figures, met False and a note.
+
+    python -m harness.bench --only search,workers [--quick]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from harness.bench import REPO, default_study, load_average, row
+from harness.config import StudyConfig
+from harness.io import atomic_write_text
+
+EPOCHS_TARGET = 0.6  # pruned epochs / unpruned epochs
+F1_GAP_TARGET = 0.01  # unpruned best val F1 - pruned best val F1
+WORKERS_TARGET = 0.65  # wall time of 2 workers / wall time of 1
+WORKERS_SPACE = ("lr", "weight_decay", "loss")  # searched params that leave a trial's cost unchanged
+
+
+# -------------------------------------------------------------------------- search
+
+
+def bench_search(quick: bool, out: Path) -> list[dict]:
+    from harness.data.prepare import prepare_data
+    from harness.study import run_study, trials_frame
+
+    pruned_cfg, unpruned_cfg = search_configs(quick, out)
+    shutil.rmtree(out / "search", ignore_errors=True)
+    prepare_data(pruned_cfg.data, progress=False)  # data and cache exist before either clock starts
+    outcome = {}
+    for label, cfg in (("pruned", pruned_cfg), ("unpruned", unpruned_cfg)):
+        started, load_before = time.perf_counter(), load_average()[0]
+        frame = trials_frame(run_study(cfg, progress=False))
+        seconds = time.perf_counter() - started
+        atomic_write_text(cfg.study_dir / "trials.csv", frame.to_csv(index=False))
+        outcome[label] = {**summarize(frame, seconds), "load_average_1min": [load_before, load_average()[0]]}
+    pruned, unpruned = outcome["pruned"], outcome["unpruned"]
+    size = (f"{pruned_cfg.search.trials} trials x {pruned_cfg.train.epochs} epochs, pruner "
+            f"{pruned_cfg.search.pruner.model_dump()} vs none, {'smoke variant' if quick else 'full size'}")
+    epochs = row("search_epochs", pruned["epochs"], unpruned["epochs"], "epochs", EPOCHS_TARGET, better="lower")
+    floor = fewest_epochs(pruned_cfg)
+    epochs.update(size=size, pruned_trials=pruned["pruned"], trials=pruned["trials"],
+                  seconds={"pruned": round(pruned["seconds"], 1), "unpruned": round(unpruned["seconds"], 1)},
+                  load_average_1min={"pruned": pruned["load_average_1min"],
+                                     "unpruned": unpruned["load_average_1min"]},
+                  fewest_possible_ratio=None if floor is None else round(floor / max(1, unpruned["epochs"]), 3))
+    gap = row("search_best_f1_gap", pruned["best_f1"], unpruned["best_f1"], "val F1", F1_GAP_TARGET, better="lower",
+              ratio=unpruned["best_f1"] - pruned["best_f1"])
+    gap.update(size=size, best_trial={"pruned": pruned["best_trial"], "unpruned": unpruned["best_trial"]})
+    return [epochs, gap]
+
+
+def search_configs(quick: bool, out: Path) -> tuple[StudyConfig, StudyConfig]:
+    """The default study with its pruner and without, fresh names and folders under out/search."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    overrides = {"runs_dir": str(out / "search"), "tracking.mode": "disabled", "ensemble.enabled": False}
+    trials = os.environ.get("HARNESS_BENCH_SEARCH_TRIALS")
+    if trials:
+        overrides["search.trials"] = int(trials)
+    pruned = default_study(quick, {**overrides, "name": f"bench-search-pruned-{stamp}"})
+    unpruned = pruned.replace({"name": f"bench-search-unpruned-{stamp}", "search.pruner.name": "none"})
+    return pruned, unpruned
+
+
+def summarize(frame: pd.DataFrame, seconds: float) -> dict:
+    complete = frame[frame["state"] == "complete"]
+    best = complete.iloc[0] if len(complete) else None  # trials_frame sorts by val F1, best first
+    return {"epochs": float(frame["epochs"].sum()), "trials": len(frame),
+            "pruned": int((frame["state"] == "pruned").sum()),
+            "best_f1": float(best["val_f1"]) if best is not None else float("nan"),
+            "best_trial": int(best["number"]) if best is not None else None, "seconds": seconds}
+
+
+def fewest_epochs(cfg: StudyConfig) -> int | None:
+    """The fewest epochs the median pruner allows; None for other pruners (their floors differ)."""
+    spec, epochs, trials = cfg.search.pruner, cfg.train.epochs, cfg.search.trials
+    if spec.name != "median":
+        return None
+    startup = min(spec.n_startup_trials, trials)  # pruning starts once this many trials have completed
+    return startup * epochs + (trials - startup) * min(epochs, spec.n_warmup_steps + 1)
+
+
+# ------------------------------------------------------------------------- workers
+
+
+class PostgresUnavailable(RuntimeError):
+    """The throwaway PostgreSQL server could not be started; the message says why."""
+
+
+def bench_workers(quick: bool, out: Path) -> list[dict]:
+    cfg = workers_config(quick, out)
+    size = (f"smoke variant, {cfg.search.trials} trials x {cfg.train.epochs} epoch(s)"
+            f"{f' of {cfg.train.max_train_batches} batches' if cfg.train.max_train_batches else ''}, pruner none, "
+            f"space {list(WORKERS_SPACE)}")
+    try:
+        with throwaway_postgres() as server:
+            return workers_rows(cfg, server, out, size)
+    except PostgresUnavailable as error:
+        return [{"name": name, "harness": None, "reference": None, "ratio": None, "unit": "seconds",
+                 "target": WORKERS_TARGET, "better": "lower", "met": False, "size": size,
+                 "note": f"not measured: {error}"} for name in WORKERS_ROWS]
+
+
+WORKERS_ROWS = ("workers_wall_seconds", "workers_wall_seconds_vs_one_thread")
+
+
+def workers_config(quick: bool, out: Path) -> StudyConfig:
+    smoke = default_study(True)  # the smoke variant at either size, its data under OUT/smoke-data
+    size = {"search.trials": 2, "train.epochs": 1, "train.max_train_batches": 2} if quick else \
+        {"search.trials": int(os.environ.get("HARNESS_BENCH_WORKERS_TRIALS", 12)), "train.epochs": 6}
+    return smoke.replace({
+        "runs_dir": str(out / "workers"), "name": "bench-workers", "search.pruner.name": "none", **size,
+        "search.space": {name: smoke.search.space[name].model_dump(mode="json") for name in WORKERS_SPACE}})
+
+
+def workers_rows(cfg: StudyConfig, server: str, out: Path, size: str) -> list[dict]:
+    """Two rows, one clock each for: 1 process at torch's default threads, 1 process at 1 thread, 2 workers."""
+    from harness.data.prepare import prepare_data
+    from harness.study import run_workers
+
+    shutil.rmtree(out / "workers", ignore_errors=True)
+    prepare_data(cfg.data, progress=False)  # the cache exists before any clock starts
+    stamp = f"{os.getpid()}_{int(time.time())}"
+    cpus = os.cpu_count() or 1
+    default_threads = timed_single_process(cfg, server, out, f"default_{stamp}", threads=cpus)
+    one_thread = timed_single_process(cfg, server, out, f"one_{stamp}", threads=1)
+
+    two = cfg.replace({"runs_dir": str(out / "workers" / "two")})
+    started, load_before = time.perf_counter(), load_average()[0]
+    study = run_workers(two, 2, storage=create_database(server, f"bench_two_{stamp}"), progress=False)
+    seconds, finished_at = time.perf_counter() - started, time.time()
+    loads = {"workers": [load_before, load_average()[0]]}
+    last_trial_done = max(t.datetime_complete.timestamp() for t in study.trials if t.datetime_complete)
+    details = {"size": size, "per_worker_threads": max(1, cpus // 2), "trials": len(study.trials),
+               # a worker with nothing left to start polls every search.heartbeat_s until the others finish
+               "idle_tail_s": round(finished_at - last_trial_done, 1),
+               "duplicate_param_sets": duplicate_param_sets(study)}
+    rows = []
+    for name, (reference, threads, reference_study, reference_load) in zip(WORKERS_ROWS,
+                                                                            (default_threads, one_thread)):
+        result = row(name, seconds, reference, "seconds", WORKERS_TARGET, better="lower")
+        # 1-minute load average before and after each clock: the cores are shared, and a busy
+        # neighbour during one clock and not the other moves the ratio more than the harness does
+        result.update(details, reference_threads=threads, load_average_1min={**loads, "reference": reference_load},
+                      reference_duplicate_param_sets=duplicate_param_sets(reference_study))
+        rows.append(result)
+    return rows
+
+
+def timed_single_process(cfg: StudyConfig, server: str, out: Path, label: str, threads: int):
+    """(seconds, threads, study, load averages) of run_study in this process at `threads` torch threads."""
+    from harness.study import run_study
+
+    side = cfg.replace({"runs_dir": str(out / "workers" / label.split("_")[0])})
+    url = create_database(server, f"bench_{label}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        started, load_before = time.perf_counter(), load_average()[0]
+        study = run_study(side, storage=url, progress=False)
+        return time.perf_counter() - started, threads, study, [load_before, load_average()[0]]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def duplicate_param_sets(study) -> int:
+    """Trials whose params repeat an earlier trial's exactly (seeded samplers in parallel workers can do this)."""
+    seen = [tuple(sorted(t.params.items())) for t in study.trials if t.params]
+    return len(seen) - len(set(seen))
+
+
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """A PostgreSQL server on a free local port for the duration; yields its URL, then stops and removes it."""
+    folder = Path(f"/tmp/harness-bench-pg-{os.getpid()}")
+    script = REPO / ".ci" / "postgres"
+    shutil.rmtree(folder, ignore_errors=True)  # initdb refuses a folder left by an earlier run with this pid
+    try:
+        try:
+            started = subprocess.run([str(script), "start", str(folder), str(free_port())], capture_output=True,
+                                     text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise PostgresUnavailable(f"{script} start failed: {error}") from None
+        lines = started.stdout.strip().splitlines()
+        if started.returncode != 0 or not lines:
+            detail = (started.stderr.strip() or started.stdout.strip()).splitlines()[-3:]
+            raise PostgresUnavailable(f"{script} start exited with {started.returncode}: {' | '.join(detail)}")
+        yield lines[-1]
+    finally:
+        subprocess.run([str(script), "stop", str(folder)], capture_output=True, timeout=120, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def create_database(server_url: str, name: str) -> str:
+    """A new, empty database on the server; returns its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE refuses a transaction
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        raise PostgresUnavailable(f"cannot create database {name}: {error}") from None
+    finally:
+        engine.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"

@@ -1,0 +1,60 @@
+"""`make bench` end to end at --quick sizes, outputs in tmp_path. Structure only: no timing assertions."""
+
+import json
+
+import pytest
+import torch
+
+from harness import bench
+from harness.bench_study import fewest_epochs
+from harness.config import load_study
+
+ROW_KEYS = {"name", "harness", "reference", "ratio", "unit", "target", "better", "met"}
+CHEAP_GROUPS = ["loader", "trial", "ensemble", "report"]
+
+
+def test_quick_bench_writes_every_row_of_the_cheap_groups(tmp_path):
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--only", ",".join(CHEAP_GROUPS), "--out", str(out)]) == 0
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["complete"] is True and report["quick"] is True
+    assert list(report["group_seconds"]) == CHEAP_GROUPS
+    assert report["machine"]["cpus"] >= 1 and len(report["load_average_start"]) == 3
+    names = [row["name"] for row in report["rows"]]
+    assert len(names) == len(set(names))
+    assert {"loader_images_per_s", "loader_images_per_s_in_process", "cache_build_seconds",
+            "trial_train_images_per_s", "probe_cost_share_of_epoch", "ensemble_selection_seconds",
+            "predict_images_per_s", "report_seconds", "report_megabytes"} <= set(names)
+    for row in report["rows"]:
+        assert ROW_KEYS <= set(row), row
+        assert row["better"] in ("higher", "lower")
+        assert isinstance(row["met"], bool)
+        assert all(isinstance(row[key], (int, float)) for key in ("harness", "reference", "ratio", "target")), row
+        assert row["harness"] > 0 and row["reference"] > 0, row
+        if row["name"] != "ensemble_selection_seconds":  # met on its own absolute budget (`met_when`)
+            sign = 1 if row["better"] == "higher" else -1
+            assert row["met"] == (sign * row["ratio"] >= sign * row["target"]), row
+
+    # the mixed-precision row exists only where it can be measured; elsewhere a note says so
+    if torch.cuda.is_available():
+        assert "trial_amp_channels_last_images_per_s" in names
+    else:
+        assert "trial_amp_channels_last_images_per_s" not in names
+        assert "trial_amp_channels_last_images_per_s: no CUDA device: skipped" in report["notes"]
+
+    # every output stayed under --out: the quick trial's smoke data too
+    assert (out / "smoke-data" / "default").is_dir() and (out / "loader.json").is_file()
+
+
+def test_an_unknown_group_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "loader,nonsense"])
+    assert "'nonsense'" in capsys.readouterr().err
+
+
+def test_the_default_pruner_cannot_save_more_than_its_floor():
+    # 3 startup trials run all 4 epochs; the other 7 run at least 2 (the first prunable step is 1)
+    cfg = load_study(bench.DEFAULT_STUDY)
+    assert fewest_epochs(cfg) == 3 * 4 + 7 * 2
+    assert fewest_epochs(cfg.replace({"search.pruner.name": "none"})) is None

@@ -1,9 +1,10 @@
 """`make bench`: every benchmark row, each a harness figure against a reference measured in the same run.
 
-    python -m harness.bench [--only loader,trial] [--quick] [--out runs/bench]
+    python -m harness.bench [--only loader,trial] [--quick] [--out runs/bench] [--resume]
 
 Rows go to OUT/bench.json (OUT: --out, else $HARNESS_BENCH_OUT, else runs/bench), rewritten
-after every group so a crash late in a long run keeps the rows already measured. A row is
+after every group so a crash late in a long run keeps the rows already measured; --resume
+runs only the groups such an interrupted file lacks. A row is
 {name, harness, reference, ratio, unit, target, better, met}; `ratio` is defined so that
 the target reads "ratio >= target" or, for costs, "ratio <= target" (see `better`).
 A row may carry more keys (sizes, notes). Something a group could not measure on this
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of {list(GROUPS)}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every row runs")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT}; env HARNESS_BENCH_OUT)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: keep the groups OUT/bench.json already holds, run the rest")
     args = parser.parse_args(argv)
     groups = args.only.split(",")
     for name in groups:
@@ -261,24 +264,43 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown group {name!r}; choose from {list(GROUPS)}")
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
-    NOTES.clear()
-    report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "quick": args.quick,
-              "load_average_start": load_average(), "complete": False, "group_seconds": {}, "notes": NOTES,
-              "rows": []}
+    report = interrupted_report(args.quick) if args.resume else None
+    NOTES[:] = report["notes"] if report else []
+    report = report or {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "quick": args.quick,
+                        "load_average_start": load_average(), "complete": False, "group_seconds": {}, "rows": []}
+    report["notes"] = NOTES
     for name in groups:
+        if name in report["group_seconds"]:
+            print(f"group {name}: kept from the interrupted run of {report['when']}")
+            continue
         started = time.perf_counter()
         report["rows"] += GROUPS[name](args.quick)
         report["group_seconds"][name] = round(time.perf_counter() - started, 1)
         report["load_average_end"] = load_average()
-        write_report(report)  # after every group: a late crash keeps what was measured
+        write_report(report)  # after every group: a late crash keeps what was measured (--resume goes on)
     report["complete"] = True
     write_report(report)
     print_rows(report["rows"])
     for text in NOTES:
         print(f"note: {text}")
-    print(f"load average {report['load_average_start']} at the start, {report['load_average_end']} at the end "
+    print(f"load average {report['load_average_start']} at the start, {report.get('load_average_end')} at the end "
           f"({os.cpu_count()} CPUs); wrote {OUT / 'bench.json'}")
     return 0
+
+
+def interrupted_report(quick: bool) -> dict | None:
+    """OUT/bench.json of a run that stopped part-way at the same size, to go on from; None when there is none."""
+    path = OUT / "bench.json"
+    if not path.is_file():
+        print(f"--resume: no {path} yet; starting a fresh run")
+        return None
+    report = json.loads(path.read_text())
+    if report.get("complete", True) or report.get("quick") != quick:
+        print(f"--resume: {path} is {'complete' if report.get('complete', True) else 'of the other size'}; "
+              "starting a fresh run")
+        return None
+    report.setdefault("resumed", []).append(time.strftime("%Y-%m-%d %H:%M:%S"))
+    return report
 
 
 if __name__ == "__main__":

@@ -47,6 +47,21 @@ def test_quick_bench_writes_every_row_of_the_cheap_groups(tmp_path):
     assert (out / "smoke-data" / "default").is_dir() and (out / "loader.json").is_file()
 
 
+def test_resume_keeps_the_groups_an_interrupted_run_measured_and_runs_the_rest(tmp_path):
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--only", "report", "--out", str(out)]) == 0
+    first = json.loads((out / "bench.json").read_text())
+    first["complete"] = False  # as a run killed after its first group leaves the file
+    (out / "bench.json").write_text(json.dumps(first))
+
+    assert bench.main(["--quick", "--only", "report,ensemble", "--out", str(out), "--resume"]) == 0
+    resumed = json.loads((out / "bench.json").read_text())
+    assert resumed["complete"] is True and resumed["when"] == first["when"] and len(resumed["resumed"]) == 1
+    assert resumed["group_seconds"]["report"] == first["group_seconds"]["report"]
+    assert resumed["rows"][: len(first["rows"])] == first["rows"]
+    assert {"ensemble_selection_seconds", "predict_images_per_s"} <= {row["name"] for row in resumed["rows"]}
+
+
 def test_an_unknown_group_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--only", "loader,nonsense"])

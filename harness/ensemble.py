@@ -241,16 +241,21 @@ def _no_candidates_message(cfg: StudyConfig, frame: pd.DataFrame) -> str:
             "or remove it")
 
 
-def _run_dir(cfg: StudyConfig, stored: str, identity: int) -> Path:
-    """The stored run_dir, or the study's trial folder when the runs folder was moved."""
+def _folder_holding(cfg: StudyConfig, stored: str, identity: int, needs: tuple[str, ...], missing_hint: str) -> Path:
+    """The stored run_dir, or the study's trial folder when the runs folder was moved; it must hold `needs`."""
     options = [Path(stored)] if stored else []
     options.append(cfg.study_dir / "trials" / str(identity))
     for path in options:
-        if (path / "valid_logits.npy").is_file() and (path / "valid_index.csv").is_file():
+        if all((path / name).is_file() for name in needs):
             return path
-    raise EnsembleError(f"trial {identity}: no valid_logits.npy and valid_index.csv in "
-                        f"{' or '.join(str(p) for p in options)}; the trial folder is missing or incomplete. "
-                        "Restore it, or leave the trial out by lowering ensemble.top_k")
+    raise EnsembleError(f"trial {identity}: no {' and '.join(needs)} in {' or '.join(str(p) for p in options)}; "
+                        f"{missing_hint}")
+
+
+def _run_dir(cfg: StudyConfig, stored: str, identity: int) -> Path:
+    return _folder_holding(cfg, stored, identity, ("valid_logits.npy", "valid_index.csv"),
+                         "the trial folder is missing or incomplete. "
+                         "Restore it, or leave the trial out by lowering ensemble.top_k")
 
 
 def load_valid(candidates: list[Candidate]) -> ValidSet:
@@ -444,13 +449,8 @@ def _trial_folder(cfg: StudyConfig, trial: int, storage: str | None) -> Path:
 
 
 def _run_dir_with_model(cfg: StudyConfig, stored: str, trial: int) -> Path:
-    options = [Path(stored)] if stored else []
-    options.append(cfg.study_dir / "trials" / str(trial))
-    for path in options:
-        if (path / "best.pt").is_file() and (path / "config.yaml").is_file():
-            return path
-    raise EnsembleError(f"trial {trial}: no best.pt and config.yaml in {' or '.join(str(p) for p in options)}; "
-                        "the trial never finished an epoch or its folder was removed")
+    return _folder_holding(cfg, stored, trial, ("best.pt", "config.yaml"),
+                         "the trial never finished an epoch or its folder was removed")
 
 
 def member_params(run_dir: Path, cfg: StudyConfig) -> Params:

@@ -76,7 +76,8 @@ def _bench_cfg(quick: bool):
 
 def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = None, mixed: bool = False,
                            passes: int = 1) -> float:
-    """The reference: the same model, batch, loss and optimizer over tensors already on `device`.
+    """The reference: the same model, batch, loss, optimizer and gradient clipping (the training
+    recipe the config asks for) over tensors already on `device`: what is left is the harness's own cost.
 
     `mixed` is what train_one_epoch does on CUDA: float16 autocast, channels_last model and
     batches, a GradScaler. With mixed=False the loop is plain float32.
@@ -108,6 +109,9 @@ def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = 
             loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if cfg.train.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         scaler.step(optimizer)
         scaler.update()
 

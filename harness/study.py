@@ -23,6 +23,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class _NoTracebackForTrialFailed(logging.Filter):
 
 logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForTrialFailed())
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+IDLE_POLL_S = 1.0  # how often a process with nothing to run looks at the study again
 
 
 class StudyError(RuntimeError):
@@ -98,16 +100,53 @@ def redact(url: str) -> str:
     return f"{scheme}://" + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
-def make_sampler(cfg: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     spec = cfg.search.sampler
-    spec = spec.model_copy(update={"seed": spec.seed + offset})
-    if spec.name == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
-    if spec.name == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    if spec.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
-    return optuna.samplers.QMCSampler(seed=spec.seed)
+    if spec.name == "qmc":  # one shared sequence: the study counts the draws, so every process must agree on it
+        return optuna.samplers.QMCSampler(seed=spec.seed)
+    return TrialSeededSampler(spec.seed, lambda seed: _plain_sampler(spec.name, seed, spec.n_startup_trials))
+
+
+def _plain_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":  # constant liar: a running trial counts as a bad one, so parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup_trials)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler seeded afresh for every trial from (study seed, trial number).
+
+    A process's draws then depend on which trial it samples, not on how many it sampled
+    before: workers sharing a study and a process resuming after a kill never repeat each
+    other's draws, and a study run again from scratch draws the same params. The samplers
+    wrapped here keep no other state between trials (they read the history from the study).
+    """
+
+    def __init__(self, seed: int, build: Callable[[int], optuna.samplers.BaseSampler]):
+        self._seed, self._build = seed, build
+        self._inner = build(seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        seed = np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]
+        self._inner = self._build(int(seed))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
@@ -160,7 +199,6 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
     storage = open_storage(url, cfg.search.heartbeat_s)
     study = optuna.create_study(study_name=cfg.name, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg))
-    study.sampler = make_sampler(cfg, offset=len(study.trials))
     stored = study.user_attrs
     expected = {"split_hash": split_hash, "space_hash": cfg.search_space_hash()}
     if "split_hash" not in stored:
@@ -279,8 +317,12 @@ def store_result(trial: optuna.Trial, result: TrialResult) -> None:
 
 
 def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None = None,
-              storage: str | None = None, progress: bool = True) -> optuna.Study:
-    """Run (or resume) the study until `trials` (default: the study file's) trials have finished."""
+              storage: str | None = None, progress: bool = True, track_study: bool = True) -> optuna.Study:
+    """Run (or resume) the study until `trials` (default: the study file's) trials have finished.
+
+    `track_study=False` leaves the study's own W&B run to someone else (`run_workers`' parent):
+    one run id must have one writer.
+    """
     target = trials or cfg.search.trials
     if not cfg.search.space and target > 1:
         log.warning("search.space is empty: only trial 0 (the study file's defaults) can run; the target is 1")
@@ -289,7 +331,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     study = open_study(cfg, storage, data.split.hash, data.summary())
     requeue_interrupted(study)
     objective = Objective(cfg, data)
-    tracker = _study_tracker(cfg, data)
+    tracker = _study_tracker(cfg, data) if track_study else None
     deadline = time.monotonic() + timeout if timeout else math.inf
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -306,13 +348,14 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
                                  f"see their reasons with `harness status`; the study stops here")
             if finished + running >= target:
                 # the rest is in other processes' hands, or waits for a dead one's trial to go stale
-                time.sleep(cfg.search.heartbeat_s)
+                time.sleep(IDLE_POLL_S)
                 continue
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False,
-                           callbacks=[lambda s, t: tracker.update(trials_frame(s))])
+            callbacks = [lambda s, t: tracker.update(trials_frame(s))] if tracker else []
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False, callbacks=callbacks)
     finally:
-        tracker.update(trials_frame(study))
-        tracker.finish()
+        if tracker:
+            tracker.update(trials_frame(study))
+            tracker.finish()
     return study
 
 
@@ -322,23 +365,36 @@ def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeo
 
     The parent builds the decoded cache and creates the study first, so workers neither
     race to build the cache nor enqueue trial 0 twice. Each worker takes its own trials;
-    heartbeats let a surviving worker retry the trial of one that died.
+    heartbeats let a surviving worker retry the trial of one that died. The parent keeps
+    the study's W&B run (the trials table), refreshed whenever a trial changes state.
     """
     data = prepare_data(cfg.data, progress=progress)
-    open_study(cfg, storage, data.split.hash, data.summary())
+    study = open_study(cfg, storage, data.split.hash, data.summary())
     context = multiprocessing.get_context("spawn")  # no inherited thread pools or open DB connections
     threads = max(1, (os.cpu_count() or 1) // workers)
     processes = [context.Process(target=_worker, args=(cfg, trials, timeout, storage, threads), name=f"worker-{i}")
                  for i in range(workers)]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join()
+    tracker = _study_tracker(cfg, data)  # after the starts: W&B's service address must not reach the workers
+    seen = None
+    try:
+        while any(p.is_alive() for p in processes):
+            time.sleep(IDLE_POLL_S)
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            if states != seen:
+                seen = states
+                tracker.update(trials_frame(study))
+    finally:
+        for process in processes:
+            process.join()
+        tracker.update(trials_frame(study))
+        tracker.finish()
     failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
     if failed:
         raise StudyError(f"worker(s) {', '.join(failed)} stopped with an error; see the output above. "
                          "Running the same command resumes the study.")
-    return load_existing_study(cfg, storage)
+    return study
 
 
 def _worker(cfg: StudyConfig, trials: int | None, timeout: float | None, storage: str | None, threads: int) -> None:
@@ -347,7 +403,7 @@ def _worker(cfg: StudyConfig, trials: int | None, timeout: float | None, storage
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s: %(message)s",
                         datefmt="%H:%M:%S")
-    run_study(cfg, trials=trials, timeout=timeout, storage=storage, progress=False)
+    run_study(cfg, trials=trials, timeout=timeout, storage=storage, progress=False, track_study=False)
 
 
 def _beat_for_the_silent(study: optuna.Study, grace_s: float) -> None:

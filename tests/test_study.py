@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from harness.study import StudyError, default_trial_params, open_study, run_study, suggest_params, trials_frame
+from harness.study import StudyError, default_trial_params, make_sampler, open_study, run_study, suggest_params, trials_frame
 from harness.tracking import read_offline_run, run_id_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +37,30 @@ def test_trial_zero_is_the_study_files_defaults(smoke_study):
     defaults = default_trial_params(cfg)
     assert defaults["backbone"] == cfg.params.backbone and defaults["lr"] == cfg.params.lr
     assert "focal_gamma" not in defaults  # loss 'ce' leaves it inactive
+
+
+def draw_params(cfg, studies, trials):
+    """Ask `trials` trials, taking turns between `studies` (processes sharing one storage)."""
+    drawn = {}
+    for n in range(trials):
+        study = studies[n % len(studies)]
+        trial = study.ask()
+        drawn[trial.number] = suggest_params(trial, cfg).model_dump()
+        study.tell(trial, 0.1 * (trial.number % 3))
+    return drawn
+
+
+def test_processes_sharing_a_study_draw_apart_and_a_rerun_draws_the_same(smoke_study, tmp_path):
+    cfg = smoke_study()  # TPE, seed 0: 4 random startup trials, then TPE proper
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = optuna.create_study(study_name="s", storage=shared, sampler=make_sampler(cfg), direction="maximize")
+    second = optuna.load_study(study_name="s", storage=shared, sampler=make_sampler(cfg))
+    together = draw_params(cfg, [first, second], trials=8)
+    assert len({repr(sorted(p.items())) for p in together.values()}) == 8  # the same seed, yet no repeated draw
+
+    alone = optuna.create_study(storage=f"sqlite:///{tmp_path / 'alone.db'}", sampler=make_sampler(cfg),
+                                direction="maximize")
+    assert draw_params(cfg, [alone], trials=8) == together  # a trial's draw depends on its number, not its process
 
 
 def test_a_changed_split_or_space_refuses_to_resume(smoke_study):

@@ -13,6 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from harness.study import trials_frame
+from harness.tracking import read_offline_run, study_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("HARNESS_TEST_POSTGRES_URL")
@@ -57,8 +58,16 @@ def test_two_workers_share_one_sqlite_study(tmp_path, shared_data):
     assert process.wait(timeout=600) == 0, (tmp_path / "workers.log").read_text()[-3000:]
     output = (tmp_path / "workers.log").read_text()
     assert "database is locked" not in output
+    assert "in use" not in output  # one writer for the study's W&B run
     study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'runs' / 'default' / 'study.db'}")
-    check_outcome(study, target=4, workers=2)
+    frame = check_outcome(study, target=4, workers=2)
+    drawn = [repr(sorted(t.params.items())) for t in study.trials]
+    assert len(set(drawn)) == len(drawn), "two workers drew the same params"
+    run = read_offline_run(tmp_path / "runs" / "default" / "wandb", study_run_id("default"))
+    assert len(run["folders"]) == 1
+    table = run["tables"]["trials"]
+    numbers = sorted(row[table["columns"].index("number")] for row in table["data"])
+    assert numbers == sorted(frame["number"].tolist())  # the last table has every trial
 
 
 @pytest.mark.slow

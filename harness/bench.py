@@ -206,10 +206,9 @@ def bench_report(quick: bool) -> list[dict]:
 
 
 def bench_ensemble(quick: bool) -> list[dict]:
-    from harness import bench_ensemble as module
+    from harness.bench_ensemble import bench_ensemble as rows
 
-    module.OUT = OUT  # it bound OUT when first imported; follow --out
-    return module.bench_ensemble(quick)
+    return rows(quick, OUT)
 
 
 def bench_search(quick: bool) -> list[dict]:

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from harness.bench import OUT, print_rows, row
+from harness import bench
+from harness.bench import print_rows, row
 from harness.ensemble import greedy_selection, member_probabilities
 from harness.train import EVAL_BATCH, pick_device
 
@@ -91,13 +93,13 @@ def selection_row(quick: bool) -> dict:
 # -------------------------------------------------------------------------- prediction
 
 
-def bench_images(quick: bool):
+def bench_images(quick: bool, out: Path):
     """The loader bench's JPEGs (same files, same seed) decoded into a cache of their own."""
     from harness.bench_loader import TARGET_HEIGHT, TARGET_WIDTH, write_source_images
     from harness.data.cache import build_cache
 
-    paths = write_source_images(OUT / "loader_data", 64 if quick else 700)
-    return build_cache(paths, TARGET_HEIGHT, TARGET_WIDTH, OUT / "ensemble_cache", progress=False)
+    paths = write_source_images(out / "loader_data", 64 if quick else 700)
+    return build_cache(paths, TARGET_HEIGHT, TARGET_WIDTH, out / "ensemble_cache", progress=False)
 
 
 @torch.no_grad()
@@ -120,11 +122,11 @@ def harness_images_per_s(model, images: np.ndarray, device: torch.device) -> flo
     return len(images) / (time.perf_counter() - start)
 
 
-def prediction_row(quick: bool) -> dict:
+def prediction_row(quick: bool, out: Path) -> dict:
     from harness.augment import build_transform
     from harness.model import build_model
 
-    cache = bench_images(quick)
+    cache = bench_images(quick, out)
     images = np.asarray(cache.images)
     height, width = images.shape[1:3]
     device = pick_device("auto")
@@ -143,16 +145,16 @@ def prediction_row(quick: bool) -> dict:
     return result
 
 
-def bench_ensemble(quick: bool) -> list[dict]:
-    return [selection_row(quick), prediction_row(quick)]
+def bench_ensemble(quick: bool, out: Path) -> list[dict]:
+    return [selection_row(quick), prediction_row(quick, out)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every row runs")
     args = parser.parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
-    rows = bench_ensemble(args.quick)
+    bench.OUT.mkdir(parents=True, exist_ok=True)
+    rows = bench_ensemble(args.quick, bench.OUT)
     print_rows(rows)
     for item in rows:
         print(f"  {item['name']}: {item['size']}" + (f"; met when {item['met_when']}" if "met_when" in item else ""))

@@ -18,11 +18,12 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Write to a temp file beside `path`, fsync, then os.replace it over `path`.
 
     A process killed at any moment leaves either the old file or the new one (plus at worst a
-    hidden temp file, never read); the same pattern as timm's checkpoint saver.
+    hidden temp file named with its pid, never read, which `remove_dead_temporaries` deletes);
+    the same pattern as timm's checkpoint saver.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, mode) as handle:
             yield handle
@@ -31,6 +32,24 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO]:
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def remove_dead_temporaries(folder: Path) -> None:
+    """Delete the temp files of `atomic_file` in `folder` whose writing process is gone (killed)."""
+    for temporary in Path(folder).glob(".*.tmp"):
+        pid_text = temporary.name.removesuffix(".tmp").rsplit(".", 2)[-2]
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
+            temporary.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, under another user
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:

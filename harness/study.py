@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 import harness
 from harness.config import ConfigError, Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
+from harness.io import remove_dead_temporaries
 from harness.train import TrialResult, run_trial
 
 log = logging.getLogger("harness.study")
@@ -195,6 +196,8 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
                data_summary: dict | None = None) -> optuna.Study:
     """Create the study or load it; refuse a resume whose split or search space changed."""
     cfg.study_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (cfg.study_dir, cfg.study_dir / "ensemble"):  # left by a process killed mid-write
+        remove_dead_temporaries(folder)
     url = storage_url or default_storage(cfg)
     storage = open_storage(url, cfg.search.heartbeat_s)
     study = optuna.create_study(study_name=cfg.name, storage=storage, direction="maximize", load_if_exists=True,

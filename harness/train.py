@@ -41,7 +41,7 @@ from harness.augment import apply_crops, build_transform, cached_crop_boxes
 from harness.config import Params, StudyConfig
 from harness.data.cache import CachedImageDataset
 from harness.data.prepare import PreparedData, prepare_data
-from harness.io import atomic_save_npy, atomic_torch_save, atomic_write_text, load_checkpoint
+from harness.io import atomic_save_npy, atomic_torch_save, atomic_write_text, load_checkpoint, remove_dead_temporaries
 from harness.losses import build_loss
 from harness.metrics import classification_metrics, confusion, per_class_f1
 from harness.model import FREEZE_POLICIES, apply_freeze, build_model, class_log_probs
@@ -314,6 +314,7 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     params = _as_params(cfg, params)
     run_dir = Path(run_dir or trial_dir(cfg, trial.number if trial is not None else None))
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(run_dir)  # half-written checkpoints of a killed attempt
     result = TrialResult(state="failed", run_dir=str(run_dir), params=params.model_dump())
     started = time.perf_counter()
     try:

@@ -416,7 +416,7 @@ def wandb_run_ids_on_disk(layout: Layout) -> set[str]:
 
 
 def leftover_temporaries(layout: Layout) -> list[str]:
-    """Temp files of killed writers that nothing removed (reported, not a correctness problem)."""
+    """Temp files and partial folders of killed writers that nothing removed."""
     found = [p for p in layout.study.rglob(".*tmp*") if "wandb" not in p.parts]
     found += temporaries(layout.data.parent, f"{layout.data.name}.partial-*")
     return [f"{p.relative_to(layout.root)} ({p.stat().st_size} B)" if p.is_file() else f"{p.name}/"
@@ -470,6 +470,7 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
     # nothing lost, nothing left hanging
     check(finished == TRIALS, f"{finished} finished trials (complete + pruned), target {TRIALS}: {dict(states)}")
     check(not zombies, f"trials left RUNNING or WAITING: {zombies}")
+    check(not leftover_temporaries(layout), f"half-written files of killed writers left: {leftover_temporaries(layout)}")
     # one identity = one folder = one W&B run id; storage holds no identity besides the finished ones
     check(frame["number"].is_unique and len(frame) == TRIALS and set(frame["state"]) <= {"complete", "pruned"},
           f"trial identities in storage (latest attempt each):\n{show(frame)}")

@@ -45,7 +45,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from harness.io import atomic_write_text
+from harness.io import atomic_write_text, process_alive
 
 __all__ = [
     "FORMAT_VERSION",
@@ -257,19 +257,9 @@ def _remove_stale_temporaries(cache_dir: Path) -> None:
     """Delete temporaries left by builds whose process is gone (a crash or a kill)."""
     for temporary in cache_dir.glob("*.tmp-*"):
         pid_text = temporary.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if pid_text.isdigit() and _process_alive(int(pid_text)) and int(pid_text) != os.getpid():
+        if pid_text.isdigit() and process_alive(int(pid_text)) and int(pid_text) != os.getpid():
             continue  # another process is building right now; leave its file alone
         temporary.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _build(

@@ -138,7 +138,7 @@ def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile:
     return optuna.trial.create_trial(
         state=TrialState.PRUNED if pruned else TrialState.COMPLETE, value=rows[-1]["val/f1"] if pruned else best["val/f1"],
         params=params, distributions=distributions, user_attrs=attrs,
-        intermediate_values={r["epoch"]: r["val/f1"] for r in rows})
+        intermediate_values={r["epoch"] + 1: r["val/f1"] for r in rows})
 
 
 def fake_data_summary(rng: np.random.Generator, persons: int = 2700) -> dict:

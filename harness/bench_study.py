@@ -122,12 +122,15 @@ def summarize(frame: pd.DataFrame, seconds: float) -> dict:
 
 
 def fewest_epochs(cfg: StudyConfig) -> int | None:
-    """The fewest epochs the median pruner allows; None for other pruners (their floors differ)."""
+    """The fewest epochs the pruner's settings allow; None for hyperband (its brackets differ)."""
     spec, epochs, trials = cfg.search.pruner, cfg.train.epochs, cfg.search.trials
-    if spec.name != "median":
-        return None
-    startup = min(spec.n_startup_trials, trials)  # pruning starts once this many trials have completed
-    return startup * epochs + (trials - startup) * min(epochs, spec.n_warmup_steps + 1)
+    earliest_stop = min(epochs, max(1, spec.n_warmup_steps))  # steps count epochs trained, from 1
+    if spec.name == "median":
+        startup = min(spec.n_startup_trials, trials)  # pruning starts once this many trials have completed
+        return startup * epochs + (trials - startup) * earliest_stop
+    if spec.name == "successive_halving":  # the first trial has no rival at its rungs and runs in full
+        return epochs + (trials - 1) * earliest_stop
+    return None
 
 
 # ------------------------------------------------------------------------- workers

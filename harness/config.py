@@ -164,9 +164,12 @@ class SamplerConfig(_Frozen):
 
 
 class PrunerConfig(_Frozen):
+    """The pruner sees val F1 after every epoch, at step = epochs trained so far (1, 2, ...)."""
+
     name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
-    n_startup_trials: int = Field(3, ge=0)
-    n_warmup_steps: int = Field(1, ge=0)
+    n_startup_trials: int = Field(3, ge=0)  # median: trials that complete before it prunes anything
+    n_warmup_steps: int = Field(1, ge=0)  # epochs a trial trains before it can be stopped (SH/hyperband: min_resource)
+    reduction_factor: int = Field(3, ge=2)  # successive_halving/hyperband: 1/this of a rung's trials go on
 
 
 class SearchConfig(_Frozen):

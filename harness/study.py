@@ -154,10 +154,12 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     spec, epochs = cfg.search.pruner, cfg.train.epochs
     if spec.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
-    if spec.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, spec.n_warmup_steps))
+    if spec.name == "successive_halving":  # asynchronous: a trial is compared with every trial at its rung
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, spec.n_warmup_steps),
+                                                      reduction_factor=spec.reduction_factor)
     if spec.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, spec.n_warmup_steps), max_resource=epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, spec.n_warmup_steps), max_resource=epochs,
+                                              reduction_factor=spec.reduction_factor)
     return optuna.pruners.NopPruner()
 
 

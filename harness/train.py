@@ -181,6 +181,12 @@ def build_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
 
 
+def report_to_pruner(trial, row: dict) -> None:
+    """val F1 at step = epochs trained so far (1, 2, ...): the resource that Optuna's pruners count,
+    so `min_resource: 1` of successive halving can stop a trial after its first epoch."""
+    trial.report(row["val/f1"], int(row["epoch"]) + 1)
+
+
 def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler, device, cfg: StudyConfig,
                     epoch: int):
     """One pass over the train loader with `frozen` modules fixed; returns (mean loss, images, seconds)."""
@@ -374,7 +380,7 @@ def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, on_resume,
         on_resume(rows)
     if trial is not None:  # a retried trial is a new Optuna trial: give the pruner the epochs it already saw
         for row in rows:
-            trial.report(row["val/f1"], int(row["epoch"]))
+            report_to_pruner(trial, row)
         if rows and trial.should_prune():
             result.state = "pruned"
             _fill_result(result, rows, best)
@@ -402,7 +408,7 @@ def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, on_resume,
         if on_epoch is not None:
             on_epoch(row)
         if trial is not None:
-            trial.report(row["val/f1"], epoch)
+            report_to_pruner(trial, row)
             if trial.should_prune():
                 result.state = "pruned"
                 break

@@ -68,8 +68,10 @@ def test_an_unknown_group_is_refused_with_the_choices(capsys):
     assert "'nonsense'" in capsys.readouterr().err
 
 
-def test_the_default_pruner_cannot_save_more_than_its_floor():
-    # 3 startup trials run all 4 epochs; the other 7 run at least 2 (the first prunable step is 1)
-    cfg = load_study(bench.DEFAULT_STUDY)
-    assert fewest_epochs(cfg) == 3 * 4 + 7 * 2
+def test_the_pruners_floors_count_the_epochs_they_must_train():
+    cfg = load_study(bench.DEFAULT_STUDY).replace({"search.trials": 10, "train.epochs": 4})
+    median = {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2}
+    assert fewest_epochs(cfg.replace({"search.pruner": median})) == 3 * 4 + 7 * 2  # startup trials run in full
+    halving = {"name": "successive_halving", "n_warmup_steps": 1}
+    assert fewest_epochs(cfg.replace({"search.pruner": halving})) == 4 + 9 * 1  # the first trial has no rival
     assert fewest_epochs(cfg.replace({"search.pruner.name": "none"})) is None

@@ -620,7 +620,8 @@ def test_trial_killed_after_its_pruning_is_not_trained_further(smoke_study, tmp_
     epoch.
     """
     cfg = smoke_study(**{"train.epochs": 3})
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.1, interval_steps=2))
+    decides_every_second_epoch = optuna.pruners.ThresholdPruner(lower=1.1, n_warmup_steps=1, interval_steps=2)
+    study = optuna.create_study(direction="maximize", pruner=decides_every_second_epoch)
     run_dir = tmp_path / "trial"
     pruned = run_trial(cfg, trial=study.ask(), run_dir=run_dir)
     assert (pruned.state, pruned.epochs_run) == ("pruned", 1)

@@ -161,18 +161,23 @@ def test_study_runs_to_target_and_logs_every_trial(smoke_study):
     assert len(run_study(cfg, trials=cfg.search.trials + 1, progress=False).trials) == cfg.search.trials + 1
 
 
-def test_pruning_happens_on_a_study_built_to_prune(smoke_study):
+@pytest.mark.parametrize("pruner, stops", [
+    ({"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1}, {1, 2}),
+    ({"name": "successive_halving", "n_warmup_steps": 1, "reduction_factor": 2}, {1, 2}),  # rungs: epochs 1, 2
+], ids=["median", "successive_halving"])
+def test_pruned_trials_stop_where_the_pruner_decides(smoke_study, pruner, stops):
     cfg = smoke_study(**{
         "search.trials": 5, "train.epochs": 3, "params.lr": 0.003, "params.freeze": "none",
-        "search.pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
-        "search.sampler": {"name": "random", "seed": 3},
+        "search.pruner": pruner, "search.sampler": {"name": "random", "seed": 3},
         "search.space": {"lr": {"type": "categorical", "choices": [0.003, 1.0e-9]}},
     })
     study = run_study(cfg, progress=False)
-    states = [t.state for t in study.trials]
-    assert TrialState.PRUNED in states
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
-    assert all(t.user_attrs["epochs_run"] < cfg.train.epochs for t in pruned)
+    assert pruned and {t.user_attrs["epochs_run"] for t in pruned} <= stops
+    if pruner["name"] == "successive_halving":  # its first rung is after epoch 1 (min_resource 1)
+        assert any(t.user_attrs["epochs_run"] == 1 for t in pruned)
+    # the pruner's step is the number of epochs trained (1, 2, ...), so a rung at 1 stops after one epoch
+    assert all(sorted(t.intermediate_values) == list(range(1, t.user_attrs["epochs_run"] + 1)) for t in study.trials)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)

@@ -247,8 +247,15 @@ class StudyConfig(_Frozen):
         return _validate(raw, source="overrides")
 
     def search_space_hash(self) -> str:
+        """What makes two trials comparable: the space, the defaults and the training recipe.
+
+        Where a trial runs (train.device, train.num_workers) and how the study searches (sampler,
+        pruner, trial count) are left out: changing them on resume mixes nothing.
+        """
         space = {k: v.model_dump(mode="json") for k, v in self.search.space.items()}
-        blob = json.dumps({"space": space, "params": self.params.model_dump(mode="json")}, sort_keys=True)
+        recipe = self.train.model_dump(mode="json", exclude={"device", "num_workers"})
+        blob = json.dumps({"space": space, "params": self.params.model_dump(mode="json"), "train": recipe,
+                           "image_size": self.data.image_size.model_dump(mode="json")}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -10,8 +10,9 @@ command is the resume path:
   same params; the retry keeps the original trial's identity, so it continues the
   same folder, `last.pt` and W&B run (at most one epoch is redone);
 - a live process's trial keeps its heartbeat, so a second process never steals it;
-- the split hash and the search-space hash are stored with the study; resuming
-  with different ones stops with a message instead of mixing two experiments.
+- the split hash and the search-space hash (space, defaults, training recipe) are
+  stored with the study; resuming with different ones stops with a message instead
+  of mixing two experiments.
 """
 
 from __future__ import annotations
@@ -217,7 +218,9 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
             study.set_user_attr(key, value)
         log.info("created study %r in %s", cfg.name, redact(url))
         return study
-    for key, what in (("split_hash", "data split"), ("space_hash", "search space or defaults")):
+    checks = (("split_hash", "data split"),
+              ("space_hash", "search space, defaults or training settings (train:, data.image_size)"))
+    for key, what in checks:
         if stored[key] != expected[key]:
             raise StudyError(
                 f"study {cfg.name!r} in {redact(url)} was created with a different {what} "

@@ -70,9 +70,12 @@ def test_a_changed_split_or_space_refuses_to_resume(smoke_study):
     assert len(open_study(cfg, None, split_hash="aaaa").trials) == 1  # loading again enqueues nothing
     with pytest.raises(StudyError, match=r"different data split .*new `name:`"):
         open_study(cfg, None, split_hash="bbbb")
-    changed = cfg.replace({"search.space.lr.high": 0.5})
-    with pytest.raises(StudyError, match="different search space"):
-        open_study(changed, None, split_hash="aaaa")
+    for change in ({"search.space.lr.high": 0.5}, {"train.epochs": cfg.train.epochs + 1},
+                   {"data.image_size": {"height": 32, "width": 24}}):
+        with pytest.raises(StudyError, match="different search space, defaults or training settings"):
+            open_study(cfg.replace(change), None, split_hash="aaaa")
+    same = cfg.replace({"train.num_workers": 2, "search.trials": 9, "search.pruner.name": "none"})
+    assert len(open_study(same, None, split_hash="aaaa").trials) == 1  # where and how long: not the experiment
 
 
 def test_an_unreachable_storage_is_a_clear_error(smoke_study):

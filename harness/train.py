@@ -68,7 +68,8 @@ class TrialResult:
     params: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        text = (f"{self.state}: val/f1 {self.best_f1:.4f} at epoch {self.best_epoch}, gap/f1 {self.gap_f1:+.4f}, "
+        # epochs counted from 1, as in the progress lines (metrics.csv and best_epoch count from 0)
+        text = (f"{self.state}: val/f1 {self.best_f1:.4f} at epoch {self.best_epoch + 1}, gap/f1 {self.gap_f1:+.4f}, "
                 f"gap/bg {self.gap_bg:+.4f}, {self.epochs_run} epoch(s), {self.images_per_s:.0f} img/s")
         return text + (f" ({self.reason})" if self.reason else "")
 
@@ -202,7 +203,7 @@ def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
-            raise TrialFailure(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
+            raise TrialFailure(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
                                "lower the learning rate or check the data")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

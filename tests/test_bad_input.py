@@ -331,7 +331,7 @@ def test_a_default_outside_its_search_choices_is_refused_at_load(smoke_study):
 
 @pytest.mark.parametrize("param, bad, says", [
     ("backbone", "no_such_net", "unknown backbone 'no_such_net'; timm has no such model"),
-    ("loss", "bad_input_nan", "non-finite loss (nan) at epoch 0, step 0; lower the learning rate or check the data"),
+    ("loss", "bad_input_nan", "non-finite loss (nan) at epoch 1, step 1; lower the learning rate or check the data"),
 ], ids=["unknown-backbone", "nan-loss"])
 def test_a_failed_trial_keeps_its_reason_and_the_study_goes_on(param, bad, says, smoke_study, monkeypatch,
                                                               broken_losses):

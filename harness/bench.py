@@ -4,7 +4,7 @@
 
 Rows go to OUT/bench.json (OUT: --out, else $HARNESS_BENCH_OUT, else runs/bench), rewritten
 after every group so a crash late in a long run keeps the rows already measured; --resume
-runs only the groups such an interrupted file lacks. A row is
+runs only the groups that file lacks (after a crash, or after a run of --only). A row is
 {name, harness, reference, ratio, unit, target, better, met}; `ratio` is defined so that
 the target reads "ratio >= target" or, for costs, "ratio <= target" (see `better`).
 A row may carry more keys (sizes, notes). Something a group could not measure on this
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every row runs")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT}; env HARNESS_BENCH_OUT)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run: keep the groups OUT/bench.json already holds, run the rest")
+                        help="keep the groups OUT/bench.json already holds (a crashed run, or one of --only), run the rest")
     args = parser.parse_args(argv)
     groups = args.only.split(",")
     for name in groups:
@@ -267,14 +267,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown group {name!r}; choose from {list(GROUPS)}")
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
-    report = interrupted_report(args.quick) if args.resume else None
+    report = earlier_report(args.quick) if args.resume else None
     NOTES[:] = report["notes"] if report else []
     report = report or {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "quick": args.quick,
                         "load_average_start": load_average(), "complete": False, "group_seconds": {}, "rows": []}
     report["notes"] = NOTES
     for name in groups:
         if name in report["group_seconds"]:
-            print(f"group {name}: kept from the interrupted run of {report['when']}")
+            print(f"group {name}: kept from the run of {report['when']}")
             continue
         started = time.perf_counter()
         report["rows"] += GROUPS[name](args.quick)
@@ -291,16 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def interrupted_report(quick: bool) -> dict | None:
-    """OUT/bench.json of a run that stopped part-way at the same size, to go on from; None when there is none."""
+def earlier_report(quick: bool) -> dict | None:
+    """OUT/bench.json at the same size, to add the missing groups to; None when there is none.
+
+    It may be an interrupted run, or a finished one that measured only some groups (--only).
+    """
     path = OUT / "bench.json"
     if not path.is_file():
         print(f"--resume: no {path} yet; starting a fresh run")
         return None
     report = json.loads(path.read_text())
-    if report.get("complete", True) or report.get("quick") != quick:
-        print(f"--resume: {path} is {'complete' if report.get('complete', True) else 'of the other size'}; "
-              "starting a fresh run")
+    if report.get("quick") != quick:
+        print(f"--resume: {path} is of the other size; starting a fresh run")
         return None
     report.setdefault("resumed", []).append(time.strftime("%Y-%m-%d %H:%M:%S"))
     return report

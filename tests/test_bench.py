@@ -47,12 +47,14 @@ def test_quick_bench_writes_every_row_of_the_cheap_groups(tmp_path):
     assert (out / "smoke-data" / "default").is_dir() and (out / "loader.json").is_file()
 
 
-def test_resume_keeps_the_groups_an_interrupted_run_measured_and_runs_the_rest(tmp_path):
+@pytest.mark.parametrize("first_run", ["killed after its first group", "finished, with --only"])
+def test_resume_keeps_the_groups_measured_before_and_runs_the_rest(tmp_path, first_run):
     out = tmp_path / "bench"
     assert bench.main(["--quick", "--only", "report", "--out", str(out)]) == 0
     first = json.loads((out / "bench.json").read_text())
-    first["complete"] = False  # as a run killed after its first group leaves the file
-    (out / "bench.json").write_text(json.dumps(first))
+    if first_run.startswith("killed"):
+        first["complete"] = False  # what a run killed after its first group leaves
+        (out / "bench.json").write_text(json.dumps(first))
 
     assert bench.main(["--quick", "--only", "report,ensemble", "--out", str(out), "--resume"]) == 0
     resumed = json.loads((out / "bench.json").read_text())

@@ -63,6 +63,15 @@ def test_processes_sharing_a_study_draw_apart_and_a_rerun_draws_the_same(smoke_s
     assert draw_params(cfg, [alone], trials=8) == together  # a trial's draw depends on its number, not its process
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "qmc"])
+def test_every_sampler_draws_the_default_space(smoke_study, sampler):
+    cfg = smoke_study(**{"search.sampler.name": sampler, "search.sampler.n_startup_trials": 2})
+    study = optuna.create_study(sampler=make_sampler(cfg), direction="maximize")
+    drawn = draw_params(cfg, [study], trials=6)  # past the startup trials: the sampler's own draws
+    assert len(drawn) == 6 and all(p["backbone"] in cfg.search.space["backbone"].choices for p in drawn.values())
+    assert len({p["lr"] for p in drawn.values()}) > 1
+
+
 def test_a_changed_split_or_space_refuses_to_resume(smoke_study):
     cfg = smoke_study()
     study = open_study(cfg, None, split_hash="aaaa")

@@ -122,7 +122,7 @@ def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile:
     params, distributions = sample_params(cfg, rng)
     if hostile is not None:  # a user string that must come out escaped (tests); one of the backbone choices
         params["backbone"] = hostile
-    run_dir = cfg.study_dir / "trials" / str(number)
+    run_dir = cfg.trial_dir(number)
     attrs: dict[str, Any] = {"identity": number, "run_dir": str(run_dir), "wandb_run_id": f"{cfg.name}-t{number:04d}"}
     if number % 11 == 10:
         attrs.update(state="failed", reason="RuntimeError: non-finite loss (nan) at epoch 1, step 3", epochs_run=1)

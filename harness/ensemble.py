@@ -244,7 +244,7 @@ def _no_candidates_message(cfg: StudyConfig, frame: pd.DataFrame) -> str:
 def _folder_holding(cfg: StudyConfig, stored: str, identity: int, needs: tuple[str, ...], missing_hint: str) -> Path:
     """The stored run_dir, or the study's trial folder when the runs folder was moved; it must hold `needs`."""
     options = [Path(stored)] if stored else []
-    options.append(cfg.study_dir / "trials" / str(identity))
+    options.append(cfg.trial_dir(identity))
     for path in options:
         if all((path / name).is_file() for name in needs):
             return path
@@ -438,7 +438,7 @@ def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None
 
 
 def _trial_folder(cfg: StudyConfig, trial: int, storage: str | None) -> Path:
-    folder = cfg.study_dir / "trials" / str(trial)
+    folder = cfg.trial_dir(trial)
     if (folder / "best.pt").is_file():
         return folder
     frame = trials_frame(load_existing_study(cfg, storage))

@@ -126,7 +126,7 @@ def external_references(page: str) -> list[str]:
 
 def trial_folder(cfg: StudyConfig, row: pd.Series | dict) -> Path | None:
     """The trial's folder: the one recorded with it, else runs/<study>/trials/<identity>/."""
-    for candidate in (row.get("run_dir") or None, cfg.study_dir / "trials" / str(int(row["number"]))):
+    for candidate in (row.get("run_dir") or None, cfg.trial_dir(int(row["number"]))):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return None

@@ -259,7 +259,7 @@ class Objective:
 
         cfg = self.cfg
         identity = trial_identity(trial)
-        run_dir = cfg.study_dir / "trials" / str(identity)
+        run_dir = cfg.trial_dir(identity)
         # first, before sampling: a retry (stale or interrupted) copies these and keeps the identity
         trial.set_user_attr("identity", identity)
         trial.set_user_attr("run_dir", str(run_dir))

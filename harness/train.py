@@ -304,7 +304,7 @@ def read_metrics(path: Path, before_epoch: int) -> list[dict]:
 def trial_dir(cfg: StudyConfig, number: int | None) -> Path:
     if number is None:
         return cfg.study_dir / "single" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return cfg.study_dir / "trials" / str(number)
+    return cfg.trial_dir(number)
 
 
 def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None, *, data: PreparedData | None = None,

@@ -110,8 +110,6 @@ def decode_image(path: str, height: int, width: int, resize: ResizeMethod = "are
         if rgb.size != (width, height):
             rgb = rgb.resize((width, height), RESAMPLE[resize])
         return np.asarray(rgb)
-    except ImageDecodeError:
-        raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from error
     finally:
@@ -151,7 +149,6 @@ class DecodedCache:
     paths: list[str]
     key: str
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    file: Path | None = None  # the .npy file
     built: bool = False  # True when this call decoded the images, False when it reused a cache
     _rows: dict[str, int] = field(default_factory=dict, repr=False)
 
@@ -250,7 +247,7 @@ def _load_committed(cache_dir: Path, key: str, size: tuple[int, int]) -> Decoded
     if images.dtype != np.uint8:
         return None
     excluded = [(path, reason) for path, reason in meta.get("excluded", [])]
-    return DecodedCache(images, list(meta["paths"]), key, excluded, file=npy, built=False)
+    return DecodedCache(images, list(meta["paths"]), key, excluded, built=False)
 
 
 def _remove_stale_temporaries(cache_dir: Path) -> None:
@@ -304,7 +301,7 @@ def _build(
     finally:
         temporary.unlink(missing_ok=True)
         compacted.unlink(missing_ok=True)
-    return DecodedCache(np.load(npy, mmap_mode="r"), good, key, excluded, file=npy, built=True)
+    return DecodedCache(np.load(npy, mmap_mode="r"), good, key, excluded, built=True)
 
 
 def _create_array_file(path: Path, shape: tuple[int, ...]) -> None:

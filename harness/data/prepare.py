@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from harness.config import DataConfig
-from harness.data.cache import DecodedCache, ImageDecodeError, build_cache
+from harness.data.cache import DecodedCache, build_cache
 from harness.data.labels import NUM_CLASSES, class_name
-from harness.data.readers import DataIndex, read_eval, read_train
+from harness.data.readers import DataIndex, read_train
 from harness.data.split import Split, split_by_person
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,6 @@ class PreparedData:
     frame: pd.DataFrame  # the train index, rows in cache order
     split: Split
     cache: DecodedCache
-    eval_frame: pd.DataFrame | None = None
 
     @property
     def num_classes(self) -> int:
@@ -64,17 +63,12 @@ def read_checked(data: DataConfig) -> DataIndex:
     return index
 
 
-def prepare_data(data: DataConfig, progress: bool = True, with_eval: bool = False) -> PreparedData:
-    """Index, split and cache the train data (and optionally the eval index)."""
+def prepare_data(data: DataConfig, progress: bool = True) -> PreparedData:
+    """Index, split and cache the train data. With `on_bad_image: fail`, build_cache raises on a bad image."""
     frame = read_checked(data).frame
     cache = build_cache(list(frame["path"]), data.image_size.height, data.image_size.width, Path(data.cache_dir),
                         resize=data.resize, workers=data.cache_workers, on_bad_image=data.on_bad_image,
                         progress=progress)
-    if cache.excluded and data.on_bad_image == "fail":
-        # a cache built earlier in "exclude" mode (e.g. by check-data) lists them
-        listed = "\n".join(f"  {path}: {reason}" for path, reason in cache.excluded)
-        raise ImageDecodeError(f"{len(cache.excluded)} unreadable image(s):\n{listed}\n"
-                               "Remove or replace them, or set data.on_bad_image: exclude to train without them.")
     if cache.excluded:
         for path, reason in cache.excluded:
             log.warning("excluded unreadable image %s: %s", path, reason)
@@ -82,8 +76,7 @@ def prepare_data(data: DataConfig, progress: bool = True, with_eval: bool = Fals
         frame = frame[keep].reset_index(drop=True).copy()
     frame = _in_cache_order(frame, cache)
     split = split_by_person(frame, data.valid_fraction, data.split_seed)
-    eval_index = read_eval(data) if with_eval else None
-    return PreparedData(frame, split, cache, eval_index.raise_on_errors() if eval_index else None)
+    return PreparedData(frame, split, cache)
 
 
 def _in_cache_order(frame: pd.DataFrame, cache: DecodedCache) -> pd.DataFrame:

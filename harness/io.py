@@ -37,9 +37,19 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO]:
 def remove_dead_temporaries(folder: Path) -> None:
     """Delete the temp files of `atomic_file` in `folder` whose writing process is gone (killed)."""
     for temporary in Path(folder).glob(".*.tmp"):
-        pid_text = temporary.name.removesuffix(".tmp").rsplit(".", 2)[-2]
-        if pid_text.isdigit() and not process_alive(int(pid_text)):
+        if writer_gone(temporary.name.removesuffix(".tmp").rsplit(".", 2)[-2]):
             temporary.unlink(missing_ok=True)
+
+
+def writer_gone(pid_text: str) -> bool:
+    """Whether the process whose pid a temporary's name carries can no longer be writing it.
+
+    True when that process is not running, or is this one (a process sweeping its own leftovers
+    is not in the middle of writing them); False for a running process or a name without a pid.
+    """
+    if not pid_text.isdigit():
+        return False
+    return int(pid_text) == os.getpid() or not process_alive(int(pid_text))
 
 
 def process_alive(pid: int) -> bool:

@@ -464,13 +464,14 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
           f"zombies {len(zombies)}, unreadable checkpoints {len(unreadable)}")
     print(f"  epochs trained (epoch lines of all runs): {trained}; uninterrupted: {reference_trained}; "
           f"W&B attempt folders without an exit record: {unfinished_attempts}")
-    print(f"  leftover temporaries: {leftover_temporaries(layout) or 'none'}")
+    leftovers = leftover_temporaries(layout)
+    print(f"  leftover temporaries: {leftovers or 'none'}")
     print(f"  killed study, one row per identity:\n{show(frame)}\n  uninterrupted study:\n{show(reference_frame)}")
 
     # nothing lost, nothing left hanging
     check(finished == TRIALS, f"{finished} finished trials (complete + pruned), target {TRIALS}: {dict(states)}")
     check(not zombies, f"trials left RUNNING or WAITING: {zombies}")
-    check(not leftover_temporaries(layout), f"half-written files of killed writers left: {leftover_temporaries(layout)}")
+    check(not leftovers, f"half-written files of killed writers left: {leftovers}")
     # one identity = one folder = one W&B run id; storage holds no identity besides the finished ones
     check(frame["number"].is_unique and len(frame) == TRIALS and set(frame["state"]) <= {"complete", "pruned"},
           f"trial identities in storage (latest attempt each):\n{show(frame)}")
@@ -500,7 +501,8 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
         check(json.loads((folder / "result.json").read_text())["state"] == row.state,
               f"trial {row.number}: result.json state")
     # the cache: no temporary left, no half cache used: the pixels of an uninterrupted build
-    check(not temporaries(layout.cache, "*.tmp-*"), f"cache temporaries left: {temporaries(layout.cache, '*.tmp-*')}")
+    cache_leftovers = temporaries(layout.cache, "*.tmp-*")
+    check(not cache_leftovers, f"cache temporaries left: {cache_leftovers}")
     images, reference_images = committed_cache(layout), committed_cache(reference)
     check(images is not None and np.array_equal(images, reference_images),
           f"the cache in {layout.cache} is not the uninterrupted study's: {sorted(os.listdir(layout.cache))}")

@@ -45,7 +45,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from harness.io import atomic_write_text, process_alive
+from harness.io import atomic_write_text, writer_gone
 
 __all__ = [
     "FORMAT_VERSION",
@@ -254,7 +254,7 @@ def _remove_stale_temporaries(cache_dir: Path) -> None:
     """Delete temporaries left by builds whose process is gone (a crash or a kill)."""
     for temporary in cache_dir.glob("*.tmp-*"):
         pid_text = temporary.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if pid_text.isdigit() and process_alive(int(pid_text)) and int(pid_text) != os.getpid():
+        if pid_text.isdigit() and not writer_gone(pid_text):
             continue  # another process is building right now; leave its file alone
         temporary.unlink(missing_ok=True)
 

@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from harness.data.labels import MASK_OF_STEM, age_group, encode
-from harness.io import process_alive
+from harness.io import writer_gone
 
 STEMS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
 AGE_SHARES = (1281, 1227, 192)  # people per age group in the competition's train set
@@ -151,8 +151,7 @@ def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 38
     train = plan_train(people, seed)
     evals, eval_stems = plan_eval(people, seed, eval_images)
     for left in root.parent.glob(f"{root.name}.partial-*"):  # left by killed runs
-        pid = left.name.rsplit("-", 1)[1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
+        if writer_gone(left.name.rsplit("-", 1)[1]):
             shutil.rmtree(left, ignore_errors=True)
     partial = root.parent / f"{root.name}.partial-{os.getpid()}"
     try:

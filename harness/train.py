@@ -202,18 +202,20 @@ def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise TrialFailure(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
+        loss_value = loss.item()  # the one wait for the device in a step
+        if not math.isfinite(loss_value):
+            raise TrialFailure(f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
                                "lower the learning rate or check the data")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.train.grad_clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
+            # frozen parameters have no gradient (set_to_none above), and clipping skips those
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total_loss += loss.item() * len(y)
+        total_loss += loss_value * len(y)
         images += len(y)
     return total_loss / max(1, images), images, time.perf_counter() - start
 

@@ -53,7 +53,7 @@ def sample_params(cfg: StudyConfig, rng: np.random.Generator) -> tuple[dict, dic
     """Params and distributions of one trial, conditional params only when their parents allow them."""
     values, params, distributions = cfg.params.model_dump(), {}, {}
     for name, spec in cfg.search.space.items():
-        if spec.when and not all(values[parent] in allowed for parent, allowed in spec.when.items()):
+        if not spec.active(values):
             continue
         dist = distribution(spec)
         if isinstance(dist, CategoricalDistribution):

@@ -118,6 +118,10 @@ class TrainConfig(_Frozen):
 class _Param(_Frozen):
     when: dict[str, list[Any]] | None = None  # conditional: sampled only if parent params take these values
 
+    def active(self, values: dict[str, Any]) -> bool:
+        """Whether this param is sampled, given the values its parents took (`values`: all params)."""
+        return not self.when or all(values[parent] in allowed for parent, allowed in self.when.items())
+
 
 class CategoricalParam(_Param):
     type: Literal["categorical"]

@@ -171,7 +171,7 @@ def suggest_params(trial: optuna.Trial, cfg: StudyConfig) -> Params:
     """Sample the study's space; a conditional param is sampled only when its parents allow it."""
     values = cfg.params.model_dump()
     for name, spec in cfg.search.space.items():
-        if spec.when and not all(values[parent] in allowed for parent, allowed in spec.when.items()):
+        if not spec.active(values):
             continue  # inactive: keeps its default and is not a param of this trial
         if spec.type == "categorical":
             values[name] = trial.suggest_categorical(name, spec.choices)
@@ -187,7 +187,7 @@ def default_trial_params(cfg: StudyConfig) -> dict:
     values = cfg.params.model_dump()
     active = {}
     for name, spec in cfg.search.space.items():
-        if not spec.when or all(values[parent] in allowed for parent, allowed in spec.when.items()):
+        if spec.active(values):
             active[name] = values[name]
     return active
 

@@ -42,7 +42,7 @@ from harness.config import Params, StudyConfig
 from harness.data.cache import build_cache
 from harness.data.labels import NUM_CLASSES, class_name
 from harness.data.readers import read_eval
-from harness.io import atomic_save_npy, atomic_write_text, load_checkpoint
+from harness.io import atomic_save_npy, atomic_write_text, json_ready, load_checkpoint
 from harness.metrics import confusion, macro_f1, per_class_f1
 from harness.model import build_model, class_log_probs
 from harness.study import StudyError, load_existing_study, trials_frame
@@ -355,26 +355,13 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def json_safe(value):
-    """NaN and inf as null (strict JSON has neither), numpy scalars as Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return _finite_or_none(value)
-    return value
-
-
 def _write_ensemble(cfg, members, candidates, selection, note, metrics, probs, pred, valid, matrix) -> None:
     out = ensemble_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     content = {"members": members, "rounds": cfg.ensemble.rounds, "rounds_kept": selection.rounds_kept,
                "candidates": len(candidates), "candidate_trials": [c.trial for c in candidates], "note": note}
-    atomic_write_text(out / "members.json", json.dumps(json_safe(content), indent=2))
-    atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2))
+    atomic_write_text(out / "members.json", json.dumps(json_ready(content), indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(json_ready(metrics), indent=2))
     atomic_save_npy(out / "valid_probs.npy", probs.astype(np.float32))
     atomic_save_npy(out / "per_class_f1.npy", per_class_f1(pred, valid.labels, valid.num_classes))
     atomic_save_npy(out / "confusion.npy", matrix)
@@ -592,7 +579,7 @@ def _score_eval(cfg, members: list[Member], member_probs: dict, answers: np.ndar
     name = "eval_metrics.json" if trial is None else f"eval_metrics-trial-{trial}.json"
     content = {**scores, "member_eval_f1": {str(k): v for k, v in member_f1.items()},
                "members": [{"trial": m.trial, "weight": m.weight, "eval_f1": member_f1[m.trial]} for m in members]}
-    atomic_write_text(out / name, json.dumps(json_safe(content), indent=2))
+    atomic_write_text(out / name, json.dumps(json_ready(content), indent=2))
     what = "ensemble" if trial is None else f"trial {trial}"
     print(f"eval macro F1 (eval/gt.csv, {int(known.sum())} images, tta {tta or 'none'}): {what} {f1:.4f}")
     if trial is None:

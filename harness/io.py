@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: W&B and report code use this module without it
+    import torch
 
 
 @contextmanager
@@ -62,6 +65,28 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def json_ready(value: Any) -> Any:
+    """A JSON-friendly copy: numpy values as Python ones, paths and times as text, NaN/inf as None
+    (strict JSON has neither, and W&B charts and tables read them badly)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if (isinstance(value, float) and not math.isfinite(value)) or type(value).__name__ == "NAType":
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [json_ready(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if hasattr(value, "isoformat"):  # datetime / pandas Timestamp
+        return None if str(value) == "NaT" else value.isoformat()
+    if hasattr(value, "total_seconds"):  # timedelta
+        return value.total_seconds()
+    return value
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_file(path, "w") as handle:
         handle.write(text)
@@ -73,6 +98,8 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
     try:
         with atomic_file(path) as handle:
             torch.save(obj, handle)
@@ -87,4 +114,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """Checkpoints are read with weights_only=True: tensors and plain containers, never code."""
+    import torch
+
     return torch.load(path, map_location=map_location, weights_only=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import struct
@@ -39,6 +38,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from harness.io import json_ready
 
 log = logging.getLogger("harness.tracking")
 
@@ -96,27 +97,6 @@ def ensemble_run_id(study_name: str) -> str:
 # --------------------------------------------------------------------------- plain values
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-friendly value; None for NaN/inf (W&B charts and tables read them badly)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if (isinstance(value, float) and not math.isfinite(value)) or type(value).__name__ == "NAType":
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if hasattr(value, "isoformat"):  # datetime / pandas Timestamp
-        return None if str(value) == "NaT" else value.isoformat()
-    if hasattr(value, "total_seconds"):  # timedelta
-        return value.total_seconds()
-    return value
-
-
 def _secret_values() -> set[str]:
     return {os.environ[name] for name in REDACTED_ENV if os.environ.get(name)}
 
@@ -165,7 +145,7 @@ def _table(frame):
     """A wandb.Table of a DataFrame, NaN as empty cells."""
     import wandb
 
-    rows = [[_plain(v) for v in row] for row in frame.itertuples(index=False)]
+    rows = [[json_ready(v) for v in row] for row in frame.itertuples(index=False)]
     return wandb.Table(columns=[str(c) for c in frame.columns], data=rows, allow_mixed_types=True)
 
 
@@ -214,7 +194,7 @@ class _Tracker:
             self.run = wandb.init(
                 project=cfg.tracking.project, entity=cfg.tracking.entity, mode=mode, dir=str(self.dir),
                 group=cfg.name, job_type=job_type, name=name, id=run_id, resume="allow",
-                config=_plain(strip_secrets(config)), settings=_quiet_settings())
+                config=json_ready(strip_secrets(config)), settings=_quiet_settings())
 
     @property
     def active(self) -> bool:
@@ -280,7 +260,7 @@ class TrialTracker(_Tracker):
         """Log one epoch's metrics row as is (keys like "val/f1", "gap/f1", "epoch"); NaNs are left out."""
         if not self.active:
             return
-        clean = {str(k): v for k, v in ((k, _plain(v)) for k, v in row.items()) if v is not None}
+        clean = {str(k): v for k, v in ((k, json_ready(v)) for k, v in row.items()) if v is not None}
         with self._guard(f"log of epoch {clean.get('epoch')}"):
             self.run.log(clean)
 
@@ -337,7 +317,7 @@ def _outcome_summary(result: Any) -> dict[str, Any]:
     if best_epoch is not None and best_epoch >= 0:
         summary.update({"best/val_f1": getattr(result, "best_f1", None), "best/gap_f1": getattr(result, "gap_f1", None),
                         "best/gap_bg": getattr(result, "gap_bg", None), "best/epoch": best_epoch})
-    return {k: v for k, v in ((k, _plain(v)) for k, v in summary.items()) if v is not None}
+    return {k: v for k, v in ((k, json_ready(v)) for k, v in summary.items()) if v is not None}
 
 
 class StudyTracker(_Tracker):
@@ -375,7 +355,7 @@ def _state_counts(trials) -> dict[str, int]:
 def _best_complete(trials) -> float | None:
     if "val_f1" not in trials or "state" not in trials:
         return None
-    values = [_plain(v) for s, v in zip(trials["state"], trials["val_f1"]) if _state_name(s) == "complete"]
+    values = [json_ready(v) for s, v in zip(trials["state"], trials["val_f1"]) if _state_name(s) == "complete"]
     values = [v for v in values if isinstance(v, int | float)]
     return max(values) if values else None
 
@@ -394,7 +374,7 @@ def log_ensemble(cfg, members, metrics: Mapping[str, Any], confusion: np.ndarray
         if confusion is not None:
             row["ensemble/confusion"] = _confusion_chart(confusion, class_names, "valid confusion, ensemble")
         tracker.run.log(row)
-        tracker.run.summary.update(_plain(dict(metrics)))
+        tracker.run.summary.update(json_ready(dict(metrics)))
         tracker.run.tags = ("ensemble",)
     tracker._close(exit_code=0)
     return None if tracker.failed else tracker.run_id

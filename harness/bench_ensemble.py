@@ -103,14 +103,11 @@ def bench_images(quick: bool, out: Path):
 
 @torch.no_grad()
 def bare_images_per_s(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    from harness.model import class_log_probs
+    from harness.model import class_log_probs, eval_logits
 
     start, seen = time.perf_counter(), 0
     for x in batches:
-        x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = model(x)
-        class_log_probs(logits.float(), model.head_kind).exp().cpu()
+        class_log_probs(eval_logits(model, x.to(device, non_blocking=True), device), model.head_kind).exp().cpu()
         seen += len(x)
     return seen / (time.perf_counter() - start)
 

@@ -44,7 +44,7 @@ from harness.data.labels import NUM_CLASSES, class_name
 from harness.data.readers import read_eval
 from harness.io import atomic_save_npy, atomic_write_text, json_ready, load_checkpoint
 from harness.metrics import confusion, macro_f1, per_class_f1
-from harness.model import build_model, class_log_probs
+from harness.model import build_model, class_log_probs, eval_logits
 from harness.study import StudyError, load_existing_study, trials_frame
 from harness.train import EVAL_BATCH, pick_device
 
@@ -496,11 +496,7 @@ def eval_batch(images: np.ndarray, device: torch.device | str = "cpu") -> torch.
 
 
 def _probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        logits = model(x)
-    return class_log_probs(logits.float(), model.head_kind).exp()
+    return class_log_probs(eval_logits(model, x, device), model.head_kind).exp()
 
 
 class EvalImages:

@@ -125,6 +125,15 @@ def class_log_probs(logits: torch.Tensor, head_kind: str) -> torch.Tensor:
     raise ValueError(f"unknown head kind {head_kind!r}; choose one of {HEADS.names()}")
 
 
+def eval_logits(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Float32 logits of a batch already on `device`, as the harness evaluates everywhere:
+    on CUDA in channels_last layout under float16 autocast, on CPU plainly."""
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        return model(x).float()
+
+
 # --------------------------------------------------------------------------- model
 
 

@@ -44,7 +44,7 @@ from harness.data.prepare import PreparedData, prepare_data
 from harness.io import atomic_save_npy, atomic_torch_save, atomic_write_text, load_checkpoint, remove_dead_temporaries
 from harness.losses import build_loss
 from harness.metrics import classification_metrics, confusion, per_class_f1
-from harness.model import FREEZE_POLICIES, apply_freeze, build_model, class_log_probs
+from harness.model import FREEZE_POLICIES, apply_freeze, build_model, class_log_probs, eval_logits
 
 EVAL_BATCH = 256
 
@@ -227,11 +227,7 @@ def predict(model, loader, loss_fn, device) -> tuple[np.ndarray, float]:
     outputs, total_loss, count = [], 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = model(x)
-        logits = logits.float()
+        logits = eval_logits(model, x, device)
         total_loss += loss_fn(logits, y).item() * len(y)
         count += len(y)
         outputs.append(class_log_probs(logits, model.head_kind).cpu())

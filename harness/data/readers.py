@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.config import DataConfig
-from harness.data.labels import GENDER_OF_WORD, MASK_OF_STEM, NUM_CLASSES, age_group, class_name, encode
+from harness.data.labels import GENDER_NAMES, GENDER_OF_WORD, MASK_OF_STEM, NUM_CLASSES, age_group, class_name, encode
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 TRAIN_CSV_COLUMNS = ["id", "gender", "race", "age", "path"]
@@ -151,7 +151,7 @@ def _check_train_csv(root: Path, folders: dict[str, tuple[str, int, int]], unpar
             problems.append(Problem("error", str(csv_path), f"row for {row.path!r}: no such folder under train/images"))
             continue
         ident, gender, age = folders[row.path]
-        if (row.id, row.gender.lower(), row.age) != (ident, ("male", "female")[gender], str(age)):
+        if (row.id, row.gender.lower(), row.age) != (ident, GENDER_NAMES[gender], str(age)):
             problems.append(Problem("error", str(csv_path), f"row for {row.path!r} says id={row.id}, gender={row.gender}, "
                                     f"age={row.age}; the folder name says otherwise"))
     ids = table.drop_duplicates("path").groupby("id")["path"].nunique()

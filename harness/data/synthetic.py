@@ -56,7 +56,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from harness.data.labels import MASK_OF_STEM, age_group, encode
+from harness.data.labels import GENDER_NAMES, MASK_OF_STEM, age_group, encode
 from harness.io import writer_gone
 
 STEMS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
@@ -126,7 +126,7 @@ class Person:
 
     @property
     def folder(self) -> str:
-        return f"{self.ident}_{('male', 'female')[self.gender]}_Asian_{self.age}"
+        return f"{self.ident}_{GENDER_NAMES[self.gender]}_Asian_{self.age}"
 
     def label(self, stem: str) -> int:
         return int(encode(MASK_OF_STEM[stem], self.gender, int(age_group(self.age))))
@@ -389,7 +389,7 @@ def _write_dataset(out: Path, train, evals, eval_stems, width, height, workers) 
            [(p, stems, eval_dir) for p, stems in zip(evals, eval_stems, strict=True) if stems]
     _render_all([(p, stems, str(folder), width, height) for p, stems, folder in jobs], workers)
     pd.DataFrame({
-        "id": [p.ident for p in train], "gender": [("male", "female")[p.gender] for p in train],
+        "id": [p.ident for p in train], "gender": [GENDER_NAMES[p.gender] for p in train],
         "race": "Asian", "age": [p.age for p in train], "path": [p.folder for p in train],
     }).to_csv(out / "train" / "train.csv", index=False)
     rows = sorted((p.file_name(s), p.label(s)) for p, stems in zip(evals, eval_stems, strict=True) for s in stems)

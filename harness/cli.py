@@ -182,7 +182,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     command = ["wandb", "sync", "--project", cfg.tracking.project, *map(str, runs)]
     if cfg.tracking.entity:
         command[2:2] = ["--entity", cfg.tracking.entity]
-    return subprocess.call(command, env={**os.environ, "WANDB_DATA_DIR": str(cfg.study_dir / "wandb" / "data")})
+    return subprocess.call(command)  # inherits WANDB_DATA_DIR as keep_wandb_files_in_study left it
 
 
 def build_parser() -> argparse.ArgumentParser:

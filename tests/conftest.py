@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,31 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 STEMS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+
+
+def harness_env(**extra: str) -> dict[str, str]:
+    """The environment of a `harness` subprocess in the tests: one torch thread, W&B quiet."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **extra}
+
+
+HARNESS_STUDY = [sys.executable, "-m", "harness.cli", "study"]
+
+
+def smoke_study_args(tmp_path: Path, shared_data: Path, *extra: str) -> list[str]:
+    """Arguments of `harness study` for the default study's smoke variant on the session's data:
+    3 epochs, no pruner, 1 s heartbeats (a killed process's trial goes stale in 3 s)."""
+    return [str(REPO / "studies" / "default.yaml"), "--smoke",
+            "--set", f"runs_dir={tmp_path / 'runs'}", "--set", f"data.root={shared_data / 'default' / 'data'}",
+            "--set", f"data.cache_dir={shared_data / 'cache'}", "--set", "search.heartbeat_s=1",
+            "--set", "search.pruner.name=none", "--set", "train.epochs=3", *extra]
+
+
+def wait_for(path: Path, process, timeout: float = 300) -> bool:
+    """Wait until `path` exists (True) or the process ends or the time is up (False)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    return path.exists()
 
 
 def write_image(path: Path, seed: int, size=(24, 32)) -> None:

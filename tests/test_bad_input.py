@@ -28,7 +28,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import REPO, people, write_competition, write_image
+from conftest import REPO, harness_env, people, write_competition, write_image
 from harness.cli import main
 from harness.config import ConfigError, load_study
 from harness.data.cache import ImageDecodeError
@@ -97,9 +97,8 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
 
 
 def harness_subprocess(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300)
+                          env=harness_env(), timeout=300)
 
 
 def study_file(tmp_path: Path, root: Path, extra: str = "", name: str = "bad-input") -> Path:

@@ -1,10 +1,8 @@
 """Optuna studies: search space, resume rules, crash-safe resume, pruning, W&B read back."""
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -12,6 +10,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from conftest import harness_env, smoke_study_args, wait_for
 from harness.study import StudyError, default_trial_params, make_sampler, open_study, run_study, suggest_params, trials_frame
 from harness.tracking import read_offline_run, run_id_for
 
@@ -94,7 +93,7 @@ def test_an_unreachable_storage_is_a_clear_error(smoke_study):
 
 
 def harness_study(args, env_extra=None, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env_extra or {})}
+    env = harness_env(**(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "harness.cli", "study", *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -109,12 +108,6 @@ def test_config_errors_exit_non_zero_before_any_trial(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def smoke_args(cfg_path, tmp_path, shared_data, *extra):
-    return [str(cfg_path), "--smoke", "--set", f"runs_dir={tmp_path / 'runs'}",
-            "--set", f"data.root={shared_data / 'default' / 'data'}", "--set", f"data.cache_dir={shared_data / 'cache'}",
-            *extra]
-
-
 def check_wandb_history(cfg, frame):
     """Every trial's W&B offline run (read back from W&B's own files) has val/f1 and gap/f1 per epoch."""
     for row in frame.itertuples():
@@ -127,14 +120,10 @@ def check_wandb_history(cfg, frame):
 @pytest.mark.slow
 def test_killed_study_resumes_to_the_exact_target(smoke_study, shared_data, tmp_path):
     cfg = smoke_study(**{"search.heartbeat_s": 1, "train.epochs": 3, "search.pruner.name": "none"})
-    args = smoke_args(REPO / "studies" / "default.yaml", tmp_path, shared_data, "--set", f"name={cfg.name}",
-                      "--set", "search.heartbeat_s=1", "--set", "train.epochs=3", "--set", "search.pruner.name=none")
+    args = smoke_study_args(tmp_path, shared_data, "--set", f"name={cfg.name}")
     victim = harness_study(args)
-    last = cfg.study_dir / "trials" / "1" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and time.monotonic() < deadline and victim.poll() is None:
-        time.sleep(0.05)
-    assert last.exists(), victim.communicate()[0][-3000:]
+    last = cfg.trial_dir(1) / "last.pt"
+    assert wait_for(last, victim), victim.communicate()[0][-3000:]
     victim.send_signal(signal.SIGKILL)  # mid-trial: after its first epoch's checkpoint
     victim.wait()
     rerun = harness_study(args)

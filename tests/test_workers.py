@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,31 +11,17 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from conftest import HARNESS_STUDY, REPO, harness_env, smoke_study_args, wait_for
+from harness.bench_study import create_database
 from harness.study import trials_frame
 from harness.tracking import read_offline_run, study_run_id
 
-REPO = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("HARNESS_TEST_POSTGRES_URL")
 
 
-def study_command(tmp_path, shared_data, *extra):
-    return [sys.executable, "-m", "harness.cli", "study", str(REPO / "studies" / "default.yaml"), "--smoke",
-            "--set", f"runs_dir={tmp_path / 'runs'}", "--set", f"data.root={shared_data / 'default' / 'data'}",
-            "--set", f"data.cache_dir={shared_data / 'cache'}", "--set", "search.heartbeat_s=1",
-            "--set", "search.pruner.name=none", "--set", "train.epochs=3", *extra]
-
-
 def start(command, tmp_path, name):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(path: Path, process, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert path.exists(), f"{path} never appeared"
+    return subprocess.Popen(command, env=harness_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def check_outcome(study, target, workers):
@@ -54,7 +39,8 @@ def check_outcome(study, target, workers):
 
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tmp_path, shared_data):
-    process = start(study_command(tmp_path, shared_data, "--workers", "2", "--trials", "4"), tmp_path, "workers")
+    command = HARNESS_STUDY + smoke_study_args(tmp_path, shared_data, "--workers", "2", "--trials", "4")
+    process = start(command, tmp_path, "workers")
     assert process.wait(timeout=600) == 0, (tmp_path / "workers.log").read_text()[-3000:]
     output = (tmp_path / "workers.log").read_text()
     assert "database is locked" not in output
@@ -73,16 +59,11 @@ def test_two_workers_share_one_sqlite_study(tmp_path, shared_data):
 @pytest.mark.slow
 @pytest.mark.skipif(not POSTGRES, reason="HARNESS_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
 def test_a_killed_worker_on_postgres_has_its_trial_retried_by_the_survivor(tmp_path, shared_data):
-    import sqlalchemy
-
-    database = f"harness_{os.getpid()}_{int(time.time())}"
-    engine = sqlalchemy.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
-    url = POSTGRES.rsplit("/", 1)[0] + f"/{database}"
-    command = study_command(tmp_path, shared_data, "--storage", url, "--trials", "3")
+    url = create_database(POSTGRES, f"harness_{os.getpid()}_{int(time.time())}")
+    command = HARNESS_STUDY + smoke_study_args(tmp_path, shared_data, "--storage", url, "--trials", "3")
     first = start(command, tmp_path, "first")  # "machine" one
-    wait_for(tmp_path / "runs" / "default" / "trials" / "0" / "last.pt", first)
+    first_checkpoint = tmp_path / "runs" / "default" / "trials" / "0" / "last.pt"
+    assert wait_for(first_checkpoint, first), f"{first_checkpoint} never appeared"
     second = start(command, tmp_path, "second")  # "machine" two joins the same study
     time.sleep(1.0)
     first.send_signal(signal.SIGKILL)  # mid-trial 0, after its first checkpoint

@@ -64,6 +64,19 @@ def normalize(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
 
 
+def normalize_batch(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`normalize` over a whole uint8 batch (B, H, W, 3) at once -> float32 (B, 3, H, W) on `device`.
+
+    For images already at their size the eval transform is this normalisation alone, elementwise, so
+    one vectorised pass gives the same values (a test holds them equal) at a fraction of the per-image
+    cost; the uint8 batch moves to the device before it grows fourfold into floats.
+    """
+    batch = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    mean = torch.as_tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
+    return batch.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std).contiguous()
+
+
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """To (height, width); area averaging when shrinking (no aliasing), bilinear when growing."""
     if image.shape[:2] == (height, width):
@@ -314,6 +327,15 @@ def cached_crop_boxes(images: np.ndarray, method: str, cache_path: str | Path, p
     boxes = crop_boxes(images, method, progress)
     atomic_save_npy(cache_path, boxes)
     return boxes
+
+
+def preprocessed_images(cache, method: str, cache_dir: str | Path, height: int, width: int) -> np.ndarray:
+    """A decoded cache's images as preprocess `method` gives them to a model: the cache itself for "none",
+    else each image cut to its box (found once per cache and method, see `cached_crop_boxes`) and resized."""
+    if method == "none":
+        return cache.images
+    boxes = cached_crop_boxes(cache.images, method, Path(cache_dir) / f"{cache.key}.{method}.boxes.npy")
+    return apply_crops(cache.images, boxes, height, width)
 
 
 def _check_images(images: np.ndarray) -> None:

@@ -77,12 +77,12 @@ def print_top(cfg, frame, limit: int = 5) -> None:
     if frame.empty:
         print("no trials yet")
         return
-    columns = ["number", "state", "val_f1", "gap_f1", "gap_bg", "best_epoch", "epochs", "duration_s"]
+    columns = ["trial", "state", "val_f1", "gap_f1", "gap_bg", "best_epoch", "epochs", "duration_s"]
     params = [c for c in frame.columns if c.startswith("param_")]
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns + params].head(limit).to_string(index=False))
     best = frame.iloc[0]
-    print(f"\nbest trial {best['number']}: files in {best['run_dir']}, W&B run {best['wandb_run_id']} "
+    print(f"\nbest trial {best['trial']}: files in {best['run_dir']}, W&B run {best['wandb_run_id']} "
           f"(offline under {cfg.study_dir / 'wandb'}; `make sync` uploads)")
 
 
@@ -125,11 +125,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from harness.ensemble import predict
+    from harness.predict import predict_submission
 
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
-    predict(cfg, tta=None if args.tta == "none" else args.tta, trial=args.trial, storage=args.storage, progress=True)
+    predict_submission(cfg, tta=None if args.tta == "none" else args.tta, trial=args.trial, storage=args.storage,
+                       progress=True)
     return 0
 
 
@@ -138,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     frame = status(cfg, args.storage)
-    columns = [c for c in frame.columns if c not in ("run_dir", "wandb_run_id", "attempt")]
+    columns = [c for c in frame.columns if c not in ("run_dir", "wandb_run_id", "optuna_trial")]
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns].to_string(index=False) if not frame.empty else "no trials yet")
     print(f"\nwritten to {cfg.study_dir / 'trials.csv'}")

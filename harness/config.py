@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -75,22 +76,44 @@ class DataConfig(_Frozen):
 # -------------------------------------------------------------------------- params
 
 
+def axis_registries() -> dict:
+    """The registry behind each param that names one of our own components: the one source of its allowed names."""
+    from harness.augment import PREPROCESSORS
+    from harness.heads import HEADS
+    from harness.losses import LOSSES
+    from harness.model import FREEZE_POLICIES
+
+    return {"head": HEADS, "loss": LOSSES, "freeze": FREEZE_POLICIES, "preprocess": PREPROCESSORS}
+
+
+def _registered(param: str, value: Any) -> Any:
+    registry = axis_registries()[param]
+    if value not in registry:
+        raise ValueError(f"unknown {registry.kind} {value!r}; choose one of {registry.names()}")
+    return value
+
+
 class Params(_Frozen):
     """Every value a study may search, with its default (which is trial 0)."""
 
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
-    head: Literal["multiclass", "multihead"] = "multiclass"
+    head: str = "multiclass"
     freeze: str = "none"
     freeze_k: int = Field(1, ge=0, le=100)
     loss: str = "ce"
     focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     aug_strength: float = Field(0.3, ge=0.0, le=1.0)
-    preprocess: Literal["none", "center_crop", "face_crop"] = "none"
+    preprocess: str = "none"
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=10.0)
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("head", "loss", "freeze", "preprocess")
+    @classmethod
+    def _in_its_registry(cls, value: str, info) -> str:
+        return _registered(info.field_name, value)
 
     def replace(self, **changes: Any) -> Params:
         return Params.model_validate({**self.model_dump(), **changes})
@@ -187,10 +210,17 @@ class SearchConfig(_Frozen):
     @model_validator(mode="after")
     def _known_names(self) -> SearchConfig:
         known = set(Params.model_fields)
+        axes = axis_registries()
         seen: list[str] = []
         for name, spec in self.space.items():
             if name not in known:
                 raise ValueError(f"space.{name}: unknown parameter; searchable ones are {sorted(known)}")
+            if name in axes and spec.type == "categorical":
+                for choice in spec.choices:
+                    try:
+                        _registered(name, choice)
+                    except ValueError as error:
+                        raise ValueError(f"space.{name}.choices: {error}") from None
             for parent in spec.when or {}:
                 if parent not in seen:  # parents are sampled first, so they must come earlier
                     raise ValueError(f"space.{name}.when: parent {parent!r} is not in the search space above {name!r}")
@@ -212,6 +242,16 @@ class EnsembleConfig(_Frozen):
     top_k: int = Field(5, ge=1, le=1000)
     max_gap: float | None = None
     rounds: int = Field(25, ge=1, le=10_000)
+    method: str = "greedy"  # how the candidates are combined: a harness.selection.METHODS entry
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        from harness.selection import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown ensemble method {value!r}; choose one of {METHODS.names()}")
+        return value
 
 
 # --------------------------------------------------------------------------- study
@@ -285,6 +325,11 @@ def _format_errors(error: ValidationError, source: str) -> str:
     for item in error.errors():
         path = ".".join(str(p) for p in item["loc"] if not _is_union_tag(p)) or "(top level)"
         msg = item["msg"]
+        if item["type"] == "value_error":  # our validators' messages, "Value error, " dropped
+            msg = str(item["ctx"]["error"])
+            key, sep, rest = msg.partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.]*", key):  # "space.loss.choices: ..." names a key below path
+                path, msg = (key if path == "(top level)" else f"{path}.{key}"), rest
         if item["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
         elif item["type"] == "missing":

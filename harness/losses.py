@@ -1,9 +1,9 @@
 """Training losses: ce, focal, soft macro F1, label smoothing; per-task sum for the multi-head model.
 
 Every entry of ``LOSSES`` is a factory ``(num_classes, focal_gamma, label_smoothing) -> loss_fn``
-where ``loss_fn(logits (B, C), target (B,)) -> scalar``. ``build_loss`` turns a name and a head
-kind into an ``nn.Module`` the training loop calls as ``loss(logits, target)`` with 18-class
-(or, for other datasets, C-class) targets.
+where ``loss_fn(logits (B, C), target (B,)) -> scalar``. A head (harness.heads) wraps the loss
+functions it needs into an ``nn.Module`` the training loop calls as ``loss(logits, target)`` with
+18-class (or, for other datasets, C-class) targets: `ClassLoss` or `MultiTaskLoss`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.data.labels import NUM_CLASSES, TASKS
+from harness.data.labels import TASKS
 from harness.registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,7 +22,6 @@ LossFactory = Callable[[int, float, float], LossFn]
 
 LOSSES: Registry[LossFactory] = Registry("loss")
 
-HEADS = ("multiclass", "multihead")
 F1_EPS = 1e-7
 
 
@@ -124,29 +123,3 @@ def _check_logits(logits: torch.Tensor, width: int, head: str) -> None:
             "check that the model head and the loss were built with the same head kind and num_classes"
         )
 
-
-def build_loss(
-    name: str,
-    head: str,
-    num_classes: int = NUM_CLASSES,
-    focal_gamma: float = 2.0,
-    label_smoothing: float = 0.1,
-    task_weights: Sequence[float] = (1.0, 1.0, 1.0),
-) -> nn.Module:
-    """The loss ``name`` for a ``head`` ("multiclass" or "multihead"), called as loss(logits, target)."""
-    factory = LOSSES.get(name)
-    if head == "multiclass":
-        return ClassLoss(name, factory(num_classes, focal_gamma, label_smoothing), num_classes)
-    if head != "multihead":
-        raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
-    if num_classes != NUM_CLASSES:
-        raise ValueError(
-            f"the multihead loss decodes {NUM_CLASSES} mask/gender/age classes, got num_classes={num_classes}; "
-            "use head='multiclass' for datasets without those tasks"
-        )
-    if len(task_weights) != len(TASKS):
-        raise ValueError(
-            f"task_weights needs one weight per task {list(TASKS)}, got {len(task_weights)}: {tuple(task_weights)}"
-        )
-    task_fns = [factory(size, focal_gamma, label_smoothing) for size in TASKS.values()]
-    return MultiTaskLoss(name, task_fns, task_weights)

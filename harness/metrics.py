@@ -25,6 +25,23 @@ def macro_f1(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
     return float(f1_score(labels, pred, labels=range(num_classes), average="macro", zero_division=0))
 
 
+def macro_f1_batch(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Macro F1 of each row of `preds` (K, N) against `labels` (N,): one bincount for all K.
+
+    Equals `macro_f1` row by row: per class 2TP / (2TP + FP + FN) = 2TP / (predicted + actual),
+    0 for a class never seen nor predicted. Ensemble selection scores thousands of blends with it.
+    """
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    k = preds.shape[0]
+    cells = (np.arange(k)[:, None] * num_classes + labels[None, :]) * num_classes + preds
+    counts = np.bincount(cells.ravel(), minlength=k * num_classes * num_classes).reshape(k, num_classes, num_classes)
+    true_positives = np.diagonal(counts, axis1=1, axis2=2)
+    predicted_plus_actual = counts.sum(axis=1) + counts.sum(axis=2)
+    f1 = np.divide(2.0 * true_positives, predicted_plus_actual, out=np.zeros(true_positives.shape),
+                   where=predicted_plus_actual > 0)
+    return f1.mean(axis=1)
+
+
 def per_class_f1(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """F1 of each class 0..num_classes-1 (0 for absent classes)."""
     return f1_score(labels, pred, labels=range(num_classes), average=None, zero_division=0)

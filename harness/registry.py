@@ -8,6 +8,14 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class UnknownName(KeyError, ValueError):
+    """A name no entry of a registry has; the message lists the choices. A KeyError (a failed look-up)
+    and a ValueError (a bad value from a study file) at once, printed without KeyError's quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class Registry(Generic[T]):
     """A name -> entry table that refuses duplicates and lists its choices in errors."""
 
@@ -28,7 +36,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of {sorted(self._entries)}") from None
+            raise UnknownName(f"unknown {self.kind} {name!r}; choose one of {sorted(self._entries)}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -38,3 +46,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, entry) pairs in the order they were registered."""
+        return list(self._entries.items())

@@ -40,8 +40,8 @@ import yaml
 
 import harness
 from harness.config import StudyConfig
-from harness.data.labels import NUM_CLASSES, class_name
-from harness.data.prepare import data_summary
+from harness.data.prepare import class_names, data_summary
+from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder
 from harness.io import atomic_write_text
 from harness.study import default_storage, load_existing_study, redact, trials_frame
 from harness.tracking import strip_secrets
@@ -124,29 +124,15 @@ def external_references(page: str) -> list[str]:
 # ---------------------------------------------------------------------- trial folders
 
 
-def trial_folder(cfg: StudyConfig, row: pd.Series | dict) -> Path | None:
+def trial_folder(cfg: StudyConfig, row: pd.Series | dict) -> TrialFolder | None:
     """The trial's folder: the one recorded with it, else runs/<study>/trials/<identity>/."""
-    for candidate in (row.get("run_dir") or None, cfg.trial_dir(int(row["number"]))):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
-
-
-def read_metrics(folder: Path | None) -> pd.DataFrame | None:
-    path = folder / "metrics.csv" if folder else None
-    if path is None or not path.is_file():
-        return None
-    frame = pd.read_csv(path)
-    return frame if not frame.empty else None
-
-
-def load_array(path: Path) -> np.ndarray | None:
-    return np.load(path, allow_pickle=False) if path.is_file() else None
+    folder, _ = find_trial_folder(cfg, row.get("run_dir") or None, int(row["trial"]))
+    return folder
 
 
 def hover_text(row: pd.Series | dict, params: list[str]) -> str:
     """Trial number, state and params for a point's hover label (user strings escaped: Plotly reads tags)."""
-    lines = [f"trial {int(row['number'])} ({row['state']})"]
+    lines = [f"trial {int(row['trial'])} ({row['state']})"]
     for name in params:
         value = row.get(f"param_{name}")
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
@@ -181,13 +167,6 @@ def summarize_data(cfg: StudyConfig, study: optuna.Study) -> tuple[dict | None, 
     return summary, f"read from {root} now (the study stores no summary)", problems
 
 
-def class_names(summary: dict | None, size: int) -> list[str]:
-    names = (summary or {}).get("class_names")
-    if names and len(names) == size:
-        return [str(n) for n in names]
-    return [class_name(i) for i in range(size)] if size == NUM_CLASSES else [str(i) for i in range(size)]
-
-
 # ---------------------------------------------------------------------------- ensemble
 
 
@@ -197,6 +176,7 @@ class Ensemble:
     metrics: dict | None = None
     per_class_f1: np.ndarray | None = None
     confusion: np.ndarray | None = None
+    eval_metrics: dict | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -204,23 +184,10 @@ class Ensemble:
         return self.members is not None or self.metrics is not None
 
 
-def read_ensemble(folder: Path) -> Ensemble:
+def read_ensemble(folder: EnsembleFolder) -> Ensemble:
     """What harness.ensemble wrote under runs/<study>/ensemble/; a broken file is a note, not a crash."""
-    found = Ensemble()
-    for name in ("members", "metrics"):
-        path = folder / f"{name}.json"
-        if path.is_file():
-            try:
-                setattr(found, name, json.loads(path.read_text()))
-            except (json.JSONDecodeError, OSError) as error:
-                found.problems.append(f"{path} could not be read ({error}); rerun `harness ensemble`")
-    for name in ("per_class_f1", "confusion"):
-        path = folder / f"{name}.npy"
-        try:
-            setattr(found, name, load_array(path))
-        except (ValueError, OSError) as error:
-            found.problems.append(f"{path} could not be read ({error}); rerun `harness ensemble`")
-    return found
+    found, problems = folder.read()
+    return Ensemble(**found, problems=problems)
 
 
 # ------------------------------------------------------------------------------ figures
@@ -306,19 +273,20 @@ def curves_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
     ranked = frame[np.isfinite(frame["val_f1"].astype(float))] if not frame.empty else frame
     curves = []
     for _, row in ranked.iterrows():
-        metrics = read_metrics(trial_folder(cfg, row))
+        folder = trial_folder(cfg, row)
+        metrics = folder.metrics() if folder is not None else None
         if metrics is not None:
             curves.append((row, metrics))
         if len(curves) == TOP_CURVES:
             break
     if not curves:
-        section.note("no trial has a metrics.csv yet")
+        section.note(f"no trial has a {TrialFolder.METRICS} yet")
         return section
     panels = [("train/f1_probe", "train-probe F1"), ("val/f1", "val F1"), ("gap/f1", "gap/f1 (probe − val)")]
     fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title in panels], horizontal_spacing=0.07)
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     for index, (row, metrics) in enumerate(curves):
-        label = f"trial {int(row['number'])}"
+        label = f"trial {int(row['trial'])}"
         for col, (column, _) in enumerate(panels, start=1):
             if column not in metrics:
                 continue
@@ -340,11 +308,11 @@ def classes_section(cfg: StudyConfig, frame: pd.DataFrame, ensemble: Ensemble, s
     rows, labels = [], []
     best_confusion = None
     if folder is not None:
-        per_class = load_array(folder / "per_class_f1.npy")
-        best_confusion = load_array(folder / "confusion.npy")
+        per_class = folder.per_class_f1()
+        best_confusion = folder.confusion()
         if per_class is not None:
             rows.append(per_class)
-            labels.append(f"best trial {int(best['number'])}")
+            labels.append(f"best trial {int(best['trial'])}")
     if ensemble.per_class_f1 is not None:
         rows.append(ensemble.per_class_f1)
         labels.append("ensemble")
@@ -353,7 +321,7 @@ def classes_section(cfg: StudyConfig, frame: pd.DataFrame, ensemble: Ensemble, s
     else:
         section.note("no per-class F1 yet (written with a trial's best epoch)")
     if best_confusion is not None:
-        title = f"confusion on valid, best trial {int(best['number'])}"
+        title = f"confusion on valid, best trial {int(best['trial'])}"
         section.figure("confusion_best", confusion_heatmap(best_confusion, class_names(summary, len(best_confusion)),
                                                            title))
     if ensemble.confusion is not None:
@@ -426,7 +394,7 @@ def trials_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
     if frame.empty:
         section.note("no trials yet")
         return section
-    columns = ["number", "state", "val_f1", "gap_f1", "gap_bg", "best_epoch", "epochs", "duration_s"]
+    columns = ["trial", "state", "val_f1", "gap_f1", "gap_bg", "best_epoch", "epochs", "duration_s"]
     columns += [c for c in frame.columns if c.startswith("param_")] + ["wandb_run_id", "reason"]
     shown = frame[columns].astype(object)
     for name, spec in cfg.search.space.items():  # a conditional int param is float in the frame (NaN where inactive)
@@ -524,7 +492,7 @@ def header(cfg: StudyConfig, frame: pd.DataFrame, generated: str) -> str:
     counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
     states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "none yet"
     best = best_complete(frame)
-    best_text = f"{best['val_f1']:.4f} (trial {int(best['number'])})" if best is not None else "–"
+    best_text = f"{best['val_f1']:.4f} (trial {int(best['trial'])})" if best is not None else "–"
     facts = [f"trials: {len(frame)} ({states})", f"best val F1: {best_text}", f"generated {generated}",
              f"harness {harness.__version__}"]
     spans = "".join(f"<span>{esc(f)}</span>" for f in facts)
@@ -548,7 +516,7 @@ def write_report(cfg: StudyConfig, storage: str | None = None) -> Path:
     study = load_existing_study(cfg, storage)
     frame = trials_frame(study)
     summary, data_source, data_problems = summarize_data(cfg, study)
-    ensemble = read_ensemble(cfg.study_dir / "ensemble")
+    ensemble = read_ensemble(EnsembleFolder.of(cfg))
     sections = [search_section(cfg, study, frame), curves_section(cfg, frame),
                 classes_section(cfg, frame, ensemble, summary), ensemble_section(ensemble), trials_section(cfg, frame),
                 data_section(summary, data_source, data_problems), settings_section(cfg, study, storage or default_storage(cfg))]

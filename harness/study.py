@@ -17,6 +17,7 @@ command is the resume path:
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import multiprocessing
@@ -36,8 +37,10 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 import harness
+from harness.compat import has_heartbeat, record_heartbeat
 from harness.config import ConfigError, Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
+from harness.folders import TrialFolder
 from harness.io import remove_dead_temporaries
 from harness.train import TrialResult, run_trial
 
@@ -46,16 +49,16 @@ log = logging.getLogger("harness.study")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-class _NoTracebackForTrialFailed(logging.Filter):
+class _NoTracebackForFailedTrials(logging.Filter):
     """A failed trial is a result: Optuna's log line keeps its reason but drops the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], TrialFailed):
+        if record.exc_info and isinstance(record.exc_info[1], RecordAsFailed):
             record.exc_info, record.exc_text = None, None
         return True
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForTrialFailed())
+logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForFailedTrials())
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IDLE_POLL_S = 1.0  # how often a process with nothing to run looks at the study again
 
@@ -64,7 +67,7 @@ class StudyError(RuntimeError):
     """A study that cannot be opened or resumed as asked; the message says what to do."""
 
 
-class TrialFailed(Exception):
+class RecordAsFailed(Exception):
     """Raised from the objective so Optuna records the trial as FAIL with its reason."""
 
 
@@ -278,7 +281,7 @@ class Objective:
         if result.state == "pruned":
             raise optuna.TrialPruned(f"pruned after {result.epochs_run} epoch(s)")
         if result.state != "complete":
-            raise TrialFailed(result.reason or result.state)
+            raise RecordAsFailed(result.reason or result.state)
         return result.best_f1
 
     def _run(self, trial, identity: int, params: Params, run_dir: Path, extra: dict, started: float) -> TrialResult:
@@ -293,9 +296,7 @@ class Objective:
         return result
 
     def _confusion(self, run_dir: Path) -> tuple[np.ndarray | None, list[str]]:
-        path = run_dir / "confusion.npy"
-        matrix = np.load(path) if path.is_file() else None
-        return matrix, list(self.data.frame.attrs["class_names"])
+        return TrialFolder(run_dir).confusion(), list(self.data.frame.attrs["class_names"])
 
 
 class EpochPrinter:
@@ -344,7 +345,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         while time.monotonic() < deadline:
-            _beat_for_the_silent(study, 3 * cfg.search.heartbeat_s)
+            heartbeat_trials_that_never_beat(study, 3 * cfg.search.heartbeat_s)
             fail_stale_trials(study)  # a dead process's RUNNING trial becomes FAIL + a WAITING retry
             states = [t.state for t in study.get_trials(deepcopy=False)]
             finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
@@ -359,7 +360,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
                 time.sleep(IDLE_POLL_S)
                 continue
             callbacks = [lambda s, t: tracker.update(trials_frame(s))] if tracker else []
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False, callbacks=callbacks)
+            study.optimize(objective, n_trials=1, catch=(RecordAsFailed,), gc_after_trial=False, callbacks=callbacks)
     finally:
         if tracker:
             tracker.update(trials_frame(study))
@@ -414,29 +415,18 @@ def _worker(cfg: StudyConfig, trials: int | None, timeout: float | None, storage
     run_study(cfg, trials=trials, timeout=timeout, storage=storage, progress=False, track_study=False)
 
 
-def _beat_for_the_silent(study: optuna.Study, grace_s: float) -> None:
+def heartbeat_trials_that_never_beat(study: optuna.Study, grace_s: float) -> None:
     """Give one heartbeat to RUNNING trials that never sent any and are older than the grace period.
 
     Optuna never declares a trial stale that has no heartbeat at all; a process killed between
     `ask` and its first beat would leave it RUNNING forever. One beat lets it go stale normally.
-    (Reads Optuna's RDB heartbeat table: there is no public call for it.)
     """
-    import datetime as dt
-
-    from optuna.storages._rdb import models
-
-    backend = getattr(study._storage, "_backend", study._storage)
-    now = dt.datetime.now()
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace_s:
             continue
-        session = backend.scoped_session()
-        try:
-            silent = models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None
-        finally:
-            session.close()
-        if silent:
-            backend.record_heartbeat(t._trial_id)
+        if not has_heartbeat(study, t):
+            record_heartbeat(study, t)
 
 
 def _study_tracker(cfg: StudyConfig, data: PreparedData):
@@ -469,11 +459,12 @@ def requeue_interrupted(study: optuna.Study) -> None:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial identity (the latest attempt), sorted by val F1."""
+    """One row per trial (its identity: folder and W&B run; column "trial"), the latest Optuna trial of it
+    ("optuna_trial": a retried trial is a new Optuna trial), sorted by val F1."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
-        rows.append({"number": attrs.get("identity", t.number), "attempt": t.number, "state": t.state.name.lower(),
+        rows.append({"trial": attrs.get("identity", t.number), "optuna_trial": t.number, "state": t.state.name.lower(),
                      "val_f1": t.value if t.values else float("nan"),
                      "gap_f1": attrs.get("gap_f1", float("nan")), "gap_bg": attrs.get("gap_bg", float("nan")),
                      "best_epoch": attrs.get("best_epoch", -1), "epochs": attrs.get("epochs_run", 0),
@@ -484,8 +475,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    frame = frame.sort_values("attempt").drop_duplicates("number", keep="last")
-    return frame.sort_values(["val_f1", "number"], ascending=[False, True], na_position="last").reset_index(drop=True)
+    frame = frame.sort_values("optuna_trial").drop_duplicates("trial", keep="last")
+    return frame.sort_values(["val_f1", "trial"], ascending=[False, True], na_position="last").reset_index(drop=True)
 
 
 def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:

@@ -17,20 +17,18 @@ warning on the "harness.tracking" logger, and the tracker turns into a no-op
 (`.active` is False). Keys that look like secrets are stripped from every config
 before W&B sees it.
 
-`read_offline_run` reads back what W&B itself wrote (the binary `run-<id>.wandb`
-transaction log), so tests can assert on the real output rather than on a mirror.
+`read_offline_run` (from harness.compat, which owns W&B's private file format) reads back what
+W&B itself wrote (the binary `run-<id>.wandb` transaction log), so tests can assert on the real
+output rather than on a mirror.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import struct
 import time
-import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from harness.compat import has_exit_record, read_offline_run
 from harness.io import json_ready
+
+__all__ = ["StudyTracker", "TrialTracker", "log_ensemble", "read_offline_run", "run_id_for", "study_run_id",
+           "ensemble_run_id", "strip_secrets"]
 
 log = logging.getLogger("harness.tracking")
 
@@ -380,171 +382,10 @@ def log_ensemble(cfg, members, metrics: Mapping[str, Any], confusion: np.ndarray
     return None if tracker.failed else tracker.run_id
 
 
-# ------------------------------------------------------------------- reading W&B's own files
-#
-# A run's `run-<id>.wandb` file is a LevelDB-style log (github.com/google/leveldb doc/log_format.md)
-# of protobuf `Record`s: a 7-byte header (":W&B", magic 0xBEE1, version), then 32 KiB blocks of
-# records, each `crc32 (of type byte + data), length uint16, type uint8, data`; a record that does
-# not fit a block is split into FIRST / MIDDLE / LAST pieces. wandb >= 0.19 writes it from its Go
-# core and no longer ships a Python reader, hence this one.
-
-_FILE_HEADER = struct.Struct("<4sHB")
-_RECORD_HEADER = struct.Struct("<IHB")
-_IDENT, _MAGIC = b":W&B", 0xBEE1
-_BLOCK = 32768
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def _scan_records(path: Path, warn: bool = True) -> Iterator[bytes]:
-    """The records of one log; stops (with a warning) at a cut-short or corrupt tail."""
-    data = path.read_bytes()
-    if len(data) < _FILE_HEADER.size:  # nothing flushed yet, or killed before the first flush
-        return
-    if _FILE_HEADER.unpack_from(data)[:2] != (_IDENT, _MAGIC):
-        raise ValueError(f"{path}: not a W&B transaction log (no ':W&B' header); pass the run-<id>.wandb file")
-    pos, pending = _FILE_HEADER.size, b""
-    while pos + _RECORD_HEADER.size <= len(data):
-        room = _BLOCK - pos % _BLOCK
-        if room < _RECORD_HEADER.size:  # block trailer: zero padding
-            pos += room
-            continue
-        checksum, length, kind = _RECORD_HEADER.unpack_from(data, pos)
-        start = pos + _RECORD_HEADER.size
-        chunk = data[start:start + length]
-        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
-            if warn:
-                log.warning("%s: record at byte %d is cut short or corrupt (was the process killed while writing?); "
-                            "reading stops there", path, pos)
-            return
-        pos = start + length
-        if kind == _FULL:
-            yield chunk
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            yield pending + chunk
-            pending = b""
-
-
-def _has_exit_record(path: Path) -> bool:
-    from wandb.proto import wandb_internal_pb2
-
-    record = wandb_internal_pb2.Record()
-    for blob in _scan_records(path, warn=False):
-        record.ParseFromString(blob)
-        if record.WhichOneof("record_type") == "exit":
-            return True
-    return False
-
-
 def _wait_for_exit_record(path: Path, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while not (path.is_file() and _has_exit_record(path)):
+    while not (path.is_file() and has_exit_record(path)):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
     return True
-
-
-def _run_folders(wandb_dir: Path, run_id: str) -> list[Path]:
-    """Every folder holding this run's log, oldest first (a resumed run has one per attempt)."""
-    pattern = re.compile(rf"^(?:offline-)?run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?$")
-    found = []
-    for log_file in wandb_dir.glob(f"*run-*/run-{run_id}.wandb"):
-        match = pattern.match(log_file.parent.name)
-        if match:
-            found.append(((match.group(1), int(match.group(2) or 0)), log_file.parent))
-    return [folder for _, folder in sorted(found)]
-
-
-def _keys(item) -> list[str]:
-    return list(item.nested_key) or [item.key]
-
-
-def _set_nested(target: dict, keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        child = target.get(key)
-        if not isinstance(child, dict):
-            child = target[key] = {}
-        target = child
-    target[keys[-1]] = value
-
-
-def _remove_nested(target: dict, keys: list[str]) -> None:
-    for key in keys[:-1]:
-        target = target.get(key)
-        if not isinstance(target, dict):
-            return
-    target.pop(keys[-1], None)
-
-
-def _apply(target: dict, updates, removes=()) -> None:
-    for item in updates:
-        _set_nested(target, _keys(item), json.loads(item.value_json))
-    for item in removes:
-        _remove_nested(target, _keys(item))
-
-
-def read_offline_run(wandb_dir: Path, run_id: str) -> dict[str, Any]:
-    """What W&B wrote for `run_id` under `wandb_dir` (runs/<study>/wandb), all attempts merged in order.
-
-    Returns {"run_id", "history": [row dict per logged step, values decoded], "config", "summary"
-    (both without W&B's internal "_wandb" key), "tags", "job_type", "group", "name", "exit_code"
-    (of the last attempt that finished), "tables": {history key: {"columns", "data"}} (the last
-    table logged under each key, read from its file), "folders": [attempt folders, oldest first]}.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    wandb_dir = Path(wandb_dir)
-    if not any(wandb_dir.glob("*run-*")) and (wandb_dir / "wandb").is_dir():
-        wandb_dir = wandb_dir / "wandb"  # given the study folder instead of its wandb folder
-    folders = _run_folders(wandb_dir, run_id)
-    if not folders:
-        raise FileNotFoundError(f"{wandb_dir}: no W&B run folder holds run-{run_id}.wandb; "
-                                "check the run id (run_id_for) and that this is the study's wandb folder")
-    run: dict[str, Any] = {"run_id": run_id, "history": [], "config": {}, "summary": {}, "tags": [], "job_type": None,
-                           "group": None, "name": None, "exit_code": None, "tables": {},
-                           "folders": [str(f) for f in folders]}
-    for folder in folders:
-        for blob in _scan_records(folder / f"run-{run_id}.wandb"):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(blob)
-            _merge_record(run, record, folder)
-    for section in ("config", "summary"):
-        run[section].pop("_wandb", None)
-    return run
-
-
-def _merge_record(run: dict, record, folder: Path) -> None:
-    kind = record.WhichOneof("record_type")
-    if kind == "history":
-        row: dict[str, Any] = {}
-        _apply(row, record.history.item)
-        run["history"].append(row)
-        _collect_tables(run, row, folder)
-    elif kind == "summary":
-        _apply(run["summary"], record.summary.update, record.summary.remove)
-    elif kind == "config":
-        _apply(run["config"], record.config.update, record.config.remove)
-    elif kind == "run":
-        info = record.run
-        _apply(run["config"], info.config.update, info.config.remove)
-        _apply(run["summary"], info.summary.update, info.summary.remove)
-        # A later attempt starts with no tags offline; keep the last non-empty set.
-        run["tags"] = list(info.tags) or run["tags"]
-        run["job_type"] = info.job_type or run["job_type"]
-        run["group"] = info.run_group or run["group"]
-        run["name"] = info.display_name or run["name"]
-    elif kind == "exit":
-        run["exit_code"] = record.exit.exit_code
-
-
-def _collect_tables(run: dict, row: dict, folder: Path) -> None:
-    for key, value in row.items():
-        if isinstance(value, dict) and value.get("_type") == "table-file" and "path" in value:
-            table_file = folder / "files" / value["path"]
-            if table_file.is_file():
-                table = json.loads(table_file.read_text())
-                run["tables"][key] = {"columns": table["columns"], "data": table["data"]}

@@ -4,15 +4,8 @@ Read `run_trial` top to bottom: it prepares the data, builds the model, loss,
 optimizer and schedule, resumes from `last.pt` when one exists, then runs the
 epoch loop (train, evaluate valid + train probe + background probe, write the
 epoch's row and checkpoints, report to Optuna). Everything a reviewer needs lands
-in the trial folder:
-
-    config.yaml         resolved study config and this trial's params
-    metrics.csv         one row per epoch
-    last.pt             written atomically after every epoch (resume point)
-    best.pt             model at the best val/f1
-    valid_logits.npy    class log-probabilities on valid at the best epoch
-    valid_index.csv     the valid rows those logits refer to (image_id, person, label)
-    result.json         state (complete / pruned / failed), reason, best figures
+in the trial folder (harness.folders.TrialFolder: config, metrics per epoch, last and
+best checkpoints, the best epoch's valid log-probabilities, the result).
 
 A failed trial (non-finite loss, unknown backbone, out of memory, ...) is a
 result with state "failed" and its reason, never an exception for the caller.
@@ -20,7 +13,6 @@ result with state "failed" and its reason, never an exception for the caller.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -34,22 +26,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
-from harness.augment import apply_crops, build_transform, cached_crop_boxes
+from harness.augment import build_transform, preprocessed_images
 from harness.config import Params, StudyConfig
 from harness.data.cache import CachedImageDataset
 from harness.data.prepare import PreparedData, prepare_data
-from harness.io import atomic_save_npy, atomic_torch_save, atomic_write_text, load_checkpoint, remove_dead_temporaries
-from harness.losses import build_loss
+from harness.folders import TrialFolder
+from harness.heads import build_loss
 from harness.metrics import classification_metrics, confusion, per_class_f1
-from harness.model import FREEZE_POLICIES, apply_freeze, build_model, class_log_probs, eval_logits
+from harness.model import FREEZE_POLICIES, apply_freeze, build_model, eval_logits
 
 EVAL_BATCH = 256
 
 
-class TrialFailure(RuntimeError):
+class TrialError(RuntimeError):
     """A trial that cannot go on; its message becomes the result's reason."""
 
 
@@ -87,7 +78,7 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise TrialFailure("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise TrialError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device(choice)
 
 
@@ -146,11 +137,7 @@ class Loaders:
 
 def make_loaders(cfg: StudyConfig, params: Params, data: PreparedData, device: torch.device, seed: int) -> Loaders:
     size = cfg.data.image_size
-    images = data.cache.images
-    if params.preprocess != "none":
-        boxes = cached_crop_boxes(images, params.preprocess,
-                                  Path(cfg.data.cache_dir) / f"{data.cache.key}.{params.preprocess}.boxes.npy")
-        images = apply_crops(images, boxes, size.height, size.width)
+    images = preprocessed_images(data.cache, params.preprocess, cfg.data.cache_dir, size.height, size.width)
     labels = data.frame["label"].to_numpy()
     train_rows, valid_rows = data.rows("train"), data.rows("valid")
     train_tf = build_transform(params.aug_strength, size.height, size.width, train=True)
@@ -188,6 +175,24 @@ def report_to_pruner(trial, row: dict) -> None:
     trial.report(row["val/f1"], int(row["epoch"]) + 1)
 
 
+def forward_loss(model, x: torch.Tensor, y: torch.Tensor, loss_fn, mixed: bool) -> torch.Tensor:
+    """The loss of one batch already on the model's device; `mixed`: float16 autocast (the harness on CUDA)."""
+    with torch.autocast(x.device.type, dtype=torch.float16, enabled=mixed):
+        return loss_fn(model(x), y)
+
+
+def backward_step(model, loss: torch.Tensor, optimizer, scaler, grad_clip: float | None) -> None:
+    """Gradients of `loss`, clipped to `grad_clip`, then one optimizer step (through the GradScaler)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        # frozen parameters have no gradient (set_to_none above), and clipping skips those
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler, device, cfg: StudyConfig,
                     epoch: int):
     """One pass over the train loader with `frozen` modules fixed; returns (mean loss, images, seconds)."""
@@ -200,20 +205,12 @@ def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            loss = loss_fn(model(x), y)
+        loss = forward_loss(model, x, y, loss_fn, mixed=device.type == "cuda")
         loss_value = loss.item()  # the one wait for the device in a step
         if not math.isfinite(loss_value):
-            raise TrialFailure(f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
-                               "lower the learning rate or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip:
-            scaler.unscale_(optimizer)
-            # frozen parameters have no gradient (set_to_none above), and clipping skips those
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+            raise TrialError(f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
+                             "lower the learning rate or check the data")
+        backward_step(model, loss, optimizer, scaler, cfg.train.grad_clip)
         scheduler.step()
         total_loss += loss_value * len(y)
         images += len(y)
@@ -221,7 +218,7 @@ def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler
 
 
 @torch.no_grad()
-def predict(model, loader, loss_fn, device) -> tuple[np.ndarray, float]:
+def predict_log_probs(model, loader, loss_fn, device) -> tuple[np.ndarray, float]:
     """Class log-probabilities (N, C) over a loader and the mean loss."""
     model.eval()
     outputs, total_loss, count = [], 0.0, 0
@@ -230,7 +227,7 @@ def predict(model, loader, loss_fn, device) -> tuple[np.ndarray, float]:
         logits = eval_logits(model, x, device)
         total_loss += loss_fn(logits, y).item() * len(y)
         count += len(y)
-        outputs.append(class_log_probs(logits, model.head_kind).cpu())
+        outputs.append(model.class_log_probs(logits).cpu())
     return torch.cat(outputs).numpy(), total_loss / max(1, count)
 
 
@@ -238,9 +235,9 @@ def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData) -> tu
     """Valid metrics, the train-probe gap and the background probe; also the valid log-probs."""
     tasks = data.tasks
     start = time.perf_counter()
-    valid_scores, valid_loss = predict(model, loaders.valid, loss_fn, device)
-    probe_scores, _ = predict(model, loaders.probe, loss_fn, device)
-    masked_scores, _ = predict(model, loaders.background, loss_fn, device)
+    valid_scores, valid_loss = predict_log_probs(model, loaders.valid, loss_fn, device)
+    probe_scores, _ = predict_log_probs(model, loaders.probe, loss_fn, device)
+    masked_scores, _ = predict_log_probs(model, loaders.background, loss_fn, device)
     valid = classification_metrics(valid_scores, data.labels("valid"), tasks=tasks)
     probe = classification_metrics(probe_scores, loaders.probe.dataset.labels, tasks=tasks)
     masked = classification_metrics(masked_scores, data.labels("valid"), tasks=tasks)
@@ -267,33 +264,21 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def save_last(path: Path, model, optimizer, scheduler, scaler, epoch: int, best: dict) -> None:
-    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                       "next_epoch": epoch + 1, "best": best, "rng": rng_state()}, path)
+def save_last(folder: TrialFolder, model, optimizer, scheduler, scaler, epoch: int, best: dict) -> None:
+    folder.save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                      "next_epoch": epoch + 1, "best": best, "rng": rng_state()})
 
 
-def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
+def resume(folder: TrialFolder, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
     """Load last.pt into the live objects; returns (next epoch, best so far)."""
-    state = load_checkpoint(path)
+    state = folder.load_last()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state["next_epoch"], state["best"]
-
-
-def append_metrics(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
-
-
-def read_metrics(path: Path, before_epoch: int) -> list[dict]:
-    """Rows of epochs already finished; a row written after the last checkpoint is dropped (it is redone)."""
-    if not path.is_file():
-        return []
-    frame = pd.read_csv(path)
-    return frame[frame["epoch"] < before_epoch].to_dict("records")
 
 
 # ------------------------------------------------------------------------------ trial
@@ -317,13 +302,12 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     `stop_after_epochs` ends the run early as if interrupted (tests of resume).
     """
     params = _as_params(cfg, params)
-    run_dir = Path(run_dir or trial_dir(cfg, trial.number if trial is not None else None))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(run_dir)  # half-written checkpoints of a killed attempt
-    result = TrialResult(state="failed", run_dir=str(run_dir), params=params.model_dump())
+    folder = TrialFolder(run_dir or trial_dir(cfg, trial.number if trial is not None else None))
+    folder.prepare()  # half-written checkpoints of a killed attempt go
+    result = TrialResult(state="failed", run_dir=str(folder.path), params=params.model_dump())
     started = time.perf_counter()
     try:
-        result = _train(cfg, params, trial, data, run_dir, on_epoch, on_resume, stop_after_epochs, result)
+        result = _train(cfg, params, trial, data, folder, on_epoch, on_resume, stop_after_epochs, result)
     except torch.OutOfMemoryError as error:
         result.state = "failed"
         result.reason = f"out of memory: {str(error).splitlines()[0]}; lower train.batch_size or the image size"
@@ -331,11 +315,11 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
         result.state = "failed"
         result.reason = f"{type(error).__name__}: {error}"
         try:
-            (run_dir / "traceback.txt").write_text(traceback.format_exc())
+            folder.write_traceback(traceback.format_exc())
         except OSError:
             pass  # e.g. the disk is full: the reason in result.json is what matters
     result.seconds += time.perf_counter() - started
-    atomic_write_text(run_dir / "result.json", json.dumps(asdict(result), indent=2, default=str))
+    folder.write_result(asdict(result))
     return result
 
 
@@ -345,13 +329,12 @@ def _as_params(cfg: StudyConfig, params: Params | dict | None) -> Params:
     return cfg.params.replace(**(params or {}))
 
 
-def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, on_resume, stop_after_epochs,
+def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_resume, stop_after_epochs,
            result: TrialResult):
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
-        {"study": cfg.model_dump(mode="json"), "params": params.model_dump(mode="json")}, sort_keys=False))
+    folder.write_config(cfg.model_dump(mode="json"), params.model_dump(mode="json"))
     data = data or prepare_data(cfg.data, progress=False)
     if params.head == "multihead" and not data.tasks:
-        raise TrialFailure("head 'multihead' needs the competition's mask/gender/age tasks; use 'multiclass'")
+        raise TrialError("head 'multihead' needs the competition's mask/gender/age tasks; use 'multiclass'")
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     model = build_model(params.backbone, params.head, data.num_classes, pretrained=params.pretrained,
@@ -372,9 +355,9 @@ def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, on_resume,
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
 
     start_epoch, best = 0, {"f1": -1.0, "epoch": -1, "gap_f1": float("nan"), "gap_bg": float("nan")}
-    if (run_dir / "last.pt").is_file():
-        start_epoch, best = resume(run_dir / "last.pt", model, optimizer, scheduler, scaler)
-    rows = read_metrics(run_dir / "metrics.csv", start_epoch)
+    if folder.has_last():
+        start_epoch, best = resume(folder, model, optimizer, scheduler, scaler)
+    rows = folder.metrics_before(start_epoch)
     if rows and on_resume is not None:
         on_resume(rows)
     if trial is not None:  # a retried trial is a new Optuna trial: give the pruner the epochs it already saw
@@ -401,9 +384,9 @@ def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, on_resume,
         rows.append(row)
         if row["val/f1"] > best["f1"]:
             best = {"f1": row["val/f1"], "epoch": epoch, "gap_f1": row["gap/f1"], "gap_bg": row["gap/bg"]}
-            _save_best(run_dir, model, valid_scores, data)
-        append_metrics(run_dir / "metrics.csv", rows)
-        save_last(run_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, best)
+            _save_best(folder, model, valid_scores, data)
+        folder.write_metrics(rows)
+        save_last(folder, model, optimizer, scheduler, scaler, epoch, best)
         if on_epoch is not None:
             on_epoch(row)
         if trial is not None:
@@ -415,14 +398,12 @@ def _train(cfg, params: Params, trial, data, run_dir: Path, on_epoch, on_resume,
     return result
 
 
-def _save_best(run_dir: Path, model, valid_scores: np.ndarray, data: PreparedData) -> None:
-    atomic_torch_save({"model": model.state_dict()}, run_dir / "best.pt")
-    atomic_save_npy(run_dir / "valid_logits.npy", valid_scores.astype(np.float32))
+def _save_best(folder: TrialFolder, model, valid_scores: np.ndarray, data: PreparedData) -> None:
     index = data.frame.iloc[data.rows("valid")][["image_id", "person", "label"]]
-    atomic_write_text(run_dir / "valid_index.csv", index.to_csv(index=False))
     predicted, labels = valid_scores.argmax(axis=1), data.labels("valid")
-    atomic_save_npy(run_dir / "per_class_f1.npy", per_class_f1(predicted, labels, data.num_classes))
-    atomic_save_npy(run_dir / "confusion.npy", confusion(predicted, labels, data.num_classes))
+    folder.save_best(model.state_dict(), valid_scores, index)
+    folder.save_best_scores(per_class_f1(predicted, labels, data.num_classes),
+                            confusion(predicted, labels, data.num_classes))
 
 
 def _fill_result(result: TrialResult, rows: list[dict], best: dict) -> None:

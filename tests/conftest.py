@@ -88,6 +88,19 @@ def people(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory) -> str:
+    """A real PostgreSQL server for the session (the pgserver wheel's binaries on a loopback port), or the
+    one HARNESS_TEST_POSTGRES_URL names; yields its URL. Tests create a database each (create_database)."""
+    from harness.bench.postgres import running_postgres
+
+    if os.environ.get("HARNESS_TEST_POSTGRES_URL"):
+        yield os.environ["HARNESS_TEST_POSTGRES_URL"]
+        return
+    with running_postgres(tmp_path_factory.mktemp("postgres") / "server") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def shared_data(tmp_path_factory) -> Path:
     """One folder for the smoke studies' synthetic data and decoded cache, shared by the session."""
     return tmp_path_factory.mktemp("shared-data")

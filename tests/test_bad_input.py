@@ -289,7 +289,7 @@ def test_check_data_refuses_a_csv_path_escaping_the_data_root(tmp_path, monkeypa
                                   "integer (got 'three')"),
     ("data:\n  valid_fraction: 1.5\n", "data.valid_fraction: Input should be less than 1 (got 1.5)"),
     ("search:\n  space:\n    lr: {type: float, low: 0.1, high: 0.01}\n",
-     "search.space.lr: Value error, low (0.1) must not exceed high (0.01)"),
+     "search.space.lr: low (0.1) must not exceed high (0.01)"),
     ("search:\n  space:\n    learning_rate: {type: float, low: 0.001, high: 0.1}\n",
      "space.learning_rate: unknown parameter; searchable ones are ['aug_strength', 'backbone'"),
     ("train: {epochs: 2\n", "not valid YAML"),
@@ -350,7 +350,7 @@ def test_a_failed_trial_keeps_its_reason_and_the_study_goes_on(param, bad, says,
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 1 and complete[0].params[param] == good  # the study went on to its target
     assert (Path(complete[0].user_attrs["run_dir"]) / "last.pt").is_file()
-    table = status(cfg).set_index("number")
+    table = status(cfg).set_index("trial")
     assert says in table.loc[0, "reason"] and table.loc[complete[0].number, "state"] == "complete"
 
 

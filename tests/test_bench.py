@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from harness import bench
-from harness.bench_study import fewest_epochs
+from harness.bench import __main__ as bench
+from harness.bench.common import DEFAULT_STUDY
+from harness.bench.study import fewest_epochs
 from harness.config import load_study
 
 ROW_KEYS = {"name", "harness", "reference", "ratio", "unit", "target", "better", "met"}
@@ -71,7 +72,7 @@ def test_an_unknown_group_is_refused_with_the_choices(capsys):
 
 
 def test_the_pruners_floors_count_the_epochs_they_must_train():
-    cfg = load_study(bench.DEFAULT_STUDY).replace({"search.trials": 10, "train.epochs": 4})
+    cfg = load_study(DEFAULT_STUDY).replace({"search.trials": 10, "train.epochs": 4})
     median = {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2}
     assert fewest_epochs(cfg.replace({"search.pruner": median})) == 3 * 4 + 7 * 2  # startup trials run in full
     halving = {"name": "successive_halving", "n_warmup_steps": 1}

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from harness.bench_loader import run_loader_bench
+from harness.bench.loader import run_loader_bench
 from harness.data.cache import CachedImageDataset, ImageDecodeError, build_cache
 
 SOURCE_WIDTH, SOURCE_HEIGHT = 96, 128

@@ -59,6 +59,7 @@ import pytest
 from optuna.trial import TrialState
 
 from harness.cli import parse_overrides
+from harness.compat import has_exit_record
 from harness.config import load_study
 from harness.data.prepare import prepare_data
 from harness.io import load_checkpoint
@@ -71,7 +72,7 @@ from harness.study import (
     suggest_params,
     trials_frame,
 )
-from harness.tracking import _has_exit_record, ensemble_run_id, read_offline_run, run_id_for, study_run_id
+from harness.tracking import ensemble_run_id, read_offline_run, run_id_for, study_run_id
 from harness.train import run_trial
 
 # the tests that rebuild a killed process's storage call study.ask() outside study.optimize
@@ -397,17 +398,17 @@ def wandb_history_problems(layout: Layout, frame: pd.DataFrame) -> tuple[list[st
     problems, unfinished = [], 0
     for row in frame.itertuples():
         try:
-            run = read_offline_run(layout.wandb, run_id_for(NAME, int(row.number)))
+            run = read_offline_run(layout.wandb, run_id_for(NAME, int(row.trial)))
         except FileNotFoundError as error:
-            problems.append(f"trial {row.number}: {error}")
+            problems.append(f"trial {row.trial}: {error}")
             continue
         logged = Counter(int(h["epoch"]) for h in run["history"] if "val/f1" in h)
         if sorted(logged) != list(range(row.epochs)) or set(logged.values()) - {1}:
-            problems.append(f"trial {row.number}: W&B holds epochs {dict(logged)} (epoch: times) for "
+            problems.append(f"trial {row.trial}: W&B holds epochs {dict(logged)} (epoch: times) for "
                             f"{row.epochs} epoch(s) trained")
         if run["group"] != NAME or run["job_type"] != "trial":
-            problems.append(f"trial {row.number}: W&B group {run['group']!r}, job_type {run['job_type']!r}")
-        unfinished += sum(not _has_exit_record(Path(f) / f"run-{run['run_id']}.wandb") for f in run["folders"])
+            problems.append(f"trial {row.trial}: W&B group {run['group']!r}, job_type {run['job_type']!r}")
+        unfinished += sum(not has_exit_record(Path(f) / f"run-{run['run_id']}.wandb") for f in run["folders"])
     return problems, unfinished
 
 
@@ -434,7 +435,7 @@ def params_of(frame: pd.DataFrame) -> list[tuple]:
 
 
 def show(frame: pd.DataFrame) -> str:
-    columns = ["number", "attempt", "state", "epochs", "val_f1"] + sorted(
+    columns = ["trial", "optuna_trial", "state", "epochs", "val_f1"] + sorted(
         c for c in frame.columns if c.startswith("param_"))
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         return frame.reindex(columns=columns).to_string(index=False)
@@ -454,7 +455,7 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
     frame, reference_frame = trials_frame(study), trials_frame(open_finished_study(reference))
     finished = states["complete"] + states["pruned"]
     zombies = [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    identities = sorted(int(n) for n in frame["number"])
+    identities = sorted(int(n) for n in frame["trial"])
     folders = sorted(int(p.name) for p in (layout.study / "trials").iterdir())
     unreadable = unreadable_checkpoints(layout, folders)
     wandb_issues, unfinished_attempts = wandb_history_problems(layout, frame)
@@ -473,7 +474,7 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
     check(not zombies, f"trials left RUNNING or WAITING: {zombies}")
     check(not leftovers, f"half-written files of killed writers left: {leftovers}")
     # one identity = one folder = one W&B run id; storage holds no identity besides the finished ones
-    check(frame["number"].is_unique and len(frame) == TRIALS and set(frame["state"]) <= {"complete", "pruned"},
+    check(frame["trial"].is_unique and len(frame) == TRIALS and set(frame["state"]) <= {"complete", "pruned"},
           f"trial identities in storage (latest attempt each):\n{show(frame)}")
     check(folders == identities, f"trial folders {folders} but trial identities {identities}")
     for t in study.trials:
@@ -492,14 +493,14 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
     # checkpoints and per-trial files agree with storage
     problems.extend(unreadable)
     for row in frame.itertuples():
-        folder = layout.study / "trials" / str(row.number)
+        folder = layout.study / "trials" / str(row.trial)
         if row.state not in ("complete", "pruned") or not folder.is_dir() or unreadable:
             continue
-        check(load_checkpoint(folder / "last.pt")["next_epoch"] == row.epochs, f"trial {row.number}: last.pt epoch")
+        check(load_checkpoint(folder / "last.pt")["next_epoch"] == row.epochs, f"trial {row.trial}: last.pt epoch")
         check(pd.read_csv(folder / "metrics.csv")["epoch"].tolist() == list(range(row.epochs)),
-              f"trial {row.number}: metrics.csv epochs")
+              f"trial {row.trial}: metrics.csv epochs")
         check(json.loads((folder / "result.json").read_text())["state"] == row.state,
-              f"trial {row.number}: result.json state")
+              f"trial {row.trial}: result.json state")
     # the cache: no temporary left, no half cache used: the pixels of an uninterrupted build
     cache_leftovers = temporaries(layout.cache, "*.tmp-*")
     check(not cache_leftovers, f"cache temporaries left: {cache_leftovers}")
@@ -508,7 +509,7 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
           f"the cache in {layout.cache} is not the uninterrupted study's: {sorted(os.listdir(layout.cache))}")
     # promotion and report
     members = json.loads((layout.study / "ensemble" / "members.json").read_text())
-    check({m["trial"] for m in members["members"]} <= set(frame.loc[frame["state"] == "complete", "number"]),
+    check({m["trial"] for m in members["members"]} <= set(frame.loc[frame["state"] == "complete", "trial"]),
           f"ensemble members {members['members']} are not all complete trials")
     check("honest" in json.loads((layout.study / "ensemble" / "metrics.json").read_text()), "ensemble metrics.json")
     check((layout.study / "report.html").read_text().rstrip().endswith("</html>"), "report.html is incomplete")
@@ -572,7 +573,7 @@ def test_trial_killed_before_its_identity_was_stored_keeps_it_on_retry(smoke_stu
     cfg = smoke_study(**{"search.trials": 1, "train.epochs": 1, "search.heartbeat_s": 1})
     started_and_died(cfg, first_heartbeat=True)
     frame = trials_frame(run_study(cfg, progress=False))
-    assert frame[["number", "state"]].values.tolist() == [[0, "complete"]], (
+    assert frame[["trial", "state"]].values.tolist() == [[0, "complete"]], (
         f"killed before its identity was stored, trial 0 came back as another identity:\n{show(frame)}")
     assert sorted(p.name for p in (cfg.study_dir / "trials").iterdir()) == ["0"]
 

@@ -41,7 +41,7 @@ def test_config_is_frozen():
     ("name: x\ntrain: {epoch: 3}\n", ["train.epoch", "unknown key"]),
     ("name: x\ntrain: {epochs: many}\n", ["train.epochs", "valid integer", "'many'"]),
     ("name: x\ndata: {valid_fraction: 1.5}\n", ["data.valid_fraction", "less than 1"]),
-    ("name: x\nparams: {head: twoheads}\n", ["params.head", "'multiclass' or 'multihead'"]),
+    ("name: x\nparams: {head: twoheads}\n", ["params.head", "unknown head 'twoheads'; choose one of ['multiclass'"]),
     ("name: x\ndata: {age_bounds: [60, 30]}\n", ["data", "age_bounds"]),
     ("name: x\nsearch: {space: {lr: {type: float, low: 0, high: 1, log: true}}}\n", ["search.space.lr", "low > 0"]),
     ("name: x\nsearch: {space: {colour: {type: categorical, choices: [a]}}}\n", ["space.colour", "unknown parameter"]),

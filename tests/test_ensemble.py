@@ -11,23 +11,13 @@ import torch
 from optuna.trial import TrialState, create_trial
 from sklearn.metrics import f1_score
 
-from harness.augment import build_transform
+from harness.augment import build_transform, normalize_batch
 from harness.config import StudyConfig, load_study
-from harness.ensemble import (
-    EnsembleError,
-    EvalImages,
-    blend_f1,
-    eval_batch,
-    greedy_selection,
-    honest_scores,
-    load_member_model,
-    macro_f1_batch,
-    member_params,
-    member_probabilities,
-    person_halves,
-    predict,
-    run_ensemble,
-)
+from harness.ensemble import EnsembleError, run_ensemble
+from harness.folders import TrialFolder
+from harness.metrics import macro_f1_batch
+from harness.predict import EvalImages, load_member_model, member_params, member_probabilities, predict_submission
+from harness.selection import blend_f1, greedy_selection, honest_scores, person_halves
 from harness.study import run_study, trials_frame
 from harness.tracking import ensemble_run_id, read_offline_run
 
@@ -231,6 +221,36 @@ def test_a_single_complete_trial_is_an_ensemble_of_one_with_a_note(tmp_path, cap
     assert honest["best_single"] == honest["average_top_k"] == honest["greedy"]  # one member: all the same
 
 
+def test_ensemble_charts_name_the_classes_the_study_stored(tmp_path):
+    """Image-folder or CSV data: the W&B confusion chart of the ensemble uses the study's stored class names."""
+    names = [f"kind-{i}" for i in range(C)]
+    cfg = made_study(tmp_path, [{"state": COMPLETE, "value": 0.5, "accuracy": 0.6},
+                                {"state": COMPLETE, "value": 0.4, "accuracy": 0.5}])
+    cfg = cfg.replace({"tracking.mode": "offline"})
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{cfg.study_dir / 'study.db'}")
+    study.set_user_attr("data_summary", {"class_names": names})
+    run_ensemble(cfg)
+    run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(cfg.name))
+    table = run["tables"]["ensemble/confusion_table"]
+    assert {row[table["columns"].index("Actual")] for row in table["data"]} == set(names)
+
+
+@pytest.mark.parametrize("method", ["best_single", "average_top_k", "greedy"])
+def test_ensemble_method_chooses_the_members_weights(tmp_path, method):
+    cfg = made_study(tmp_path, [{"state": COMPLETE, "value": 0.6, "accuracy": 0.7},
+                                {"state": COMPLETE, "value": 0.5, "accuracy": 0.6},
+                                {"state": COMPLETE, "value": 0.4, "accuracy": 0.5}], method=method)
+    summary = run_ensemble(cfg)
+    weights = {m["trial"]: m["weight"] for m in summary["members"]}
+    if method == "best_single":
+        assert weights == {0: 1}
+    elif method == "average_top_k":
+        assert weights == {0: 1, 1: 1, 2: 1}
+    else:
+        assert 0 in weights and sum(weights.values()) >= 1
+    assert json.loads((cfg.study_dir / "ensemble" / "members.json").read_text())["method"] == method
+
+
 def test_different_valid_rows_are_a_clear_error_naming_the_trials(tmp_path):
     other = valid_index(seed=1)
     cfg = made_study(tmp_path, [{"state": COMPLETE, "value": 0.5, "accuracy": 0.5},
@@ -244,9 +264,9 @@ def test_no_complete_trial_and_no_ensemble_yet_are_clear_errors(tmp_path):
     with pytest.raises(EnsembleError, match="no complete trial to promote"):
         run_ensemble(cfg)
     with pytest.raises(EnsembleError, match="run `harness ensemble` first"):
-        predict(cfg)
+        predict_submission(cfg)
     with pytest.raises(EnsembleError, match="--tta 'vflip'"):
-        predict(cfg, tta="vflip")
+        predict_submission(cfg, tta="vflip")
 
 
 # ------------------------------------------------------------------- end to end, real study
@@ -274,7 +294,7 @@ def test_ensemble_of_a_real_study_writes_its_files(ensembled):
     out = cfg.study_dir / "ensemble"
     members = json.loads((out / "members.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    complete = set(frame.loc[frame["state"] == "complete", "number"])
+    complete = set(frame.loc[frame["state"] == "complete", "trial"])
     assert {m["trial"] for m in members["members"]} <= complete and members["members"]
     assert 1 <= sum(m["weight"] for m in members["members"]) <= cfg.ensemble.rounds
     assert set(members["members"][0]) == {"trial", "weight", "val_f1", "gap_f1", "run_dir"}
@@ -294,7 +314,7 @@ def test_ensemble_of_a_real_study_writes_its_files(ensembled):
 
 def test_predict_writes_a_submission_in_info_order_and_scores_eval(ensembled, capsys):
     cfg, _, summary = ensembled
-    result = predict(cfg)
+    result = predict_submission(cfg)
 
     submission = pd.read_csv(cfg.study_dir / "submission.csv", dtype={"ImageID": str})
     info = pd.read_csv(Path(cfg.data.root) / "eval" / "info.csv", dtype={"ImageID": str})
@@ -314,8 +334,8 @@ def test_predict_writes_a_submission_in_info_order_and_scores_eval(ensembled, ca
 def test_predict_one_trial_gives_that_trials_probabilities(ensembled):
     cfg, _, summary = ensembled
     trial = summary["members"][0]["trial"]
-    ensemble = predict(cfg, log_to_wandb=False)
-    single = predict(cfg, trial=trial)
+    ensemble = predict_submission(cfg, log_to_wandb=False)
+    single = predict_submission(cfg, trial=trial)
 
     submission = pd.read_csv(cfg.study_dir / f"submission-trial-{trial}.csv")
     assert len(submission) == single["rows"] and submission["ans"].between(0, C - 1).all()
@@ -325,8 +345,8 @@ def test_predict_one_trial_gives_that_trials_probabilities(ensembled):
 
 def test_hflip_tta_averages_the_image_and_its_mirror(ensembled):
     cfg, _, summary = ensembled
-    run_dir = Path(summary["members"][0]["run_dir"])
-    model = load_member_model(run_dir, member_params(run_dir, cfg), cfg)
+    folder = TrialFolder(summary["members"][0]["run_dir"])
+    model = load_member_model(folder, member_params(folder, cfg), cfg)
     images = np.asarray(EvalImages(cfg).cache.images[:20])
 
     plain = member_probabilities(model, images)
@@ -337,11 +357,11 @@ def test_hflip_tta_averages_the_image_and_its_mirror(ensembled):
     assert not np.allclose(plain, mirrored, atol=1e-4)  # the mirror really is another view
 
 
-def test_eval_batch_is_the_eval_transform():
+def test_normalize_batch_is_the_eval_transform():
     images = np.random.default_rng(0).integers(0, 256, (5, 40, 30, 3), dtype=np.uint8)
     transform = build_transform(0.0, 40, 30, train=False)
     expected = torch.stack([transform(image) for image in images])
-    assert torch.equal(eval_batch(images), expected)
+    assert torch.equal(normalize_batch(images), expected)
 
 
 def test_crops_for_eval_use_the_cached_boxes(trained):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from harness.data.labels import NUM_CLASSES, TASKS, decode, encode
-from harness.losses import LOSSES, build_loss, decode_tasks
+from harness.heads import build_loss
+from harness.losses import LOSSES, decode_tasks
 
 TASK_SIZES = tuple(TASKS.values())
 # (head, num_classes): the competition's two heads and a plain 5-class dataset

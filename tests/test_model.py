@@ -17,19 +17,17 @@ from safetensors.torch import save_file
 from skimage.data import coffee
 
 from harness.data.labels import NUM_CLASSES, decode
+from harness.heads import HEADS
 from harness.model import (
     FREEZE_POLICIES,
-    HEADS,
     FreezePolicy,
     HarnessModel,
     PretrainedWeightsMissing,
     apply_freeze,
     backbone_stages,
     build_model,
-    class_log_probs,
     imagenet_classifier,
     map_state_dict_in_order,
-    task_logits,
 )
 
 TINY = "mobilenetv3_small_050"  # BatchNorm everywhere, builds in a fraction of a second
@@ -116,10 +114,10 @@ def test_dropout_lives_in_our_head():
 
 def test_multihead_class_log_probs_add_the_task_log_probs():
     logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
-    log_probs = class_log_probs(logits, "multihead")
+    log_probs = HEADS.get("multihead").class_log_probs(logits)
     assert log_probs.shape == (5, NUM_CLASSES)
     torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(5))
-    tasks = {name: F.log_softmax(part, 1) for name, part in task_logits(logits, "multihead").items()}
+    tasks = {name: F.log_softmax(part, 1) for name, part in HEADS.get("multihead").task_logits(logits).items()}
     for label in range(NUM_CLASSES):
         mask, gender, age = (int(x) for x in decode(label))
         expected = tasks["mask"][:, mask] + tasks["gender"][:, gender] + tasks["age"][:, age]
@@ -128,12 +126,12 @@ def test_multihead_class_log_probs_add_the_task_log_probs():
 
 def test_multiclass_log_probs_and_task_marginals():
     logits = torch.randn(4, NUM_CLASSES, generator=torch.Generator().manual_seed(1))
-    log_probs = class_log_probs(logits, "multiclass")
+    log_probs = HEADS.get("multiclass").class_log_probs(logits)
     torch.testing.assert_close(log_probs, F.log_softmax(logits, 1))
     mask, gender, age = decode(np.arange(NUM_CLASSES))
     probs = log_probs.exp()
     for name, task_of_class in (("mask", mask), ("gender", gender), ("age", age)):
-        marginal = task_logits(logits, "multiclass")[name].exp()
+        marginal = HEADS.get("multiclass").task_logits(logits)[name].exp()
         for value in range(marginal.shape[1]):
             torch.testing.assert_close(marginal[:, value], probs[:, task_of_class == value].sum(1))
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from plotly.offline import get_plotlyjs
 
-from harness.bench_report import bench_study_config, make_fake_study, write_fake_ensemble
+from harness.bench.report import bench_study_config, make_fake_study, write_fake_ensemble
 from harness.config import ConfigError
 from harness.report import WATCHDOG_JS, external_references, write_report
 

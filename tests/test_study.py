@@ -111,9 +111,9 @@ def test_config_errors_exit_non_zero_before_any_trial(tmp_path):
 def check_wandb_history(cfg, frame):
     """Every trial's W&B offline run (read back from W&B's own files) has val/f1 and gap/f1 per epoch."""
     for row in frame.itertuples():
-        run = read_offline_run(cfg.study_dir / "wandb", run_id_for(cfg.name, row.number))
+        run = read_offline_run(cfg.study_dir / "wandb", run_id_for(cfg.name, row.trial))
         epochs = sorted({int(h["epoch"]) for h in run["history"] if "val/f1" in h and "gap/f1" in h})
-        assert epochs == list(range(row.epochs)), (row.number, epochs)
+        assert epochs == list(range(row.epochs)), (row.trial, epochs)
         assert run["group"] == cfg.name and run["job_type"] == "trial"
 
 
@@ -136,7 +136,7 @@ def test_killed_study_resumes_to_the_exact_target(smoke_study, shared_data, tmp_
     assert TrialState.RUNNING not in states
     frame = trials_frame(study)
     # one row per identity; the killed trial 1 is among them (a fresh trial takes the next free number)
-    assert len(frame) == cfg.search.trials and frame["number"].is_unique and 1 in set(frame["number"])
+    assert len(frame) == cfg.search.trials and frame["trial"].is_unique and 1 in set(frame["trial"])
     metrics = pd.read_csv(cfg.study_dir / "trials" / "1" / "metrics.csv")
     assert metrics["epoch"].tolist() == [0, 1, 2]  # resumed from last.pt, no epoch repeated
     retried = [t for t in study.trials if t.user_attrs.get("identity") == 1]
@@ -187,4 +187,4 @@ def test_every_study_file_runs_its_smoke_variant(smoke_study, path):
     study = run_study(cfg, progress=False)
     frame = trials_frame(study)
     assert len(frame) == cfg.search.trials
-    assert (frame["state"] == "complete").any(), frame[["number", "state", "reason"]]
+    assert (frame["state"] == "complete").any(), frame[["trial", "state", "reason"]]

@@ -175,7 +175,7 @@ def test_wandb_mode_from_env_wins_and_disabled_is_a_noop(study, monkeypatch, cap
 
 
 def test_study_run_holds_the_trials_table(study):
-    trials = pd.DataFrame({"number": [0, 1, 2], "state": ["COMPLETE", "PRUNED", "FAIL"],
+    trials = pd.DataFrame({"trial": [0, 1, 2], "state": ["COMPLETE", "PRUNED", "FAIL"],
                            "lr": [0.1, 0.01, 1.0], "backbone": ["a", "b", None],
                            "val_f1": [0.5, 0.3, float("nan")], "gap_f1": [0.1, 0.2, float("nan")],
                            "gap_bg": [0.0, 0.0, float("nan")], "epochs": [3, 1, 0], "duration_s": [2.0, 1.0, 0.1]})
@@ -195,7 +195,7 @@ def test_study_run_holds_the_trials_table(study):
 
 
 def test_ensemble_run_is_read_back(study):
-    members = pd.DataFrame({"number": [0, 4], "weight": [0.75, 0.25], "val_f1": [0.5, 0.45]})
+    members = pd.DataFrame({"trial": [0, 4], "weight": [0.75, 0.25], "val_f1": [0.5, 0.45]})
     run_id = log_ensemble(study, members, {"val/f1": 0.55, "val/acc": 0.8}, np.eye(3, dtype=int), ["x", "y", "z"])
     assert run_id == ensemble_run_id("t")
     run = read_offline_run(study.study_dir, run_id)  # the study folder works too

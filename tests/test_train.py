@@ -150,7 +150,7 @@ def test_a_tiny_model_overfits_a_tiny_batch(data):
     (Macro F1 over 18 classes cannot pass the share of classes present in 16 images, so the
     check on F1 is that it reaches that ceiling.)"""
     from harness.augment import build_transform
-    from harness.losses import build_loss
+    from harness.heads import build_loss
     from harness.metrics import classification_metrics
 
     rows = data.rows("train")[:16]

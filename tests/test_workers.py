@@ -12,11 +12,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import HARNESS_STUDY, REPO, harness_env, smoke_study_args, wait_for
-from harness.bench_study import create_database
+from harness.bench.postgres import create_database
 from harness.study import trials_frame
 from harness.tracking import read_offline_run, study_run_id
-
-POSTGRES = os.environ.get("HARNESS_TEST_POSTGRES_URL")
 
 
 def start(command, tmp_path, name):
@@ -30,10 +28,10 @@ def check_outcome(study, target, workers):
     assert target <= finished <= target + workers - 1
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     frame = trials_frame(study)
-    assert frame["number"].is_unique
+    assert frame["trial"].is_unique
     for row in frame.itertuples():
         epochs = pd.read_csv(Path(row.run_dir) / "metrics.csv")["epoch"].tolist()
-        assert epochs == sorted(set(epochs)), (row.number, epochs)  # no epoch twice in a trial's own record
+        assert epochs == sorted(set(epochs)), (row.trial, epochs)  # no epoch twice in a trial's own record
     return frame
 
 
@@ -52,14 +50,13 @@ def test_two_workers_share_one_sqlite_study(tmp_path, shared_data):
     run = read_offline_run(tmp_path / "runs" / "default" / "wandb", study_run_id("default"))
     assert len(run["folders"]) == 1
     table = run["tables"]["trials"]
-    numbers = sorted(row[table["columns"].index("number")] for row in table["data"])
-    assert numbers == sorted(frame["number"].tolist())  # the last table has every trial
+    numbers = sorted(row[table["columns"].index("trial")] for row in table["data"])
+    assert numbers == sorted(frame["trial"].tolist())  # the last table has every trial
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not POSTGRES, reason="HARNESS_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
-def test_a_killed_worker_on_postgres_has_its_trial_retried_by_the_survivor(tmp_path, shared_data):
-    url = create_database(POSTGRES, f"harness_{os.getpid()}_{int(time.time())}")
+def test_a_killed_worker_on_postgres_has_its_trial_retried_by_the_survivor(tmp_path, shared_data, postgres_server):
+    url = create_database(postgres_server, f"harness_{os.getpid()}_{int(time.time())}")
     command = HARNESS_STUDY + smoke_study_args(tmp_path, shared_data, "--storage", url, "--trials", "3")
     first = start(command, tmp_path, "first")  # "machine" one
     first_checkpoint = tmp_path / "runs" / "default" / "trials" / "0" / "last.pt"
@@ -73,5 +70,5 @@ def test_a_killed_worker_on_postgres_has_its_trial_retried_by_the_survivor(tmp_p
     frame = check_outcome(study, target=3, workers=2)
     attempts = [t for t in study.trials if t.user_attrs.get("identity") == 0]
     assert [t.state for t in attempts] == [TrialState.FAIL, TrialState.COMPLETE]
-    resumed = pd.read_csv(Path(frame.set_index("number").loc[0, "run_dir"]) / "metrics.csv")
+    resumed = pd.read_csv(Path(frame.set_index("trial").loc[0, "run_dir"]) / "metrics.csv")
     assert resumed["epoch"].tolist() == [0, 1, 2]

@@ -88,6 +88,15 @@ def _in_cache_order(frame: pd.DataFrame, cache: DecodedCache) -> pd.DataFrame:
     return frame
 
 
+def class_names(summary: dict | None, size: int) -> list[str]:
+    """Names of `size` classes: the ones a data summary stored (see `data_summary`), else the competition's
+    names for its 18 classes, else the class numbers."""
+    names = (summary or {}).get("class_names")
+    if names and len(names) == size:
+        return [str(n) for n in names]
+    return [class_name(i) for i in range(size)] if size == NUM_CLASSES else [str(i) for i in range(size)]
+
+
 def data_summary(frame: pd.DataFrame, split, excluded_images: int = 0) -> dict:
     """Persons, images and class counts of train and valid: the shape stored as the study attr "data_summary"."""
     labels = frame["label"].to_numpy()

@@ -16,12 +16,11 @@ true class, so they differ in quality as trials do. Prediction images are the lo
 JPEGs (reused from runs/bench/loader_data), cached at 128x96; the model is efficientnet_lite0 with
 random weights (speed does not depend on them). Figures are the best of a few runs (shared CPUs).
 
-    python -m harness.bench_ensemble [--quick]
+    python -m harness.bench --only ensemble [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -29,9 +28,11 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from harness import bench
-from harness.bench import print_rows, row
-from harness.ensemble import greedy_selection, member_probabilities
+from harness.bench.common import Bench, row
+from harness.bench.loader import TARGET_HEIGHT, TARGET_WIDTH, write_source_images
+from harness.data.cache import build_cache
+from harness.predict import member_probabilities
+from harness.selection import greedy_selection
 from harness.train import EVAL_BATCH, pick_device
 
 NUM_CLASSES = 18
@@ -94,20 +95,17 @@ def selection_row(quick: bool) -> dict:
 
 def bench_images(quick: bool, out: Path):
     """The loader bench's JPEGs (same files, same seed) decoded into a cache of their own."""
-    from harness.bench_loader import TARGET_HEIGHT, TARGET_WIDTH, write_source_images
-    from harness.data.cache import build_cache
-
     paths = write_source_images(out / "loader_data", 64 if quick else 700)
     return build_cache(paths, TARGET_HEIGHT, TARGET_WIDTH, out / "ensemble_cache", progress=False)
 
 
 @torch.no_grad()
 def bare_images_per_s(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    from harness.model import class_log_probs, eval_logits
+    from harness.model import eval_logits
 
     start, seen = time.perf_counter(), 0
     for x in batches:
-        class_log_probs(eval_logits(model, x.to(device, non_blocking=True), device), model.head_kind).exp().cpu()
+        model.class_log_probs(eval_logits(model, x.to(device, non_blocking=True), device)).exp().cpu()
         seen += len(x)
     return seen / (time.perf_counter() - start)
 
@@ -141,21 +139,5 @@ def prediction_row(quick: bool, out: Path) -> dict:
     return result
 
 
-def bench_ensemble(quick: bool, out: Path) -> list[dict]:
-    return [selection_row(quick), prediction_row(quick, out)]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every row runs")
-    args = parser.parse_args(argv)
-    bench.OUT.mkdir(parents=True, exist_ok=True)
-    rows = bench_ensemble(args.quick, bench.OUT)
-    print_rows(rows)
-    for item in rows:
-        print(f"  {item['name']}: {item['size']}" + (f"; met when {item['met_when']}" if "met_when" in item else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def bench_ensemble(bench: Bench) -> list[dict]:
+    return [selection_row(bench.quick), prediction_row(bench.quick, bench.out)]

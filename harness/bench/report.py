@@ -1,6 +1,6 @@
 """`make bench` group "report": how long the HTML report of a 50-trial study takes, and how big it is.
 
-    python -m harness.bench_report [--quick]
+    python -m harness.bench --only report [--quick]
 
 The study is generated without training: a real SQLite Optuna study whose trials are
 added with `optuna.trial.create_trial` (params drawn from the default study's search
@@ -13,8 +13,6 @@ builds the fast studies of tests/test_report.py.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import shutil
 import time
@@ -23,14 +21,14 @@ from typing import Any
 
 import numpy as np
 import optuna
-import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 import harness
+from harness.bench.common import DEFAULT_STUDY, Bench, row
 from harness.config import StudyConfig, load_study
 from harness.data.labels import NUM_CLASSES, class_name
-from harness.io import atomic_save_npy, atomic_write_text
+from harness.folders import EnsembleFolder, TrialFolder
 from harness.study import default_storage, trials_frame
 
 EPOCHS = 4
@@ -106,15 +104,14 @@ def per_class_from(confusion: np.ndarray) -> np.ndarray:
     return np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
 
 
-def write_trial_folder(folder: Path, rows: list[dict], state: str, rng: np.random.Generator) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
+def write_trial_folder(folder: TrialFolder, rows: list[dict], state: str, rng: np.random.Generator) -> None:
+    folder.prepare()
+    folder.write_metrics(rows)
     best = max(rows, key=lambda r: r["val/f1"])
     confusion = fake_confusion(best["val/f1"], rng)
-    atomic_save_npy(folder / "confusion.npy", confusion)
-    atomic_save_npy(folder / "per_class_f1.npy", per_class_from(confusion))
-    atomic_write_text(folder / "result.json", json.dumps({"state": state, "best_f1": best["val/f1"],
-                                                          "best_epoch": best["epoch"], "epochs_run": len(rows)}))
+    folder.save_best_scores(per_class_from(confusion), confusion)
+    folder.write_result({"state": state, "best_f1": best["val/f1"], "best_epoch": best["epoch"],
+                         "epochs_run": len(rows)})
 
 
 def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile: str | None = None):
@@ -130,7 +127,7 @@ def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile:
                                          user_attrs=attrs)
     pruned = number % 7 == 6
     rows = epoch_rows(plausible_f1(params, rng), 2 if pruned else EPOCHS, rng)
-    write_trial_folder(run_dir, rows, "pruned" if pruned else "complete", rng)
+    write_trial_folder(TrialFolder(run_dir), rows, "pruned" if pruned else "complete", rng)
     best = max(rows, key=lambda r: r["val/f1"])
     attrs.update(gap_f1=best["gap/f1"], gap_bg=best["gap/bg"], best_epoch=best["epoch"], epochs_run=len(rows),
                  images_per_s=float(np.mean([r["images_per_s"] for r in rows])), seconds=35.0 * len(rows),
@@ -174,47 +171,40 @@ def write_fake_ensemble(cfg: StudyConfig, study: optuna.Study, top_k: int = 5, s
     frame = trials_frame(study)
     top = frame[frame["state"] == "complete"].head(top_k)
     weights = rng.integers(1, 6, len(top))  # greedy selection with replacement: how often each was added
-    members = [{"trial": int(r["number"]), "weight": int(w), "val_f1": float(r["val_f1"]),
+    members = [{"trial": int(r["trial"]), "weight": int(w), "val_f1": float(r["val_f1"]),
                 "gap_f1": float(r["gap_f1"]), "run_dir": str(r["run_dir"])} for (_, r), w in zip(top.iterrows(), weights)]
     best = float(top["val_f1"].iloc[0])
-    folder = cfg.study_dir / "ensemble"
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "members.json", json.dumps(
-        {"members": members, "rounds": 25, "rounds_kept": int(weights.sum()), "candidates": len(top),
-         "candidate_trials": [m["trial"] for m in members], "note": None}))
     halves = [{"fit_images": 1890, "held_images": 1890, "best_single": best - 0.01 + 0.01 * half,
                "average_top_k": best + 0.004, "greedy": best + 0.006, "fit_persons": 270, "held_persons": 270,
                "greedy_weights": {str(m["trial"]): m["weight"] for m in members}} for half in range(2)]
     scores = {"best_single": best - 0.005, "average_top_k": best + 0.004, "greedy": best + 0.006}
-    atomic_write_text(folder / "metrics.json", json.dumps(
-        {"honest": {**scores, "halves": halves},
-         "fitted_on_all_valid": {"greedy_f1": best + 0.02, "best_single_f1": best, "average_top_k_f1": best + 0.01},
-         "n_valid": 3780, "n_persons": 540, "trajectory": [best + 0.02 * (1 - 0.5 ** r) for r in range(25)]}))
     confusion = fake_confusion(min(0.98, best + 0.02), rng)
-    atomic_save_npy(folder / "confusion.npy", confusion)
-    atomic_save_npy(folder / "per_class_f1.npy", per_class_from(confusion))
-    return folder
+    folder = EnsembleFolder.of(cfg)
+    folder.write(
+        {"members": members, "method": "greedy", "rounds": 25, "rounds_kept": int(weights.sum()),
+         "candidates": len(top), "candidate_trials": [m["trial"] for m in members], "note": None},
+        {"method": "greedy", "honest": {**scores, "halves": halves},
+         "fitted_on_all_valid": {"greedy_f1": best + 0.02, "best_single_f1": best, "average_top_k_f1": best + 0.01},
+         "n_valid": 3780, "n_persons": 540, "trajectory": [best + 0.02 * (1 - 0.5 ** r) for r in range(25)]},
+        np.full((3780, NUM_CLASSES), 1 / NUM_CLASSES), per_class_from(confusion), confusion)
+    return folder.path
 
 
 # ------------------------------------------------------------------------------ bench
 
 
-DEFAULT_STUDY = Path(harness.__file__).resolve().parents[1] / "studies" / "default.yaml"
-
-
-def bench_study_config(out: Path, name: str = "report-study", study_file: Path = DEFAULT_STUDY) -> StudyConfig:
-    """The default study's search space under `out`, with a data root that does not exist (no data needed)."""
+def bench_study_config(out: Path, study_file: Path = DEFAULT_STUDY, name: str = "report-study") -> StudyConfig:
+    """A study file's search space under `out`, with a data root that does not exist (no data needed)."""
     return load_study(study_file).replace(
         {"name": name, "runs_dir": str(out), "data.root": str(out / name / "no-data"), "data.synthetic": None})
 
 
-def bench_report(quick: bool) -> list[dict]:
-    from harness.bench import OUT, row
+def bench_report(bench: Bench) -> list[dict]:
     from harness.report import external_references, write_report
 
-    cfg = bench_study_config(OUT)
+    cfg = bench_study_config(bench.out, bench.study_file)
     shutil.rmtree(cfg.study_dir, ignore_errors=True)  # a fresh study each run
-    study = make_fake_study(cfg, trials=12 if quick else 50)
+    study = make_fake_study(cfg, trials=12 if bench.quick else 50)
     write_fake_ensemble(cfg, study)
     start = time.perf_counter()
     path = write_report(cfg)
@@ -225,16 +215,3 @@ def bench_report(quick: bool) -> list[dict]:
     megabytes = path.stat().st_size / 1e6
     return [row("report_seconds", seconds, REPORT_SECONDS_TARGET, "seconds", 1.0, better="lower"),
             row("report_megabytes", megabytes, REPORT_MEGABYTES_TARGET, "MB", 1.0, better="lower")]
-
-
-def main(argv: list[str] | None = None) -> int:
-    from harness.bench import print_rows
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="12 trials instead of 50")
-    print_rows(bench_report(parser.parse_args(argv).quick))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,12 +18,11 @@ run is the least disturbed.
 The images are this module's own: smooth random pictures with shapes, written as JPEG files
 of the competition's size (384x512, W x H) under `out_dir/loader_data`, resized to 128x96 (H x W).
 
-    python -m harness.bench_loader --out runs/bench [--people 100] [--quick]
+    python -m harness.bench --only loader [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from harness.bench import print_rows, row
+from harness.bench.common import Bench, print_rows, row
 from harness.data.cache import CachedImageDataset, build_cache, to_float_tensor
 from harness.io import atomic_write_text
 
@@ -59,6 +58,11 @@ class PerItemDataset(Dataset):
         with Image.open(self.paths[index]) as image:
             resized = image.convert("RGB").resize(self.size, Image.Resampling.BILINEAR)
         return to_float_tensor(np.array(resized)), int(self.labels[index])
+
+
+def bench_loader(bench: Bench) -> list[dict]:
+    """The loader rows (100 persons' worth of images; 2 with --quick); details in `out/loader.json`."""
+    return run_loader_bench(bench.out, people=2 if bench.quick else 100, quick=bench.quick)["rows"]
 
 
 def run_loader_bench(out_dir: Path, people: int = 100, quick: bool = False) -> dict:
@@ -192,15 +196,3 @@ def print_table(result: dict) -> None:
     print_rows(result["rows"])
     print(f"draft vs full decode: mean absolute difference {result['draft_vs_full_mean_abs_diff']:.3f} grey levels")
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="decoded-image cache vs per-item loader benchmark")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--people", type=int, default=100)
-    parser.add_argument("--quick", action="store_true")
-    arguments = parser.parse_args()
-    run_loader_bench(arguments.out, arguments.people, arguments.quick)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ search   studies/default.yaml at its real size (--quick: its smoke variant) run 
          prunable epoch. HARNESS_BENCH_SEARCH_TRIALS=N runs both studies with N trials.
 
 workers  One fixed study (the smoke variant, 12 trials x 6 epochs, no pruner; --quick: 2 trials
-         x 1 epoch of 2 batches) on a throwaway PostgreSQL server (.ci/postgres), one database
+         x 1 epoch of 2 batches) on a throwaway PostgreSQL server (harness.bench.postgres), one database
          per run. Harness figure of both rows: wall time of run_workers(cfg, 2), two spawned
          processes with one torch thread each (run_workers gives each cpu_count // workers).
          The size keeps the fixed costs of workers (spawn and imports, about 5-10 s; the idle
@@ -45,19 +45,17 @@ workers  One fixed study (the smoke variant, 12 trials x 6 epochs, no pruner; --
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from harness.bench import REPO, default_study, load_average, row
+from harness.bench.common import Bench, load_average, row, unmeasured
+from harness.bench.postgres import PostgresUnavailable, create_database, running_postgres
 from harness.config import StudyConfig
 from harness.io import atomic_write_text
 
@@ -70,11 +68,12 @@ WORKERS_SPACE = ("lr", "weight_decay", "loss")  # searched params that leave a t
 # -------------------------------------------------------------------------- search
 
 
-def bench_search(quick: bool, out: Path) -> list[dict]:
+def bench_search(bench: Bench) -> list[dict]:
     from harness.data.prepare import prepare_data
     from harness.study import run_study, trials_frame
 
-    pruned_cfg, unpruned_cfg = search_configs(quick, out)
+    quick, out = bench.quick, bench.out
+    pruned_cfg, unpruned_cfg = search_configs(bench)
     shutil.rmtree(out / "search", ignore_errors=True)
     prepare_data(pruned_cfg.data, progress=False)  # data and cache exist before either clock starts
     outcome = {}
@@ -100,14 +99,14 @@ def bench_search(quick: bool, out: Path) -> list[dict]:
     return [epochs, gap]
 
 
-def search_configs(quick: bool, out: Path) -> tuple[StudyConfig, StudyConfig]:
+def search_configs(bench: Bench) -> tuple[StudyConfig, StudyConfig]:
     """The default study with its pruner and without, fresh names and folders under out/search."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    overrides = {"runs_dir": str(out / "search"), "tracking.mode": "disabled", "ensemble.enabled": False}
+    overrides = {"runs_dir": str(bench.out / "search"), "tracking.mode": "disabled", "ensemble.enabled": False}
     trials = os.environ.get("HARNESS_BENCH_SEARCH_TRIALS")
     if trials:
         overrides["search.trials"] = int(trials)
-    pruned = default_study(quick, {**overrides, "name": f"bench-search-pruned-{stamp}"})
+    pruned = bench.default_study({**overrides, "name": f"bench-search-pruned-{stamp}"})
     unpruned = pruned.replace({"name": f"bench-search-unpruned-{stamp}", "search.pruner.name": "none"})
     return pruned, unpruned
 
@@ -118,7 +117,7 @@ def summarize(frame: pd.DataFrame, seconds: float) -> dict:
     return {"epochs": float(frame["epochs"].sum()), "trials": len(frame),
             "pruned": int((frame["state"] == "pruned").sum()),
             "best_f1": float(best["val_f1"]) if best is not None else float("nan"),
-            "best_trial": int(best["number"]) if best is not None else None, "seconds": seconds}
+            "best_trial": int(best["trial"]) if best is not None else None, "seconds": seconds}
 
 
 def fewest_epochs(cfg: StudyConfig) -> int | None:
@@ -136,30 +135,26 @@ def fewest_epochs(cfg: StudyConfig) -> int | None:
 # ------------------------------------------------------------------------- workers
 
 
-class PostgresUnavailable(RuntimeError):
-    """The throwaway PostgreSQL server could not be started; the message says why."""
-
-
-def bench_workers(quick: bool, out: Path) -> list[dict]:
-    cfg = workers_config(quick, out)
+def bench_workers(bench: Bench) -> list[dict]:
+    cfg = workers_config(bench)
     size = (f"smoke variant, {cfg.search.trials} trials x {cfg.train.epochs} epoch(s)"
             f"{f' of {cfg.train.max_train_batches} batches' if cfg.train.max_train_batches else ''}, pruner none, "
             f"space {list(WORKERS_SPACE)}")
     try:
-        with throwaway_postgres() as server:
-            return workers_rows(cfg, server, out, size)
+        with tempfile.TemporaryDirectory(prefix="harness-bench-pg-") as folder, \
+                running_postgres(Path(folder) / "server") as server:
+            return workers_rows(cfg, server, bench.out, size)
     except PostgresUnavailable as error:
-        return [{"name": name, "harness": None, "reference": None, "ratio": None, "unit": "seconds",
-                 "target": WORKERS_TARGET, "better": "lower", "met": False, "size": size,
-                 "note": f"not measured: {error}"} for name in WORKERS_ROWS]
+        return [unmeasured(name, "seconds", WORKERS_TARGET, "lower", str(error), size=size) for name in WORKERS_ROWS]
 
 
 WORKERS_ROWS = ("workers_wall_seconds", "workers_wall_seconds_vs_one_thread")
 
 
-def workers_config(quick: bool, out: Path) -> StudyConfig:
-    smoke = default_study(True)  # the smoke variant at either size, its data under OUT/smoke-data
-    size = {"search.trials": 2, "train.epochs": 1, "train.max_train_batches": 2} if quick else \
+def workers_config(bench: Bench) -> StudyConfig:
+    smoke = bench.default_study(smoke=True)  # the smoke variant at either size, its data under out/smoke-data
+    out = bench.out
+    size = {"search.trials": 2, "train.epochs": 1, "train.max_train_batches": 2} if bench.quick else \
         {"search.trials": int(os.environ.get("HARNESS_BENCH_WORKERS_TRIALS", 12)), "train.epochs": 6}
     return smoke.replace({
         "runs_dir": str(out / "workers"), "name": "bench-workers", "search.pruner.name": "none", **size,
@@ -220,46 +215,3 @@ def duplicate_param_sets(study) -> int:
     """Trials whose params repeat an earlier trial's exactly (seeded samplers in parallel workers can do this)."""
     seen = [tuple(sorted(t.params.items())) for t in study.trials if t.params]
     return len(seen) - len(set(seen))
-
-
-@contextlib.contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """A PostgreSQL server on a free local port for the duration; yields its URL, then stops and removes it."""
-    folder = Path(f"/tmp/harness-bench-pg-{os.getpid()}")
-    script = REPO / ".ci" / "postgres"
-    shutil.rmtree(folder, ignore_errors=True)  # initdb refuses a folder left by an earlier run with this pid
-    try:
-        try:
-            started = subprocess.run([str(script), "start", str(folder), str(free_port())], capture_output=True,
-                                     text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise PostgresUnavailable(f"{script} start failed: {error}") from None
-        lines = started.stdout.strip().splitlines()
-        if started.returncode != 0 or not lines:
-            detail = (started.stderr.strip() or started.stdout.strip()).splitlines()[-3:]
-            raise PostgresUnavailable(f"{script} start exited with {started.returncode}: {' | '.join(detail)}")
-        yield lines[-1]
-    finally:
-        subprocess.run([str(script), "stop", str(folder)], capture_output=True, timeout=120, check=False)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def create_database(server_url: str, name: str) -> str:
-    """A new, empty database on the server; returns its URL."""
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE refuses a transaction
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    except sqlalchemy.exc.SQLAlchemyError as error:
-        raise PostgresUnavailable(f"cannot create database {name}: {error}") from None
-    finally:
-        engine.dispose()
-    return server_url.rsplit("/", 1)[0] + f"/{name}"

@@ -1,0 +1,145 @@
+"""`make bench` groups "trial" and "overhead": the epoch loop against a bare loop, and what a study adds.
+
+  trial_train_images_per_s      run_trial's training images/s (best epoch), default study, augmentation
+                                off, against a bare loop: the same model, batch, loss, optimizer and
+                                gradient clipping over tensors already on the device (best pass).
+  probe_cost_share_of_epoch     seconds of the per-epoch evaluations (valid and the probes) against
+                                the epochs' training seconds.
+  trial_amp_channels_last_images_per_s   (CUDA only) float16 autocast + channels_last against float32.
+  study_overhead_share_of_trial trial wall time not spent in epochs (model build, loaders, checkpoints,
+                                Optuna storage, the W&B run) against trial wall time, 2 trials.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from harness.bench.common import Bench, row
+from harness.folders import TrialFolder
+
+
+def _bench_cfg(bench: Bench):
+    return bench.default_study({"runs_dir": str(bench.out / "runs"), "params.pretrained": False,
+                                "params.aug_strength": 0.0, "train.epochs": 2 if bench.quick else 3})
+
+
+def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = None, mixed: bool = False,
+                           passes: int = 1) -> float:
+    """The reference: the harness's own training step (model, batch, loss, optimizer, clipping as the study
+    file asks) over tensors already on `device`, without the loader, schedule or checks around it.
+
+    `mixed` is what train_one_epoch does on CUDA: float16 autocast, channels_last model and
+    batches, a GradScaler. With mixed=False the loop is plain float32.
+    """
+    from harness.augment import build_transform
+    from harness.heads import build_loss
+    from harness.model import build_model
+    from harness.train import backward_step, forward_loss
+
+    device = device or torch.device("cpu")
+    params, size = cfg.params, cfg.data.image_size
+    transform = build_transform(0.0, size.height, size.width, train=False)
+    rows = data.rows("train")[: cfg.train.batch_size * steps]
+    x_all = torch.stack([transform(np.array(data.cache.images[r])) for r in rows]).to(device)
+    y_all = torch.as_tensor(data.frame["label"].to_numpy()[rows]).to(device)
+    torch.manual_seed(0)
+    model = build_model(params.backbone, params.head, 18, pretrained=False,
+                        image_size=(size.height, size.width)).to(device)
+    layout = torch.channels_last if mixed else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    loss_fn = build_loss(params.loss, params.head)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed)
+    model.train()
+    batches = [(x.contiguous(memory_format=layout), y)
+               for x, y in zip(x_all.split(cfg.train.batch_size), y_all.split(cfg.train.batch_size))]
+
+    def train_step(x, y) -> None:
+        backward_step(model, forward_loss(model, x, y, loss_fn, mixed), optimizer, scaler, cfg.train.grad_clip)
+
+    train_step(*batches[0])  # warm-up: allocations, and cuDNN's choice of kernels on CUDA
+    _synchronize(device)
+    start, seen = time.perf_counter(), 0
+    for _ in range(passes):
+        for x, y in batches:
+            train_step(x, y)
+            seen += len(y)
+    _synchronize(device)  # CUDA runs asynchronously: stop the clock when the work is done
+    return seen / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_trial(bench: Bench) -> list[dict]:
+    from harness.data.prepare import prepare_data
+    from harness.train import pick_device, run_trial
+
+    cfg = _bench_cfg(bench)
+    data = prepare_data(cfg.data, progress=False)
+    run_dir = bench.out / "runs" / "trial"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh trial, not a resume of the last bench's
+    result = run_trial(cfg, data=data, run_dir=run_dir)
+    if result.state != "complete":
+        raise RuntimeError(f"bench trial failed: {result.reason}")
+    metrics = TrialFolder(run_dir).metrics()
+    steps = len(data.rows("train")) // cfg.train.batch_size
+    device = pick_device(cfg.train.device)  # the trial's own device, with its own precision and layout
+    cuda = device.type == "cuda"
+    # the machine is noisy: best epoch of the harness against the best of as many bare passes
+    reference = max(bare_loop_images_per_s(cfg, data, steps, device, mixed=cuda) for _ in range(len(metrics)))
+    harness_speed = float(metrics["images_per_s"].max())
+    rows = [row("trial_train_images_per_s", harness_speed, reference, "images/s", 0.9),
+            row("probe_cost_share_of_epoch", float(metrics["probe_time"].sum()), float(metrics["epoch_time"].sum()),
+                "seconds", 0.25, better="lower")]
+    if cuda:
+        rows.append(mixed_precision_row(cfg, data, steps, device, bench.quick))
+    else:
+        bench.notes.append("trial_amp_channels_last_images_per_s: no CUDA device: skipped")
+    return rows
+
+
+def mixed_precision_row(cfg, data, steps: int, device: torch.device, quick: bool) -> dict:
+    """On CUDA: the train loop with float16 autocast + channels_last (what the harness does) against float32.
+
+    Met when mixed precision is at least as fast: the harness chooses it on every CUDA device,
+    so it must never be the slower path. Best of 3 alternating measurements of a few passes each.
+    """
+    passes, repeats = (2, 1) if quick else (5, 3)
+    mixed, plain = 0.0, 0.0
+    for _ in range(repeats):
+        mixed = max(mixed, bare_loop_images_per_s(cfg, data, steps, device, mixed=True, passes=passes))
+        plain = max(plain, bare_loop_images_per_s(cfg, data, steps, device, mixed=False, passes=passes))
+    result = row("trial_amp_channels_last_images_per_s", mixed, plain, "images/s", 1.0)
+    result["size"] = (f"{cfg.params.backbone}, batch {cfg.train.batch_size}, {cfg.data.image_size.height}x"
+                      f"{cfg.data.image_size.width}, {steps * passes} steps, {torch.cuda.get_device_name(device)}")
+    return result
+
+
+def bench_study_overhead(bench: Bench) -> list[dict]:
+    """Per-trial harness overhead: trial wall time not spent in training or evaluation epochs.
+
+    That is model construction, loaders, checkpoint and metrics writes, Optuna storage and the
+    W&B run (init, per-epoch logs, finish); measured on the default study, two trials.
+    """
+    from harness.study import run_study, trials_frame
+
+    cfg = _bench_cfg(bench).replace({"name": "bench-overhead", "search.trials": 2, "search.pruner.name": "none",
+                                     "ensemble.enabled": False})
+    shutil.rmtree(cfg.study_dir, ignore_errors=True)
+    frame = trials_frame(run_study(cfg, progress=False))
+    total, compute = 0.0, 0.0
+    for item in frame.itertuples():
+        metrics: pd.DataFrame = TrialFolder(Path(item.run_dir)).metrics()
+        total += item.duration_s
+        compute += float(metrics["epoch_time"].sum() + metrics["probe_time"].sum())
+    overhead = total - compute
+    return [row("study_overhead_share_of_trial", overhead, total, "seconds", 0.10, better="lower")]

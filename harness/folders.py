@@ -1,0 +1,246 @@
+"""The layout of a trial's folder and of a study's ensemble folder: the only module that names their files.
+
+Every reader and writer of these files goes through `TrialFolder` or `EnsembleFolder`;
+nothing else spells a file name inside them. Writes are atomic (temp file + os.replace).
+
+    runs/<study>/trials/<n>/            TrialFolder
+        config.yaml         resolved study config and this trial's params
+        metrics.csv         one row per epoch
+        last.pt             written after every epoch (the resume point)
+        best.pt             the model at the best val/f1
+        valid_logits.npy    class log-probabilities on valid at the best epoch
+        valid_index.csv     the valid rows those logits refer to (image_id, person, label)
+        per_class_f1.npy    per-class F1 on valid at the best epoch
+        confusion.npy       confusion matrix on valid at the best epoch
+        result.json         state (complete / pruned / failed), reason, best figures
+        traceback.txt       where a failed trial failed
+
+    runs/<study>/ensemble/              EnsembleFolder
+        members.json, metrics.json, valid_probs.npy, per_class_f1.npy, confusion.npy,
+        eval_metrics.json (eval/gt.csv scores of the submission; eval_metrics-trial-<n>.json for one trial)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from harness.io import (
+    atomic_save_npy,
+    atomic_torch_save,
+    atomic_write_text,
+    json_ready,
+    load_checkpoint,
+    remove_dead_temporaries,
+)
+
+if TYPE_CHECKING:
+    from harness.config import StudyConfig
+
+
+def _load_array(path: Path) -> np.ndarray | None:
+    return np.load(path, allow_pickle=False) if path.is_file() else None
+
+
+def _write_json(path: Path, content: Any) -> None:
+    atomic_write_text(path, json.dumps(json_ready(content), indent=2))
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class TrialFolder:
+    """One trial's folder: its files' names and their readers and writers."""
+
+    path: Path
+
+    CONFIG = "config.yaml"
+    METRICS = "metrics.csv"
+    LAST = "last.pt"
+    BEST = "best.pt"
+    VALID_LOGITS = "valid_logits.npy"
+    VALID_INDEX = "valid_index.csv"
+    PER_CLASS_F1 = "per_class_f1.npy"
+    CONFUSION = "confusion.npy"
+    RESULT = "result.json"
+    TRACEBACK = "traceback.txt"
+
+    # what a reader needs to find in a folder
+    VALID_FILES = (VALID_LOGITS, VALID_INDEX)  # the ensemble's inputs
+    MODEL_FILES = (BEST, CONFIG)  # a model to predict with
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has(self, names: tuple[str, ...]) -> bool:
+        return all((self.path / name).is_file() for name in names)
+
+    def prepare(self) -> None:
+        """Create the folder and delete the half-written temporaries of a killed attempt."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(self.path)
+
+    # ------------------------------------------------------------------- config, result
+    def write_config(self, study: dict, params: dict) -> None:
+        atomic_write_text(self.file(self.CONFIG), yaml.safe_dump({"study": study, "params": params}, sort_keys=False))
+
+    def read_config(self) -> dict:
+        return yaml.safe_load(self.file(self.CONFIG).read_text())
+
+    def write_result(self, result: dict) -> None:
+        atomic_write_text(self.file(self.RESULT), json.dumps(result, indent=2, default=str))
+
+    def read_result(self) -> dict | None:
+        path = self.file(self.RESULT)
+        return _read_json(path) if path.is_file() else None
+
+    def write_traceback(self, text: str) -> None:
+        self.file(self.TRACEBACK).write_text(text)
+
+    # ------------------------------------------------------------------------- metrics
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Rewrite metrics.csv with every epoch's row (atomically: never half a file)."""
+        atomic_write_text(self.file(self.METRICS), pd.DataFrame(rows).to_csv(index=False))
+
+    def metrics(self) -> pd.DataFrame | None:
+        """metrics.csv as a frame, or None when there is none (or it has no rows)."""
+        path = self.file(self.METRICS)
+        if not path.is_file():
+            return None
+        frame = pd.read_csv(path)
+        return frame if not frame.empty else None
+
+    def metrics_before(self, epoch: int) -> list[dict]:
+        """Rows of the epochs before `epoch`; a row written after the last checkpoint is dropped (it is redone)."""
+        frame = self.metrics()
+        return [] if frame is None else frame[frame["epoch"] < epoch].to_dict("records")
+
+    # --------------------------------------------------------------------- checkpoints
+    def has_last(self) -> bool:
+        return self.file(self.LAST).is_file()
+
+    def save_last(self, state: dict) -> None:
+        atomic_torch_save(state, self.file(self.LAST))
+
+    def load_last(self) -> dict:
+        return load_checkpoint(self.file(self.LAST))
+
+    def load_best_model(self) -> dict:
+        """The best epoch's model state dict."""
+        return load_checkpoint(self.file(self.BEST))["model"]
+
+    def save_best(self, model_state: dict, valid_log_probs: np.ndarray, valid_index: pd.DataFrame) -> None:
+        """The best epoch's model, its valid log-probabilities and the valid rows they are for."""
+        atomic_torch_save({"model": model_state}, self.file(self.BEST))
+        atomic_save_npy(self.file(self.VALID_LOGITS), valid_log_probs.astype(np.float32))
+        atomic_write_text(self.file(self.VALID_INDEX), valid_index.to_csv(index=False))
+
+    def save_best_scores(self, per_class_f1: np.ndarray, confusion: np.ndarray) -> None:
+        """The best epoch's per-class F1 and confusion matrix on valid."""
+        atomic_save_npy(self.file(self.PER_CLASS_F1), per_class_f1)
+        atomic_save_npy(self.file(self.CONFUSION), confusion)
+
+    # ----------------------------------------------------------------- the best epoch
+    def valid_index(self) -> pd.DataFrame:
+        return pd.read_csv(self.file(self.VALID_INDEX), dtype={"image_id": str, "person": str})
+
+    def valid_log_probs(self, mmap: bool = False) -> np.ndarray:
+        return np.load(self.file(self.VALID_LOGITS), mmap_mode="r" if mmap else None)
+
+    def num_classes(self) -> int:
+        return int(self.valid_log_probs(mmap=True).shape[1])
+
+    def per_class_f1(self) -> np.ndarray | None:
+        return _load_array(self.file(self.PER_CLASS_F1))
+
+    def confusion(self) -> np.ndarray | None:
+        return _load_array(self.file(self.CONFUSION))
+
+
+def find_trial_folder(cfg: StudyConfig, stored: str | None, identity: int,
+                      needs: tuple[str, ...] = ()) -> tuple[TrialFolder | None, list[Path]]:
+    """The trial's folder holding `needs`: the one stored with the trial, else the study's trial folder
+    (the runs folder may have moved). Returns (folder or None, the places looked at)."""
+    options = [Path(stored)] if stored else []
+    options.append(cfg.trial_dir(identity))
+    for path in options:
+        if path.is_dir() and TrialFolder(path).has(needs):
+            return TrialFolder(path), options
+    return None, options
+
+
+@dataclass(frozen=True)
+class EnsembleFolder:
+    """runs/<study>/ensemble/: what `harness ensemble` chose and how it scored, and the eval scores."""
+
+    path: Path
+
+    MEMBERS = "members.json"
+    METRICS = "metrics.json"
+    VALID_PROBS = "valid_probs.npy"
+    PER_CLASS_F1 = "per_class_f1.npy"
+    CONFUSION = "confusion.npy"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of(cls, cfg: StudyConfig) -> EnsembleFolder:
+        return cls(cfg.study_dir / "ensemble")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def eval_metrics_file(self, trial: int | None = None) -> Path:
+        return self.path / ("eval_metrics.json" if trial is None else f"eval_metrics-trial-{trial}.json")
+
+    def write(self, members: dict, metrics: dict, valid_probs: np.ndarray, per_class_f1: np.ndarray,
+              confusion: np.ndarray) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_json(self.file(self.MEMBERS), members)
+        _write_json(self.file(self.METRICS), metrics)
+        atomic_save_npy(self.file(self.VALID_PROBS), valid_probs.astype(np.float32))
+        atomic_save_npy(self.file(self.PER_CLASS_F1), per_class_f1)
+        atomic_save_npy(self.file(self.CONFUSION), confusion)
+
+    def write_eval_metrics(self, content: dict, trial: int | None = None) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.eval_metrics_file(trial)
+        _write_json(path, content)
+        return path
+
+    def has_members(self) -> bool:
+        return self.file(self.MEMBERS).is_file()
+
+    def members(self) -> dict:
+        return _read_json(self.file(self.MEMBERS))
+
+    def read(self) -> tuple[dict[str, Any], list[str]]:
+        """{"members", "metrics", "per_class_f1", "confusion", "eval_metrics"} (None where absent) and the
+        problems met reading them: a broken file is a problem to report, not a crash."""
+        found: dict[str, Any] = {}
+        problems = []
+        readers = {"members": (self.file(self.MEMBERS), _read_json), "metrics": (self.file(self.METRICS), _read_json),
+                   "eval_metrics": (self.eval_metrics_file(), _read_json),
+                   "per_class_f1": (self.file(self.PER_CLASS_F1), _load_array),
+                   "confusion": (self.file(self.CONFUSION), _load_array)}
+        for key, (path, read) in readers.items():
+            found[key] = None
+            if not path.is_file():
+                continue
+            try:
+                found[key] = read(path)
+            except (json.JSONDecodeError, ValueError, OSError) as error:
+                problems.append(f"{path} could not be read ({error}); rerun `harness ensemble`")
+        return found, problems

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help install study resume status ensemble submit report dashboard sync check-data train test bench lint clean
+.PHONY: help install study resume status ensemble submit report dashboard sync check-data weights train test bench lint clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ sync: $(STAMP) ## upload STUDY's offline W&B runs with `wandb sync` (run `.venv/
 
 check-data: $(STAMP) ## count persons, images and classes of STUDY's data and list every problem
 	$(BIN)/harness check-data $(STUDY) $(ARGS)
+
+weights: $(STAMP) ## where STUDY's backbones get ImageNet weights (ARGS=--download fetches the missing ones, online)
+	$(BIN)/harness weights $(STUDY) $(ARGS)
 
 train: $(STAMP) ## run one trial with STUDY's defaults (ARGS="--set lr=0.01")
 	$(BIN)/harness train $(STUDY) $(ARGS)

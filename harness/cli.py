@@ -64,12 +64,45 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from harness.preflight import check_study
     from harness.train import run_trial
 
     cfg = load(args)
+    check_study(cfg)
     result = run_trial(cfg)
     print(f"{result.run_dir}: {result.summary()}")
     return 0 if result.state == "complete" else 1
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """Where each backbone of the study gets its ImageNet weights; --download fetches the missing ones."""
+    from harness.preflight import study_backbones, wants_pretrained
+    from harness.weights import download_weights, find_weights
+
+    cfg = load(args)
+    sources = [find_weights(name) for name in study_backbones(cfg)]
+    if args.download:
+        for source in sources:
+            if source.downloadable:
+                print(f"{source.backbone}: downloading {source.hub_id or source.url} ...", flush=True)
+                try:
+                    download_weights(source.backbone)
+                except Exception as error:  # noqa: BLE001 - offline, unreachable, not found: each is reported
+                    print(f"{source.backbone}: download failed: {type(error).__name__}: {error}", file=sys.stderr)
+        sources = [find_weights(name) for name in study_backbones(cfg)]
+    width = max(len(source.backbone) for source in sources)
+    print(f"ImageNet weights of the backbones of study {cfg.name!r} (params.backbone, search.space.backbone):")
+    for source in sources:
+        print(f"  {source.backbone:{width}}  {source.describe()}")
+    missing = [source.backbone for source in sources if not source.found]
+    if not missing:
+        return 0
+    if not wants_pretrained(cfg):
+        print("params.pretrained is false and not searched: the study needs none of them")
+        return 0
+    hint = "" if args.download else f"; `harness weights {args.study} --download` fetches them on an online machine"
+    print(f"{len(missing)} backbone(s) without ImageNet weights: {', '.join(missing)}{hint}")
+    return 1
 
 
 def print_top(cfg, frame, limit: int = 5) -> None:
@@ -208,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = verb("check-data", cmd_check_data, "count persons, images and classes; list every data problem")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     verb("train", cmd_train, "run one trial with the study's defaults plus --set overrides")
+    weights = verb("weights", cmd_weights, "where each backbone's ImageNet weights come from (--download fetches)")
+    weights.add_argument("--download", action="store_true",
+                         help="fetch missing weights into the standard cache (needs the network; never done by trials)")
     study = verb("study", cmd_study, "create or resume the study and run trials until the target is met", with_storage)
     study.add_argument("--trials", type=int, help="target number of finished trials (raises the file's)")
     study.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")

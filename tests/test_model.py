@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import warnings
 
@@ -22,13 +21,14 @@ from harness.model import (
     FREEZE_POLICIES,
     FreezePolicy,
     HarnessModel,
+    MissingWeights,
     PretrainedWeightsMissing,
     apply_freeze,
     backbone_stages,
     build_model,
     imagenet_classifier,
-    map_state_dict_in_order,
 )
+from harness.weights import map_state_dict_in_order
 
 TINY = "mobilenetv3_small_050"  # BatchNorm everywhere, builds in a fraction of a second
 ESPRESSO = 967  # ImageNet class index
@@ -151,14 +151,16 @@ def test_efficientnet_lite0_package_weights_map_onto_timm_in_order(no_network):
     assert len(tensors) == 247
 
 
-def test_pretrained_efficientnet_lite0_sees_an_espresso(no_network):
-    classifier = imagenet_classifier("efficientnet_lite0")
-    image = cv2.resize(coffee(), (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                        ("efficientnet_lite2", 260)])
+def test_packaged_imagenet_weights_see_an_espresso(no_network, name, size):
+    classifier = imagenet_classifier(name)  # each at its own ImageNet resolution
+    image = cv2.resize(coffee(), (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
     image = (image - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     with torch.no_grad():
         probs = classifier(torch.from_numpy(image.transpose(2, 0, 1))[None]).softmax(1)[0]
     assert probs.argmax().item() == ESPRESSO
-    assert probs[ESPRESSO].item() > 0.7  # 0.88 with this preprocessing
+    assert probs[ESPRESSO].item() > 0.5  # 0.88 / 0.64 / 0.79 with this preprocessing
 
 
 def test_mapping_in_order_refuses_a_checkpoint_that_does_not_line_up():
@@ -194,14 +196,16 @@ def test_weights_in_the_local_hub_cache_are_used(tmp_path, no_network):
     assert model(torch.randn(1, 3, 64, 48)).shape == (1, NUM_CLASSES)
 
 
-def test_missing_weights_warn_once_and_train_from_scratch(tmp_path, no_network):
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+def test_missing_weights_are_refused_unless_training_from_scratch_is_asked_for(tmp_path, no_network):
+    with pytest.raises(MissingWeights, match=r"backbone 'resnet10t' has no ImageNet weights on this machine"):
+        build_model("resnet10t", "multiclass", pretrained=True, image_size=(32, 32), hub_cache=tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = build_model("resnet10t", "multiclass", pretrained=True, image_size=(32, 32), hub_cache=tmp_path)
+        model = build_model("resnet10t", "multiclass", pretrained=True, image_size=(32, 32), hub_cache=tmp_path,
+                            missing_weights="from_scratch")
     missing = [w for w in caught if issubclass(w.category, PretrainedWeightsMissing)]
     assert len(missing) == 1
-    assert "'resnet10t'" in str(missing[0].message) and "trains from scratch" in str(missing[0].message)
+    assert "'resnet10t'" in str(missing[0].message) and "from scratch" in str(missing[0].message)
     assert model.pretrained_from is None
 
 

@@ -9,6 +9,7 @@ from harness.data.readers import (
     read_competition_train,
     read_csv_index,
     read_image_folder,
+    read_train,
 )
 
 
@@ -185,3 +186,32 @@ def test_unexpected_file_names_are_warned_and_skipped(tmp_path):
     index = read_competition_train(tmp_path)
     assert len(index.frame) == len(STEMS)
     assert any("selfie.jpg" in str(p) and p.severity == "warning" for p in index.problems)
+
+
+# ------------------------------------------------------------------------ sample datasets
+
+
+@pytest.mark.parametrize("sample, images, classes", [("digits", 1797, [str(d) for d in range(10)]),
+                                                     ("faces", 200, ["face", "non_face"])])
+def test_a_sample_dataset_is_written_as_an_image_folder_on_first_use(tmp_path, sample, images, classes):
+    from harness.config import DataConfig
+    from harness.data.prepare import ensure_dataset
+
+    data = DataConfig(format="imagefolder", root=tmp_path / sample, sample=sample)
+    ensure_dataset(data)
+    index = read_train(data)
+    assert len(index.frame) == images and index.frame.attrs["class_names"] == classes
+    assert index.frame["person"].is_unique  # each image is its own group
+    assert not list(tmp_path.glob("*.partial-*"))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / sample).rglob("*.png")}
+    ensure_dataset(data)  # there already: left as it is
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / sample).rglob("*.png")} == before
+
+
+def test_a_sample_needs_the_image_folder_format_and_a_known_name(tmp_path):
+    from harness.config import ConfigError, parse_study
+
+    with pytest.raises(ConfigError, match=r"data.sample: unknown sample dataset 'mnist'; choose one of \['digits', "):
+        parse_study("name: x\ndata: {format: imagefolder, sample: mnist}\n")
+    with pytest.raises(ConfigError, match="set format: imagefolder"):
+        parse_study("name: x\ndata: {format: competition, sample: digits}\n")

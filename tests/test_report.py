@@ -9,7 +9,6 @@ plots onto <html>; `--dump-dom` hands back that DOM after the page has run.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,13 +17,12 @@ import pytest
 from PIL import Image
 from plotly.offline import get_plotlyjs
 
+from conftest import CHROMIUM, ENABLE_BROWSER_TESTS
 from harness.bench.report import bench_study_config, make_fake_study, write_fake_ensemble
 from harness.config import ConfigError
 from harness.report import WATCHDOG_JS, external_references, write_report
 
-CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None)
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary on PATH: install Debian's `chromium` package to run the browser test")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason=f"no chromium on PATH: `{ENABLE_BROWSER_TESTS}`")
 ALWAYS = {"history", "parallel", "overfitting", "background", "curves", "per_class_f1", "confusion_best"}
 HOSTILE = '</script><script>document.documentElement.dataset.pwned="1"</script><b onmouseover=alert(1)>x'
 

@@ -11,7 +11,16 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import harness_env, smoke_study_args, wait_for
-from harness.study import StudyError, default_trial_params, make_sampler, open_study, run_study, suggest_params, trials_frame
+from harness.study import (
+    StudyError,
+    default_storage,
+    default_trial_params,
+    make_sampler,
+    open_study,
+    run_study,
+    suggest_params,
+    trials_frame,
+)
 from harness.tracking import read_offline_run, run_id_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,23 +171,50 @@ def test_study_runs_to_target_and_logs_every_trial(smoke_study):
     assert len(run_study(cfg, trials=cfg.search.trials + 1, progress=False).trials) == cfg.search.trials + 1
 
 
-@pytest.mark.parametrize("pruner, stops", [
-    ({"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1}, {1, 2}),
-    ({"name": "successive_halving", "n_warmup_steps": 1, "reduction_factor": 2}, {1, 2}),  # rungs: epochs 1, 2
-], ids=["median", "successive_halving"])
-def test_pruned_trials_stop_where_the_pruner_decides(smoke_study, pruner, stops):
+def study_with_reference_trials(cfg, value: float, count: int = 2) -> None:
+    """Complete trials whose val F1 is `value` after every epoch: what the median pruner compares against.
+
+    A real trial's F1 lies in [0, 1], so references at 2.0 are always better and at -1.0 always worse:
+    the pruner's decision no longer depends on the floating-point noise of a random model's F1.
+    """
+    cfg.study_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=cfg.name, storage=default_storage(cfg), direction="maximize")
+    for _ in range(count):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=value,
+                                                  intermediate_values={step: value for step in range(1, 4)}))
+
+
+@pytest.mark.parametrize("reference, epochs, state, epochs_run", [
+    (2.0, 3, TrialState.PRUNED, 2),  # worse than every reference: stopped at the first prunable epoch (2)
+    (2.0, 2, TrialState.COMPLETE, 2),  # the first prunable epoch is the last: the pruner is never asked there
+    (-1.0, 3, TrialState.COMPLETE, 3),  # better than every reference: trains all its epochs
+], ids=["pruned-at-first-prunable-epoch", "never-after-the-last-epoch", "not-pruned"])
+def test_pruned_trials_stop_where_the_pruner_decides(smoke_study, reference, epochs, state, epochs_run):
     cfg = smoke_study(**{
-        "search.trials": 5, "train.epochs": 3, "params.lr": 0.003, "params.freeze": "none",
-        "search.pruner": pruner, "search.sampler": {"name": "random", "seed": 3},
+        "search.trials": 3, "train.epochs": epochs, "params.lr": 0.003, "search.sampler": {"name": "random", "seed": 3},
+        "search.pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 2},  # prunable from epoch 2
+        "search.space": {"lr": {"type": "categorical", "choices": [0.003]}},
+    })
+    study_with_reference_trials(cfg, reference)
+    study = run_study(cfg, progress=False)
+    trial = next(t for t in study.trials if t.user_attrs.get("reference"))  # trial 0 of the study file
+    assert trial.state == state and trial.user_attrs["epochs_run"] == epochs_run
+    # the pruner's step is the number of epochs trained (1, 2, ...), reported after every epoch, the last too
+    assert sorted(trial.intermediate_values) == list(range(1, epochs_run + 1))
+
+
+def test_successive_halving_stops_trials_at_its_rungs_only(smoke_study):
+    cfg = smoke_study(**{
+        "search.trials": 5, "train.epochs": 3, "params.lr": 0.003, "search.sampler": {"name": "random", "seed": 3},
+        "search.pruner": {"name": "successive_halving", "n_warmup_steps": 1, "reduction_factor": 2},
         "search.space": {"lr": {"type": "categorical", "choices": [0.003, 1.0e-9]}},
     })
     study = run_study(cfg, progress=False)
-    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
-    assert pruned and {t.user_attrs["epochs_run"] for t in pruned} <= stops
-    if pruner["name"] == "successive_halving":  # its first rung is after epoch 1 (min_resource 1)
-        assert any(t.user_attrs["epochs_run"] == 1 for t in pruned)
-    # the pruner's step is the number of epochs trained (1, 2, ...), so a rung at 1 stops after one epoch
-    assert all(sorted(t.intermediate_values) == list(range(1, t.user_attrs["epochs_run"] + 1)) for t in study.trials)
+    epochs_run = {t.number: t.user_attrs["epochs_run"] for t in study.trials}
+    pruned = [t.number for t in study.trials if t.state == TrialState.PRUNED]
+    assert all(epochs_run[n] in (1, 2) for n in pruned)  # rungs after epochs 1 and 2; never after the last (3)
+    assert all(epochs_run[t.number] == 3 for t in study.trials if t.state == TrialState.COMPLETE)
+    assert all(sorted(t.intermediate_values) == list(range(1, epochs_run[t.number] + 1)) for t in study.trials)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)

@@ -10,6 +10,8 @@ search   studies/default.yaml at its real size (--quick: its smoke variant) run 
   search_best_f1_gap   harness = the pruned study's best val F1 over its complete trials,
                        reference = the unpruned study's. ratio = reference - harness, met at
                        <= 0.01.
+  pretrained_trials_share  harness = trials of the pruned study whose backbone started from ImageNet
+                       weights, reference = its trials that built a model; met at 1.0 (all of them).
          `fewest_possible_ratio` on the epochs row is the floor the pruner's settings allow:
          its startup trials run in full and every later trial runs at least until its first
          prunable epoch. HARNESS_BENCH_SEARCH_TRIALS=N runs both studies with N trials.
@@ -96,7 +98,9 @@ def bench_search(bench: Bench) -> list[dict]:
     gap = row("search_best_f1_gap", pruned["best_f1"], unpruned["best_f1"], "val F1", F1_GAP_TARGET, better="lower",
               ratio=unpruned["best_f1"] - pruned["best_f1"])
     gap.update(size=size, best_trial={"pruned": pruned["best_trial"], "unpruned": unpruned["best_trial"]})
-    return [epochs, gap]
+    imagenet = row("pretrained_trials_share", pruned["imagenet_trials"], pruned["built_trials"], "trials", 1.0)
+    imagenet.update(size=size, note="trials whose backbone started from ImageNet weights / trials that built a model")
+    return [epochs, gap, imagenet]
 
 
 def search_configs(bench: Bench) -> tuple[StudyConfig, StudyConfig]:
@@ -114,7 +118,10 @@ def search_configs(bench: Bench) -> tuple[StudyConfig, StudyConfig]:
 def summarize(frame: pd.DataFrame, seconds: float) -> dict:
     complete = frame[frame["state"] == "complete"]
     best = complete.iloc[0] if len(complete) else None  # trials_frame sorts by val F1, best first
+    weights = frame["weights"].fillna("").astype(str) if "weights" in frame else pd.Series([], dtype=str)
     return {"epochs": float(frame["epochs"].sum()), "trials": len(frame),
+            "built_trials": int((weights != "").sum()),
+            "imagenet_trials": int(((weights != "") & (weights != "random init")).sum()),
             "pruned": int((frame["state"] == "pruned").sum()),
             "best_f1": float(best["val_f1"]) if best is not None else float("nan"),
             "best_trial": int(best["trial"]) if best is not None else None, "seconds": seconds}

@@ -46,11 +46,14 @@ def task_table(parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def check_data(cfg: StudyConfig, progress: bool = True) -> tuple[str, bool]:
     """The report text and whether the data is fit to train on (no error problems)."""
+    from harness.preflight import preflight_problems
+
     data = cfg.data
+    problems = [Problem("error", "study file", problem) for problem in preflight_problems(cfg)]
     ensure_dataset(data)
     index = read_train(data)
     frame = index.frame
-    problems = list(index.problems)
+    problems += index.problems
     cache = build_cache(list(frame["path"]), data.image_size.height, data.image_size.width, Path(data.cache_dir),
                         resize=data.resize, workers=data.cache_workers, on_bad_image="exclude", progress=progress)
     problems += [Problem("error", path, f"unreadable image: {reason}") for path, reason in cache.excluded]

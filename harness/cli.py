@@ -110,7 +110,8 @@ def print_top(cfg, frame, limit: int = 5) -> None:
     if frame.empty:
         print("no trials yet")
         return
-    columns = ["trial", "state", "val_f1", "gap_f1", "gap_bg", "best_epoch", "epochs", "duration_s"]
+    columns = ["trial", "state", "objective", "val_f1", "val_f1_bgswap", "eval_f1", "gap_f1", "best_epoch", "epochs",
+               "duration_s"]
     params = [c for c in frame.columns if c.startswith("param_")]
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns + params].head(limit).to_string(index=False))
@@ -128,6 +129,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         run_workers(cfg, args.workers, trials=args.trials, timeout=args.timeout, storage=args.storage)
     else:
         run_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage)
+    score_on_eval(cfg, args.storage)
     frame = status(cfg, args.storage)
     print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {cfg.study_dir / 'trials.csv'}")
     print_top(cfg, frame)
@@ -140,6 +142,15 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     print(f"report: {write_report(cfg, args.storage)}")
     return 0
+
+
+def score_on_eval(cfg, storage: str | None) -> None:
+    """Where eval/gt.csv exists (the synthetic data), each trial's eval F1 goes beside its objective."""
+    from harness.predict import score_trials_on_eval
+
+    if score_trials_on_eval(cfg, storage):
+        print("eval_f1: each trial's best epoch on the eval images against eval/gt.csv (shown only: "
+              "nothing is selected by it)")
 
 
 def keep_wandb_files_in_study(cfg) -> None:
@@ -167,12 +178,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remedies(args: argparse.Namespace) -> int:
+    from harness.remedies import run_remedies
+
+    cfg = load(args)
+    keep_wandb_files_in_study(cfg)
+    run_remedies(cfg, seeds=args.seeds, names=args.only.split(",") if args.only else None)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from harness.study import status
 
     cfg = load(args)
     frame = status(cfg, args.storage)
-    columns = [c for c in frame.columns if c not in ("run_dir", "wandb_run_id", "optuna_trial")]
+    columns = [c for c in frame.columns if c not in ("run_dir", "wandb_run_id", "optuna_trial", "weights")]
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns].to_string(index=False) if not frame.empty else "no trials yet")
     print(f"\nwritten to {cfg.study_dir / 'trials.csv'}")
@@ -253,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict = verb("predict", cmd_predict, "predict the eval images: runs/<study>/submission.csv", with_storage)
     predict.add_argument("--tta", choices=["none", "hflip"], default="none", help="test-time augmentation")
     predict.add_argument("--trial", type=int, help="predict with this single trial instead of the ensemble")
+    remedies = verb("remedies", cmd_remedies, "train the defaults once per background remedy and score each "
+                    "(eval/gt.csv too): runs/<study>/remedies.json")
+    remedies.add_argument("--seeds", type=int, default=1, help="seeds per remedy (default 1)")
+    remedies.add_argument("--only", help="comma-separated remedies (default: all)")
     verb("report", cmd_report, "write runs/<study>/report.html, one self-contained file", with_storage)
     dash = verb("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage", with_storage)
     dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

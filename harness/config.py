@@ -46,6 +46,8 @@ class SyntheticData(_Frozen):
     height: int = Field(512, ge=32, le=4096)
     width: int = Field(384, ge=32, le=4096)
     eval_images: int | None = Field(None, ge=1)
+    # chance that a train person's background follows their gender and age group (the trap); 0: no trap
+    trap_strength: float = Field(0.85, ge=0.0, le=1.0)
 
 
 class DataConfig(_Frozen):
@@ -118,6 +120,7 @@ class Params(_Frozen):
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=10.0)
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    bgswap_p: float = Field(0.0, ge=0.0, le=1.0)  # training: chance an image's person goes on another's background
 
     @field_validator("head", "loss", "freeze", "preprocess")
     @classmethod
@@ -140,7 +143,6 @@ class TrainConfig(_Frozen):
     num_workers: int = Field(0, ge=0, le=64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # multihead: mask, gender, age
-    probe_border: float = Field(0.2, ge=0.0, lt=0.5)  # background probe: fraction of each side masked
     max_train_batches: int | None = Field(None, ge=1)  # cap an epoch (smoke runs)
     # pretrained: true and a backbone with no ImageNet weights here: refuse before any compute (the
     # default), or train that backbone from random init (an explicit choice, never a silent one)
@@ -213,11 +215,22 @@ class PrunerConfig(_Frozen):
 
 class SearchConfig(_Frozen):
     trials: int = Field(12, ge=1, le=100_000)
+    # what trials are ranked, pruned and promoted by (harness.metrics.OBJECTIVES)
+    objective: str = "val/f1"
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     space: dict[str, SearchParam] = Field(default_factory=dict)
     heartbeat_s: int = Field(10, ge=1)  # a trial with no heartbeat for 3x this long is stale and retried
     max_failed: int = Field(10, ge=1)  # stop the study after this many failed trials (it is probably broken)
+
+    @field_validator("objective")
+    @classmethod
+    def _registered_objective(cls, value: str) -> str:
+        from harness.metrics import OBJECTIVES
+
+        if value not in OBJECTIVES:
+            raise ValueError(f"unknown objective {value!r}; choose one of {OBJECTIVES.names()}")
+        return value
 
     @model_validator(mode="after")
     def _known_names(self) -> SearchConfig:
@@ -324,7 +337,7 @@ class StudyConfig(_Frozen):
         return _validate(raw, source="overrides")
 
     def search_space_hash(self) -> str:
-        """What makes two trials comparable: the space, the defaults and the training recipe.
+        """What makes two trials comparable: the space, the defaults, the training recipe and the objective.
 
         Where a trial runs (train.device, train.num_workers) and how the study searches (sampler,
         pruner, trial count) are left out: changing them on resume mixes nothing.
@@ -332,7 +345,8 @@ class StudyConfig(_Frozen):
         space = {k: v.model_dump(mode="json") for k, v in self.search.space.items()}
         recipe = self.train.model_dump(mode="json", exclude={"device", "num_workers"})
         blob = json.dumps({"space": space, "params": self.params.model_dump(mode="json"), "train": recipe,
-                           "image_size": self.data.image_size.model_dump(mode="json")}, sort_keys=True)
+                           "image_size": self.data.image_size.model_dump(mode="json"),
+                           "objective": self.search.objective}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

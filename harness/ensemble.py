@@ -4,14 +4,15 @@
 
 `harness predict` (harness.predict) then runs the members on the eval images.
 
-Candidates are the top `ensemble.top_k` COMPLETE trials by val F1 (only those with
-gap/f1 <= `ensemble.max_gap` when it is set); pruned and failed trials never take part.
-The only input is each candidate's stored valid log-probabilities: nothing is re-run.
+Candidates are the top `ensemble.top_k` COMPLETE trials by the study's objective
+(`search.objective`; only those with gap/f1 <= `ensemble.max_gap` when it is set); pruned and
+failed trials never take part. The only input is each candidate's stored log-probabilities on
+the valid views the objective reads (valid, background-swapped valid): nothing is re-run.
 
 How candidates are combined is an ensemble method (`METHODS`, chosen by `ensemble.method`):
 best_single, average_top_k, or greedy forward selection with replacement (Caruana et al.,
 ICML 2004, as AutoGluon does it): each round adds the candidate, repeats allowed, whose
-addition gives the best macro F1 of the averaged probabilities; a member's weight is how
+addition gives the best objective of the averaged probabilities; a member's weight is how
 often it was added. The first round therefore picks the best single trial, and the rounds
 after the best score are dropped (as AutoGluon does), so on the data it was fitted on the
 ensemble never scores below the best single trial.
@@ -34,8 +35,8 @@ import pandas as pd
 from harness.config import StudyConfig
 from harness.data.prepare import class_names
 from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder
-from harness.metrics import confusion, per_class_f1
-from harness.selection import METHODS, Selection, blend, blend_f1, honest_scores, person_halves, strategies
+from harness.metrics import OBJECTIVES, confusion, per_class_f1
+from harness.selection import METHODS, Selection, Views, blend, blend_score, honest_scores, person_halves, strategies
 from harness.study import StudyError, load_existing_study, trials_frame
 
 
@@ -46,6 +47,7 @@ class EnsembleError(StudyError):
 @dataclass(frozen=True)
 class Candidate:
     trial: int  # the trial identity (folder, W&B run)
+    objective: float
     val_f1: float
     gap_f1: float
     folder: TrialFolder
@@ -53,9 +55,14 @@ class Candidate:
 
 @dataclass
 class ValidSet:
-    probs: np.ndarray  # (M, N, C) float64: candidate m's class probabilities on valid row n
+    views: Views  # view -> (M, N, C) float64: candidate m's class probabilities on valid row n
     labels: np.ndarray  # (N,)
     persons: np.ndarray  # (N,)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(M, N, C) on the valid images as they are."""
+        return self.views["valid"]
 
     @property
     def num_classes(self) -> int:
@@ -66,17 +73,17 @@ class ValidSet:
 
 
 def pick_candidates(frame: pd.DataFrame, top_k: int, max_gap: float | None) -> pd.DataFrame:
-    """The top_k COMPLETE trials by val F1 from `trials_frame` (one row per trial).
+    """The top_k COMPLETE trials by objective from `trials_frame` (one row per trial).
 
     With max_gap, a trial whose gap/f1 is unknown (NaN) is left out: it cannot be shown to be within it.
     """
     if frame.empty:
         return frame
-    eligible = frame[(frame["state"] == "complete") & frame["val_f1"].notna()]
+    eligible = frame[(frame["state"] == "complete") & frame["objective"].notna()]
     if max_gap is not None:
         eligible = eligible[eligible["gap_f1"] <= max_gap]
     eligible = eligible.drop_duplicates("trial")
-    return eligible.sort_values(["val_f1", "trial"], ascending=[False, True]).head(top_k)
+    return eligible.sort_values(["objective", "trial"], ascending=[False, True]).head(top_k)
 
 
 def load_candidates(cfg: StudyConfig, frame: pd.DataFrame, top_k: int | None = None) -> list[Candidate]:
@@ -85,7 +92,7 @@ def load_candidates(cfg: StudyConfig, frame: pd.DataFrame, top_k: int | None = N
     chosen = pick_candidates(frame, top_k, cfg.ensemble.max_gap)
     if chosen.empty:
         raise EnsembleError(_no_candidates_message(cfg, frame))
-    return [Candidate(int(row.trial), float(row.val_f1), float(row.gap_f1),
+    return [Candidate(int(row.trial), float(row.objective), float(row.val_f1), float(row.gap_f1),
                       trial_folder_with(cfg, row.run_dir, int(row.trial), TrialFolder.VALID_FILES,
                                         "the trial folder is missing or incomplete. "
                                         "Restore it, or leave the trial out by lowering ensemble.top_k"))
@@ -113,8 +120,8 @@ def trial_folder_with(cfg: StudyConfig, stored: str | None, identity: int, needs
     return folder
 
 
-def load_valid(candidates: list[Candidate]) -> ValidSet:
-    """The candidates' stored valid probabilities, after checking they are for the same valid rows."""
+def load_valid(candidates: list[Candidate], views: tuple[str, ...] = ("valid",)) -> ValidSet:
+    """The candidates' stored probabilities on `views`, after checking they are for the same valid rows."""
     indexes = [c.folder.valid_index() for c in candidates]
     first = candidates[0]
     different = [c.trial for c, index in zip(candidates, indexes, strict=True) if not index.equals(indexes[0])]
@@ -124,19 +131,21 @@ def load_valid(candidates: list[Candidate]) -> ValidSet:
             f"({first.folder.path}): their stored logits are for other valid images, so they cannot be averaged. "
             "This happens when the data or split changed between trials; promote only trials of one split "
             "(a new study name per split)")
-    logits = [c.folder.valid_log_probs() for c in candidates]
-    for c, values in zip(candidates, logits, strict=True):
-        if values.ndim != 2 or values.shape != (len(indexes[0]), logits[0].shape[1]):
-            raise EnsembleError(f"{c.folder.file(TrialFolder.VALID_LOGITS)}: shape {values.shape}, expected "
-                                f"({len(indexes[0])}, {logits[0].shape[1]}): one row per "
-                                f"{TrialFolder.VALID_INDEX} row and trial {first.trial}'s classes; "
-                                "the trial folder is damaged")
-    probs = np.exp(np.stack(logits).astype(np.float64))  # stored values are class log-probabilities
+    loaded = {}
+    for view in ("valid", *views):
+        logits = [c.folder.view_log_probs(view) for c in candidates]
+        for c, values in zip(candidates, logits, strict=True):
+            if values.ndim != 2 or values.shape != (len(indexes[0]), logits[0].shape[1]):
+                raise EnsembleError(f"{c.folder.file(TrialFolder.VIEW_FILES[view])}: shape {values.shape}, expected "
+                                    f"({len(indexes[0])}, {logits[0].shape[1]}): one row per "
+                                    f"{TrialFolder.VALID_INDEX} row and trial {first.trial}'s classes; "
+                                    "the trial folder is damaged")
+        loaded[view] = np.exp(np.stack(logits).astype(np.float64))  # stored values are class log-probabilities
     labels = indexes[0]["label"].to_numpy(dtype=np.int64)
-    if labels.min() < 0 or labels.max() >= probs.shape[2]:
-        raise EnsembleError(f"{first.folder.file(TrialFolder.VALID_INDEX)}: labels must lie in "
-                            f"0..{probs.shape[2] - 1}")
-    return ValidSet(probs, labels, indexes[0]["person"].to_numpy())
+    classes = loaded["valid"].shape[2]
+    if labels.min() < 0 or labels.max() >= classes:
+        raise EnsembleError(f"{first.folder.file(TrialFolder.VALID_INDEX)}: labels must lie in 0..{classes - 1}")
+    return ValidSet({view: loaded[view] for view in views}, labels, indexes[0]["person"].to_numpy())
 
 
 # ---------------------------------------------------------------------------- ensemble
@@ -147,24 +156,28 @@ def run_ensemble(cfg: StudyConfig, storage: str | None = None, log_to_wandb: boo
     study = load_existing_study(cfg, storage)
     top_k = cfg.ensemble.top_k if cfg.ensemble.enabled else 1
     candidates = load_candidates(cfg, trials_frame(study), top_k)
-    valid = load_valid(candidates)
+    objective = OBJECTIVES.get(cfg.search.objective)
+    valid = load_valid(candidates, objective.views)
     rounds = cfg.ensemble.rounds
     halves = person_halves(valid.labels, valid.persons, seed=cfg.seed)
-    honest = honest_scores(valid.probs, valid.labels, halves, strategies(rounds))
+    honest = honest_scores(valid.views, valid.labels, halves, strategies(rounds, objective),
+                           score=lambda views, labels, weights: blend_score(views, labels, weights, objective))
     _describe_halves(honest["halves"], halves, valid.persons, candidates)
-    fitted_selections = {name: method.select(valid.probs, valid.labels, rounds) for name, method in METHODS.items()}
+    fitted_selections = {name: method.select(valid.views, valid.labels, rounds, objective)
+                         for name, method in METHODS.items()}
     selection = fitted_selections[cfg.ensemble.method]
     probs = blend(valid.probs, selection.weights)
     pred = probs.argmax(axis=1)
     num_classes = valid.num_classes
-    fitted = {f"{name}_f1": blend_f1(valid.probs, valid.labels, chosen.weights)
+    fitted = {f"{name}": blend_score(valid.views, valid.labels, chosen.weights, objective)
               for name, chosen in fitted_selections.items()}
     note = _note(cfg, candidates, selection, halves)
-    members = [{"trial": c.trial, "weight": int(w), "val_f1": c.val_f1, "gap_f1": _finite_or_none(c.gap_f1),
-                "run_dir": str(c.folder.path)} for c, w in zip(candidates, selection.weights, strict=True) if w > 0]
-    metrics = {"method": cfg.ensemble.method, "honest": honest, "fitted_on_all_valid": fitted,
-               "n_valid": int(len(valid.labels)), "n_persons": int(len(np.unique(valid.persons))),
-               "trajectory": selection.trajectory}
+    members = [{"trial": c.trial, "weight": int(w), "objective": c.objective, "val_f1": c.val_f1,
+                "gap_f1": _finite_or_none(c.gap_f1), "run_dir": str(c.folder.path)}
+               for c, w in zip(candidates, selection.weights, strict=True) if w > 0]
+    metrics = {"method": cfg.ensemble.method, "objective": cfg.search.objective, "honest": honest,
+               "fitted_on_all_valid": fitted, "n_valid": int(len(valid.labels)),
+               "n_persons": int(len(np.unique(valid.persons))), "trajectory": selection.trajectory}
     matrix = confusion(pred, valid.labels, num_classes)
     folder = EnsembleFolder.of(cfg)
     folder.write({"members": members, "method": cfg.ensemble.method, "rounds": rounds,
@@ -211,9 +224,9 @@ def _finite_or_none(value: float) -> float | None:
 
 def _flat_metrics(metrics: dict) -> dict:
     honest, fitted = metrics["honest"], metrics["fitted_on_all_valid"]
-    flat = {f"honest/{name}_f1": honest[name] for name in METHODS.names()}
-    flat.update({f"val/{name}": value for name, value in fitted.items()})
-    flat.update({"n_valid": metrics["n_valid"], "n_persons": metrics["n_persons"], "method": metrics["method"]})
+    flat = {f"honest/{name}": honest[name] for name in METHODS.names()}
+    flat.update({f"fitted/{name}": value for name, value in fitted.items()})
+    flat.update({key: metrics[key] for key in ("n_valid", "n_persons", "method", "objective")})
     return flat
 
 
@@ -229,14 +242,14 @@ def ensemble_table(cfg: StudyConfig, summary: dict) -> str:
     honest, fitted = metrics["honest"], metrics["fitted_on_all_valid"]
     k = len(summary["candidates"])
     lines = [f"ensemble of study {cfg.name!r}: {k} candidate(s), {cfg.ensemble.rounds} round(s), "
-             f"valid {metrics['n_valid']} images of {metrics['n_persons']} persons",
-             f"  {'':22} {'honest F1':>10} {'F1 fitted on all valid':>24}"]
+             f"valid {metrics['n_valid']} images of {metrics['n_persons']} persons, objective {metrics['objective']}",
+             f"  {'':22} {'honest':>10} {'fitted on all valid':>21}"]
     for name, method in METHODS.items():
         chosen = " (chosen: ensemble.method)" if name == metrics["method"] else ""
-        lines.append(f"  {method.label.format(k=k):22} {honest[name]:>10.4f} {fitted[f'{name}_f1']:>24.4f}{chosen}")
+        lines.append(f"  {method.label.format(k=k):22} {honest[name]:>10.4f} {fitted[name]:>21.4f}{chosen}")
     weights = ", ".join(f"trial {m['trial']} x{m['weight']}" for m in summary["members"])
     lines.append(f"  members: {weights}")
-    lines.append("  honest F1: selected on one half of the valid persons, scored on the other, both ways, averaged")
+    lines.append("  honest: selected on one half of the valid persons, scored on the other, both ways, averaged")
     if summary["note"]:
         lines.append(f"  note: {summary['note']}")
     lines.append(f"  wrote {summary['dir']}")

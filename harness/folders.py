@@ -9,6 +9,7 @@ nothing else spells a file name inside them. Writes are atomic (temp file + os.r
         last.pt             written after every epoch (the resume point)
         best.pt             the model at the best val/f1
         valid_logits.npy    class log-probabilities on valid at the best epoch
+        bgswap_logits.npy   the same on the background-swapped valid images
         valid_index.csv     the valid rows those logits refer to (image_id, person, label)
         per_class_f1.npy    per-class F1 on valid at the best epoch
         confusion.npy       confusion matrix on valid at the best epoch
@@ -67,6 +68,7 @@ class TrialFolder:
     LAST = "last.pt"
     BEST = "best.pt"
     VALID_LOGITS = "valid_logits.npy"
+    BGSWAP_LOGITS = "bgswap_logits.npy"
     VALID_INDEX = "valid_index.csv"
     PER_CLASS_F1 = "per_class_f1.npy"
     CONFUSION = "confusion.npy"
@@ -74,7 +76,8 @@ class TrialFolder:
     TRACEBACK = "traceback.txt"
 
     # what a reader needs to find in a folder
-    VALID_FILES = (VALID_LOGITS, VALID_INDEX)  # the ensemble's inputs
+    VALID_FILES = (VALID_LOGITS, BGSWAP_LOGITS, VALID_INDEX)  # the ensemble's inputs
+    VIEW_FILES = {"valid": VALID_LOGITS, "bgswap": BGSWAP_LOGITS}  # log-probabilities of each evaluated view
     MODEL_FILES = (BEST, CONFIG)  # a model to predict with
 
     def __post_init__(self) -> None:
@@ -140,10 +143,11 @@ class TrialFolder:
         """The best epoch's model state dict."""
         return load_checkpoint(self.file(self.BEST))["model"]
 
-    def save_best(self, model_state: dict, valid_log_probs: np.ndarray, valid_index: pd.DataFrame) -> None:
-        """The best epoch's model, its valid log-probabilities and the valid rows they are for."""
+    def save_best(self, model_state: dict, view_log_probs: dict[str, np.ndarray], valid_index: pd.DataFrame) -> None:
+        """The best epoch's model, its log-probabilities on each valid view and the valid rows they are for."""
         atomic_torch_save({"model": model_state}, self.file(self.BEST))
-        atomic_save_npy(self.file(self.VALID_LOGITS), valid_log_probs.astype(np.float32))
+        for view, log_probs in view_log_probs.items():
+            atomic_save_npy(self.file(self.VIEW_FILES[view]), log_probs.astype(np.float32))
         atomic_write_text(self.file(self.VALID_INDEX), valid_index.to_csv(index=False))
 
     def save_best_scores(self, per_class_f1: np.ndarray, confusion: np.ndarray) -> None:
@@ -155,11 +159,12 @@ class TrialFolder:
     def valid_index(self) -> pd.DataFrame:
         return pd.read_csv(self.file(self.VALID_INDEX), dtype={"image_id": str, "person": str})
 
-    def valid_log_probs(self, mmap: bool = False) -> np.ndarray:
-        return np.load(self.file(self.VALID_LOGITS), mmap_mode="r" if mmap else None)
+    def view_log_probs(self, view: str = "valid", mmap: bool = False) -> np.ndarray:
+        """The best epoch's class log-probabilities on a valid view ("valid", "bgswap"), (N, C)."""
+        return np.load(self.file(self.VIEW_FILES[view]), mmap_mode="r" if mmap else None)
 
     def num_classes(self) -> int:
-        return int(self.valid_log_probs(mmap=True).shape[1])
+        return int(self.view_log_probs(mmap=True).shape[1])
 
     def per_class_f1(self) -> np.ndarray | None:
         return _load_array(self.file(self.PER_CLASS_F1))

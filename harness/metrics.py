@@ -1,11 +1,43 @@
-"""Classification metrics: the competition's macro F1 (absent classes count as 0), per task, per class."""
+"""Classification metrics: the competition's macro F1 (absent classes count as 0), per task, per class;
+and the objectives a study can maximise.
+
+An objective is a number made of macro F1s on valid "views": `valid` (the valid images as they are)
+and `bgswap` (the same images, each person pasted onto another valid person's background; see
+harness.train). Trials are ranked, pruned and promoted, and ensembles selected, by the objective.
+
+    val/f1          macro F1 on valid: what a leaderboard-like split rewards, background shortcut and all
+    val/f1_bgswap   macro F1 on the background-swapped valid images: what survives new backgrounds
+    robust/f1       the smaller of the two: no credit for what the background gives, nor for a model
+                    that only looks robust because it is bad on its own valid images
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score
 
 from harness.data.labels import NUM_CLASSES, TASKS, decode
+from harness.registry import Registry
+
+
+@dataclass(frozen=True)
+class Objective:
+    """`views` it needs, and how their F1s (floats or arrays of candidates' F1s) combine into one number."""
+
+    views: tuple[str, ...]
+    combine: Callable[[dict], float | np.ndarray]
+
+    def __call__(self, f1: dict):
+        return self.combine(f1)
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+OBJECTIVES.register("val/f1")(Objective(("valid",), lambda f1: f1["valid"]))
+OBJECTIVES.register("val/f1_bgswap")(Objective(("bgswap",), lambda f1: f1["bgswap"]))
+OBJECTIVES.register("robust/f1")(Objective(("valid", "bgswap"), lambda f1: np.minimum(f1["valid"], f1["bgswap"])))
 
 
 def log_softmax_np(logits: np.ndarray, axis: int = -1) -> np.ndarray:

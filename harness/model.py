@@ -38,10 +38,9 @@ class PretrainedWeightsMissing(UserWarning):
 
 
 def eval_logits(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Float32 logits of a batch already on `device`, as the harness evaluates everywhere:
-    on CUDA in channels_last layout under float16 autocast, on CPU plainly."""
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    """Float32 logits of a batch already on `device`, as the harness evaluates everywhere: in channels_last
+    layout (as `build_model` lays out the model), under float16 autocast on CUDA."""
+    x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         return model(x).float()
 
@@ -87,7 +86,8 @@ def build_model(
     hub_cache: str | Path | None = None,
     missing_weights: str = "refuse",
 ) -> HarnessModel:
-    """A timm backbone plus a `HEADS[head]` head for (height, width) = image_size inputs.
+    """A timm backbone plus a `HEADS[head]` head for (height, width) = image_size inputs, in channels_last
+    layout (feed it channels_last batches, as `eval_logits` and the train loop do).
 
     drop_rate is dropout on the pooled features, applied in our head rather than timm's so
     that it stays on while a freeze policy holds the backbone in eval mode.
@@ -108,7 +108,7 @@ def build_model(
     if source:
         log.info("backbone %s: pretrained weights from %s", backbone, source)
     body, num_features = _create_backbone(backbone, image_size, state_dict)
-    return HarnessModel(
+    model = HarnessModel(
         backbone=body,
         head=head_kind.build(num_features, num_classes, drop_rate),
         head_kind=head,
@@ -116,6 +116,8 @@ def build_model(
         num_classes=num_classes,
         pretrained_from=source,
     )
+    # channels_last: convolutions run 1.6-2x faster in it on CPU too (oneDNN), and on CUDA's tensor cores
+    return model.to(memory_format=torch.channels_last)
 
 
 def missing_weights_message(name: str, hub_cache: str | Path | None = None) -> str:

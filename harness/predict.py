@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.augment import normalize_batch, preprocessed_images
+from harness.augment import PREPROCESSORS, normalize_batch, preprocess
 from harness.config import Params, StudyConfig
 from harness.data.cache import build_cache
 from harness.data.prepare import class_names
 from harness.data.readers import read_eval
 from harness.ensemble import EnsembleError, trial_folder_with
 from harness.folders import EnsembleFolder, TrialFolder
+from harness.foreground import foreground
 from harness.io import atomic_write_text
 from harness.metrics import confusion, macro_f1
 from harness.model import build_model, eval_logits
@@ -132,9 +133,11 @@ class EvalImages:
         self._preprocessed: dict[str, np.ndarray] = {}
 
     def for_preprocess(self, method: str) -> tuple[np.ndarray, np.ndarray]:
-        """(images, rows in info.csv order) as a member trained with `method` saw them."""
+        """(images, rows in info.csv order) as a member trained with `method` saw them; the faces and person
+        masks of the eval images are found once (beside their decoded cache) when the method needs them."""
         if method not in self._preprocessed:
-            self._preprocessed[method] = preprocessed_images(self.cache, method, self.cache_dir, *self.size)
+            fg = foreground(self.cache, self.cache_dir) if PREPROCESSORS.get(method).uses_foreground else None
+            self._preprocessed[method] = preprocess(self.cache.images, method, fg)
         return self._preprocessed[method], self.rows
 
 
@@ -201,3 +204,36 @@ def _log_eval_to_wandb(cfg, members: list[Member], scores: dict, matrix: np.ndar
     flat = {"eval/f1": scores["eval_f1"], "eval/n_images": scores["n_scored"], "eval/tta": scores["tta"] or "none",
             **{f"eval/trial_{m.trial}_f1": scores["member_eval_f1"][m.trial] for m in members}}
     log_ensemble(cfg, frame, flat, matrix, names)
+
+
+def score_trials_on_eval(cfg: StudyConfig, storage: str | None = None, progress: bool = False) -> dict[str, float]:
+    """Eval macro F1 (eval/gt.csv) of each finished trial's best epoch: the truth beside each trial's objective.
+
+    Stored with the study (user attribute "eval_f1": {trial: F1}, read by trials_frame) and only ever shown:
+    nothing is ranked, pruned or promoted by it. Trials scored before are not scored again. Empty without
+    an eval set with ground truth.
+    """
+    from harness.folders import find_trial_folder
+
+    try:
+        images = EvalImages(cfg, progress)
+    except EnsembleError:
+        return {}
+    labels = images.frame["label"].to_numpy()
+    known = labels >= 0
+    if not known.any():
+        return {}
+    study = load_existing_study(cfg, storage)
+    scored = {str(k): float(v) for k, v in study.user_attrs.get("eval_f1", {}).items()}
+    frame = trials_frame(study)
+    device = pick_device(cfg.train.device)
+    for row in frame[frame["state"].isin(["complete", "pruned"])].itertuples():
+        folder, _ = find_trial_folder(cfg, row.run_dir, int(row.trial), TrialFolder.MODEL_FILES)
+        if str(row.trial) in scored or folder is None:
+            continue
+        params = member_params(folder, cfg)
+        source, rows = images.for_preprocess(params.preprocess)
+        probs = member_probabilities(load_member_model(folder, params, cfg), source, device, rows=rows)
+        scored[str(row.trial)] = macro_f1(probs.argmax(axis=1)[known], labels[known], probs.shape[1])
+    study.set_user_attr("eval_f1", scored)
+    return scored

@@ -4,9 +4,11 @@
 the head and every figure drawn from JSON beside it, so the file opens from a laptop, a
 mail attachment or an air-gapped machine: no CDN, no web fonts, no network at all. Sections:
 
-    search      optimization history, parameter importances, parallel coordinates
-                (Optuna's own plots), the overfitting map (val F1 against gap/f1) and the
-                background-reliance map (val F1 against gap/bg)
+    search      optimization history, parameter importances, parallel coordinates of the
+                objective (Optuna's own plots), the overfitting map (val F1 against gap/f1)
+                and the background-reliance map (val F1 against gap/bgswap)
+    truth       where eval/gt.csv exists: each trial's objective and val F1 against its eval F1,
+                with their rank correlations; the remedies table (`harness remedies`)
     curves      train-probe F1, val F1 and gap per epoch of the top trials (their metrics.csv)
     classes     per-class F1 and confusion matrices of the best trial and of the ensemble
     ensemble    members, weights and honest scores (runs/<study>/ensemble/), or "no ensemble yet"
@@ -43,6 +45,7 @@ from harness.config import StudyConfig
 from harness.data.prepare import class_names, data_summary
 from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder
 from harness.io import atomic_write_text
+from harness.remedies import read_remedies
 from harness.study import default_storage, load_existing_study, redact, trials_frame
 from harness.tracking import strip_secrets
 
@@ -200,40 +203,44 @@ def search_section(cfg: StudyConfig, study: optuna.Study, frame: pd.DataFrame) -
         section.note("no complete trial yet: the optimization history, importances and parallel coordinates "
                      "appear once one finishes")
     else:
-        section.figure("history", optuna.visualization.plot_optimization_history(study, target_name="val F1"))
-        add_importances(section, study, complete)
-        add_parallel_coordinates(section, cfg, study, complete)
+        target = cfg.search.objective
+        section.figure("history", optuna.visualization.plot_optimization_history(study, target_name=target))
+        add_importances(section, study, complete, target)
+        add_parallel_coordinates(section, cfg, study, complete, target)
     params = searched_params(cfg, frame)
     add_map(section, "overfitting", frame, "gap_f1", "gap/f1 (train-probe F1 − val F1)", params,
             "Right of zero the model fits its train persons better than new ones; far right is memorising.")
-    add_map(section, "background", frame, "gap_bg", "gap/bg (val F1 − val F1 with the background masked)", params,
-            "Far right: the score leans on the background around the face (the competition's known trap).")
+    add_map(section, "background", frame, "gap_bgswap",
+            "gap/bgswap (val F1 − val F1 with each person on another valid person's background)", params,
+            "Far right: the score leans on the background around the person (the competition's known trap); "
+            "what is left at the top left is what survives new backgrounds.")
     return section
 
 
-def add_importances(section: Section, study: optuna.Study, complete: list) -> None:
+def add_importances(section: Section, study: optuna.Study, complete: list, target: str) -> None:
     values = [t.value for t in complete]
     if len(complete) < 2 or float(np.std(values)) == 0.0:
-        section.note(f"parameter importances need at least 2 complete trials with different val F1 "
+        section.note(f"parameter importances need at least 2 complete trials with different {target} "
                      f"({len(complete)} complete so far)")
         return
     # Optuna warns (to stderr) when a conditional param has few trials; the reader should see that instead
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            fig = optuna.visualization.plot_param_importances(study, target_name="val F1")
+            fig = optuna.visualization.plot_param_importances(study, target_name=target)
         except (RuntimeError, ValueError) as error:  # e.g. every complete trial has the same params
             section.note(f"parameter importances could not be computed: {error}")
             return
     doubts = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
-    section.figure("importances", fig, " ".join(["Importance of each param for val F1 (Optuna's default evaluator).",
-                                                 *doubts]))
+    section.figure("importances", fig, " ".join([f"Importance of each param for {target} (Optuna's default "
+                                                  "evaluator).", *doubts]))
 
 
-def add_parallel_coordinates(section: Section, cfg: StudyConfig, study: optuna.Study, complete: list) -> None:
+def add_parallel_coordinates(section: Section, cfg: StudyConfig, study: optuna.Study, complete: list,
+                             target: str) -> None:
     seen = {name for t in complete for name in t.params}
     axes = [name for name in cfg.search.space if name in seen] or None  # None: whatever the trials have
-    fig = optuna.visualization.plot_parallel_coordinate(study, params=axes, target_name="val F1")
+    fig = optuna.visualization.plot_parallel_coordinate(study, params=axes, target_name=target)
     section.figure("parallel", fig)
 
 
@@ -265,12 +272,56 @@ def add_map(section: Section, name: str, frame: pd.DataFrame, x: str, x_title: s
     section.figure(name, fig, note + (f" {hidden} trial(s) without figures are not shown." if hidden else ""))
 
 
+def truth_section(cfg: StudyConfig, frame: pd.DataFrame, remedies: dict | None) -> Section:
+    """Does the objective predict the truth? Each trial's objective and val F1 against its eval F1."""
+    import plotly.graph_objects as go
+    from scipy.stats import spearmanr
+
+    section = Section("truth", "Valid against the truth (eval/gt.csv)")
+    scored = frame[np.isfinite(frame["eval_f1"].astype(float)) & np.isfinite(frame["objective"].astype(float))] \
+        if not frame.empty else frame
+    if scored.empty:
+        section.note("no trial has an eval F1: only data with eval/gt.csv (the synthetic data has one) is scored "
+                     "against the truth, after `harness study`")
+    else:
+        params = searched_params(cfg, frame)
+        fig = go.Figure()
+        for column, label, symbol in (("objective", cfg.search.objective, "circle"), ("val_f1", "val/f1", "x")):
+            fig.add_trace(go.Scatter(
+                x=scored["eval_f1"], y=scored[column], mode="markers", name=label, marker={"size": 10, "symbol": symbol},
+                text=[hover_text(r, params) for _, r in scored.iterrows()],
+                hovertemplate="%{text}<br>eval F1 %{x:.4f}<br>" + esc(label) + " %{y:.4f}<extra></extra>"))
+        low = float(min(scored["eval_f1"].min(), scored[["objective", "val_f1"]].min().min(), 0.0))
+        fig.add_trace(go.Scatter(x=[low, 1], y=[low, 1], mode="lines", name="= eval F1",
+                                 line={"dash": "dot", "color": "#888"}, hoverinfo="skip"))
+        fig.update_layout(title="what the study ranks by, against the truth", xaxis_title="eval F1 (eval/gt.csv)",
+                          yaxis_title="score on valid", height=480)
+        complete = scored[scored["state"] == "complete"]
+        facts = []
+        if len(complete) >= 3:
+            for column, label in (("objective", cfg.search.objective), ("val_f1", "val/f1")):
+                rho = spearmanr(complete[column], complete["eval_f1"]).statistic
+                facts.append(f"Spearman correlation with eval F1 over {len(complete)} complete trials: {label} "
+                             f"{rho:.2f}.")
+        best = scored.iloc[0]  # trials_frame sorts by the objective
+        facts.append(f"The best trial ({int(best['trial'])}) scores {best['objective']:.4f} on the objective and "
+                     f"{best['eval_f1']:.4f} on eval ({best['objective'] - best['eval_f1']:+.4f}).")
+        section.figure("truth", fig, "On the dotted line a valid score predicts the eval score; above it, valid "
+                                     "flatters. " + " ".join(facts))
+    if remedies:
+        section.html("<h3>Remedies for the background shortcut, at the same budget</h3>"
+                     f"<p class='caption'>{esc(remedies.get('note', ''))}</p>" +
+                     table(remedies["rows"], ["remedy", "preprocess", "bgswap_p", "val_f1", "val_f1_bgswap",
+                                              "eval_f1", "eval_f1_mask", "eval_f1_gender", "eval_f1_age"]))
+    return section
+
+
 def curves_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     section = Section("curves", f"Learning curves of the top {TOP_CURVES} trials")
-    ranked = frame[np.isfinite(frame["val_f1"].astype(float))] if not frame.empty else frame
+    ranked = frame[np.isfinite(frame["objective"].astype(float))] if not frame.empty else frame
     curves = []
     for _, row in ranked.iterrows():
         folder = trial_folder(cfg, row)
@@ -335,7 +386,7 @@ def classes_section(cfg: StudyConfig, frame: pd.DataFrame, ensemble: Ensemble, s
 def best_complete(frame: pd.DataFrame) -> pd.Series | None:
     if frame.empty:
         return None
-    complete = frame[(frame["state"] == "complete") & np.isfinite(frame["val_f1"].astype(float))]
+    complete = frame[(frame["state"] == "complete") & np.isfinite(frame["objective"].astype(float))]
     return complete.iloc[0] if not complete.empty else None
 
 
@@ -374,7 +425,7 @@ def ensemble_section(ensemble: Ensemble) -> Section:
     members = ensemble.members or {}
     if members:
         section.html("<h3>Members</h3>" + table(members.get("members", []),
-                                                ["trial", "weight", "val_f1", "gap_f1", "run_dir"]))
+                                                ["trial", "weight", "objective", "val_f1", "gap_f1", "run_dir"]))
         section.html(key_values({k: v for k, v in members.items() if k != "members"}))
     metrics = ensemble.metrics or {}
     if "honest" in metrics:
@@ -394,7 +445,8 @@ def trials_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
     if frame.empty:
         section.note("no trials yet")
         return section
-    columns = ["trial", "state", "val_f1", "gap_f1", "gap_bg", "best_epoch", "epochs", "duration_s"]
+    columns = ["trial", "state", "objective", "val_f1", "val_f1_bgswap", "eval_f1", "gap_f1", "gap_bgswap",
+               "best_epoch", "epochs", "duration_s"]
     columns += [c for c in frame.columns if c.startswith("param_")] + ["wandb_run_id", "reason"]
     shown = frame[columns].astype(object)
     for name, spec in cfg.search.space.items():  # a conditional int param is float in the frame (NaN where inactive)
@@ -492,8 +544,8 @@ def header(cfg: StudyConfig, frame: pd.DataFrame, generated: str) -> str:
     counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
     states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "none yet"
     best = best_complete(frame)
-    best_text = f"{best['val_f1']:.4f} (trial {int(best['trial'])})" if best is not None else "–"
-    facts = [f"trials: {len(frame)} ({states})", f"best val F1: {best_text}", f"generated {generated}",
+    best_text = f"{best['objective']:.4f} (trial {int(best['trial'])})" if best is not None else "–"
+    facts = [f"trials: {len(frame)} ({states})", f"best {cfg.search.objective}: {best_text}", f"generated {generated}",
              f"harness {harness.__version__}"]
     spans = "".join(f"<span>{esc(f)}</span>" for f in facts)
     return f'<header><h1>Study {esc(cfg.name)}</h1><div class="facts">{spans}</div></header>'
@@ -517,7 +569,8 @@ def write_report(cfg: StudyConfig, storage: str | None = None) -> Path:
     frame = trials_frame(study)
     summary, data_source, data_problems = summarize_data(cfg, study)
     ensemble = read_ensemble(EnsembleFolder.of(cfg))
-    sections = [search_section(cfg, study, frame), curves_section(cfg, frame),
+    sections = [search_section(cfg, study, frame), truth_section(cfg, frame, read_remedies(cfg)),
+                curves_section(cfg, frame),
                 classes_section(cfg, frame, ensemble, summary), ensemble_section(ensemble), trials_section(cfg, frame),
                 data_section(summary, data_source, data_problems), settings_section(cfg, study, storage or default_storage(cfg))]
     page = render_page(cfg, frame, sections, time.strftime("%Y-%m-%d %H:%M:%S %Z"))

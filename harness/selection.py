@@ -1,12 +1,15 @@
 """How candidates' valid probabilities are combined into an ensemble, and how that is scored honestly.
 
-Pure numpy over (M candidates, N rows, C classes) probabilities; `harness.ensemble` decides which
-trials are candidates and writes the result. The methods are a registry (`METHODS`):
+Pure numpy. A candidate set is `Views`: for each valid view the objective needs ("valid", and
+"bgswap" for the background-robust objectives; see harness.metrics.OBJECTIVES), the candidates'
+probabilities (M candidates, N rows, C classes) on the same N rows. Every method maximises the
+study's objective of the blend; `harness.ensemble` decides which trials are candidates and writes
+the result. The methods are a registry (`METHODS`):
 
-    best_single     the candidate with the best macro F1
+    best_single     the candidate with the best objective
     average_top_k   the plain average of all candidates
     greedy          forward selection with replacement (Caruana et al., ICML 2004): each round adds
-                    the candidate, repeats allowed, whose addition gives the best macro F1 of the
+                    the candidate, repeats allowed, whose addition gives the best objective of the
                     averaged probabilities; rounds after the best score are dropped
 
 `honest_scores` fits each method on one half of the persons and scores it on the other.
@@ -22,36 +25,51 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-from harness.metrics import macro_f1_batch
+from harness.metrics import OBJECTIVES, Objective, macro_f1_batch
 from harness.registry import Registry
 
-# (probabilities (M, n, C) of the candidates on some rows, labels (n,)) -> weights (M,)
-Strategy = Callable[[np.ndarray, np.ndarray], np.ndarray]
-# (probabilities (M, n, C), labels (n,), weights (M,)) -> score
-Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+Views = dict[str, np.ndarray]  # view -> (M, N, C) probabilities of the candidates
+# (views on some rows, labels of those rows) -> weights (M,)
+Strategy = Callable[[Views, np.ndarray], np.ndarray]
+# (views on some rows, labels, weights (M,)) -> score
+Scorer = Callable[[Views, np.ndarray, np.ndarray], float]
+
+PLAIN = OBJECTIVES.get("val/f1")
+
+
+def rows_of(views: Views, rows: np.ndarray) -> Views:
+    return {view: probs[:, rows] for view, probs in views.items()}
+
+
+def candidates_score(views: Views, labels: np.ndarray, objective: Objective) -> np.ndarray:
+    """(M,) the objective of each candidate alone."""
+    return np.asarray(objective({view: macro_f1_batch(probs.argmax(axis=2), labels, probs.shape[2])
+                                 for view, probs in views.items()}))
 
 
 @dataclass
 class Selection:
     weights: np.ndarray  # (M,) int: how often each candidate was added
-    trajectory: list[float]  # macro F1 of the ensemble after each round
+    trajectory: list[float]  # the objective of the ensemble after each round
     rounds_kept: int  # rounds up to the best score (the weights count only these)
 
 
-def greedy_selection(probs: np.ndarray, labels: np.ndarray, rounds: int) -> Selection:
-    """Caruana's forward selection with replacement over candidates' probabilities (M, N, C).
+def greedy_selection(views: Views, labels: np.ndarray, rounds: int, objective: Objective = PLAIN) -> Selection:
+    """Caruana's forward selection with replacement over the candidates' views.
 
     A running sum replaces the average (the argmax is the same), and every candidate's
-    addition is scored at once: (M, N, C) sums, one argmax, one batched bincount per round.
-    Ties go to the lower index, i.e. the candidate with the better val F1.
+    addition is scored at once: (M, N, C) sums, one argmax, one batched bincount per view and round.
+    Ties go to the lower index, i.e. the candidate ranked higher by the study.
     """
-    num_candidates, _, num_classes = probs.shape
-    running = np.zeros(probs.shape[1:], dtype=probs.dtype)
+    num_candidates = len(next(iter(views.values())))
+    running = {view: np.zeros(probs.shape[1:], dtype=probs.dtype) for view, probs in views.items()}
     picks, trajectory = [], []
     for _ in range(rounds):
-        scores = macro_f1_batch((running[None] + probs).argmax(axis=2), labels, num_classes)
+        scores = candidates_score({view: running[view][None] + probs for view, probs in views.items()}, labels,
+                                  objective)
         best = int(np.argmax(scores))
-        running += probs[best]
+        for view, probs in views.items():
+            running[view] += probs[best]
         picks.append(best)
         trajectory.append(float(scores[best]))
     kept = int(np.argmax(trajectory)) + 1  # forced additions after the best round only lose
@@ -64,28 +82,30 @@ def blend(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.tensordot(weights / weights.sum(), probs, axes=1)
 
 
-def blend_f1(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
-    return float(macro_f1_batch(blend(probs, weights).argmax(axis=1)[None], labels, probs.shape[2])[0])
+def blend_score(views: Views, labels: np.ndarray, weights: np.ndarray, objective: Objective = PLAIN) -> float:
+    """The objective of the weighted blend."""
+    return float(candidates_score({view: blend(probs, weights)[None] for view, probs in views.items()}, labels,
+                                  objective)[0])
 
 
-def best_single_selection(probs: np.ndarray, labels: np.ndarray, rounds: int) -> Selection:
-    scores = macro_f1_batch(probs.argmax(axis=2), labels, probs.shape[2])
-    weights = np.zeros(len(probs), dtype=np.int64)
+def best_single_selection(views: Views, labels: np.ndarray, rounds: int, objective: Objective = PLAIN) -> Selection:
+    scores = candidates_score(views, labels, objective)
+    weights = np.zeros(len(scores), dtype=np.int64)
     weights[int(np.argmax(scores))] = 1
     return Selection(weights, [float(scores.max())], 1)
 
 
-def average_selection(probs: np.ndarray, labels: np.ndarray, rounds: int) -> Selection:
-    weights = np.ones(len(probs), dtype=np.int64)
-    return Selection(weights, [blend_f1(probs, labels, weights)], 1)
+def average_selection(views: Views, labels: np.ndarray, rounds: int, objective: Objective = PLAIN) -> Selection:
+    weights = np.ones(len(next(iter(views.values()))), dtype=np.int64)
+    return Selection(weights, [blend_score(views, labels, weights, objective)], 1)
 
 
 @dataclass(frozen=True)
 class EnsembleMethod:
-    """How candidates are combined: (probs (M, N, C), labels (N,), rounds) -> Selection."""
+    """How candidates are combined: (views, labels (N,), rounds, objective) -> Selection."""
 
     label: str  # its name in tables ("{k}": the number of candidates)
-    select: Callable[[np.ndarray, np.ndarray, int], Selection]
+    select: Callable[[Views, np.ndarray, int, Objective], Selection]
 
 
 METHODS: Registry[EnsembleMethod] = Registry("ensemble method")
@@ -94,9 +114,9 @@ METHODS.register("average_top_k")(EnsembleMethod("average top-{k}", average_sele
 METHODS.register("greedy")(EnsembleMethod("greedy", greedy_selection))
 
 
-def strategies(rounds: int) -> dict[str, Strategy]:
+def strategies(rounds: int, objective: Objective = PLAIN) -> dict[str, Strategy]:
     """Every registered method as weights-only strategies, in registration order (for honest scoring)."""
-    return {name: (lambda probs, labels, method=method: method.select(probs, labels, rounds).weights)
+    return {name: (lambda views, labels, method=method: method.select(views, labels, rounds, objective).weights)
             for name, method in METHODS.items()}
 
 
@@ -123,18 +143,20 @@ def person_halves(labels: np.ndarray, persons: np.ndarray, seed: int = 0) -> lis
     return [(np.sort(fit), np.sort(held)) for fit, held in folds]
 
 
-def honest_scores(probs: np.ndarray, labels: np.ndarray, halves: list[tuple[np.ndarray, np.ndarray]],
-                  methods: dict[str, Strategy], score: Scorer = blend_f1) -> dict:
-    """Each method selects weights on a half's fit rows only and is scored on its held rows only.
+def honest_scores(views: Views, labels: np.ndarray, halves: list[tuple[np.ndarray, np.ndarray]],
+                  methods: dict[str, Strategy], score: Scorer | None = None) -> dict:
+    """Each method selects weights on a half's fit rows only and is scored on its held rows only
+    (`score`: the plain val F1 of the blend unless given).
 
     Returns {method: mean held-out score (NaN without halves), "halves": [per-half details]}.
     """
+    score = score or blend_score
     details = []
     for fit, held in halves:
         detail: dict = {"fit_images": len(fit), "held_images": len(held)}
         for name, select in methods.items():
-            weights = np.asarray(select(probs[:, fit], labels[fit]))
-            detail[name] = float(score(probs[:, held], labels[held], weights))
+            weights = np.asarray(select(rows_of(views, fit), labels[fit]))
+            detail[name] = float(score(rows_of(views, held), labels[held], weights))
             detail[f"{name}_weights"] = weights.tolist()
         details.append(detail)
     means = {name: float(np.mean([d[name] for d in details])) if details else math.nan for name in methods}

@@ -283,7 +283,7 @@ class Objective:
             raise optuna.TrialPruned(f"pruned after {result.epochs_run} epoch(s)")
         if result.state != "complete":
             raise RecordAsFailed(result.reason or result.state)
-        return result.best_f1
+        return result.best_objective
 
     def _run(self, trial, identity: int, params: Params, run_dir: Path, extra: dict, started: float) -> TrialResult:
         from harness.tracking import TrialTracker
@@ -312,19 +312,26 @@ class EpochPrinter:
         elapsed = time.perf_counter() - self.started
         remaining = self.epochs - row["epoch"] - 1
         eta = elapsed / self.done * remaining
-        print(f"trial {self.identity:4d} epoch {row['epoch'] + 1}/{self.epochs} val/f1 {row['val/f1']:.4f} "
-              f"gap/f1 {row['gap/f1']:+.4f} gap/bg {row['gap/bg']:+.4f} {row['images_per_s']:.0f} img/s "
-              f"ETA {eta:.0f}s", flush=True)
+        print(f"trial {self.identity:4d} epoch {row['epoch'] + 1}/{self.epochs} objective {row['objective']:.4f} "
+              f"val/f1 {row['val/f1']:.4f} val/f1_bgswap {row['val/f1_bgswap']:.4f} gap/f1 {row['gap/f1']:+.4f} "
+              f"{row['images_per_s']:.0f} img/s ETA {eta:.0f}s", flush=True)
+
+
+# TrialResult field -> the trial user attribute a reviewer filters on (optuna-dashboard shows them)
+STORED_RESULT = {"best_f1": "val_f1", "best_f1_bgswap": "val_f1_bgswap", "gap_f1": "gap_f1",
+                 "gap_bgswap": "gap_bgswap", "best_epoch": "best_epoch", "epochs_run": "epochs_run",
+                 "images_per_s": "images_per_s", "seconds": "seconds", "state": "state", "reason": "reason",
+                 "weights": "weights", "foreground": "foreground"}
 
 
 def store_result(trial: optuna.Trial, result: TrialResult) -> None:
-    """The figures a reviewer filters on, as trial user attributes (optuna-dashboard shows them)."""
-    for key in ("gap_f1", "gap_bg", "best_epoch", "epochs_run", "images_per_s", "seconds", "state", "reason",
-                "weights"):
-        value = asdict(result)[key]
+    """The figures of the best epoch and the outcome, as trial user attributes (the value is the objective)."""
+    values = asdict(result)
+    for field_name, attr in STORED_RESULT.items():
+        value = values[field_name]
         if isinstance(value, float) and not math.isfinite(value):
             continue
-        trial.set_user_attr(key, value)
+        trial.set_user_attr(attr, value)
 
 
 def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None = None,
@@ -464,13 +471,20 @@ def requeue_interrupted(study: optuna.Study) -> None:
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial (its identity: folder and W&B run; column "trial"), the latest Optuna trial of it
-    ("optuna_trial": a retried trial is a new Optuna trial), sorted by val F1."""
+    ("optuna_trial": a retried trial is a new Optuna trial), sorted by the objective (Optuna's value).
+
+    Beside the objective: val F1 and background-swapped val F1 at the best epoch, and eval F1 (the truth,
+    eval/gt.csv) where `score_trials_on_eval` has measured it."""
     rows = []
+    nan = float("nan")
+    truth = study.user_attrs.get("eval_f1", {})
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
-        rows.append({"trial": attrs.get("identity", t.number), "optuna_trial": t.number, "state": t.state.name.lower(),
-                     "val_f1": t.value if t.values else float("nan"),
-                     "gap_f1": attrs.get("gap_f1", float("nan")), "gap_bg": attrs.get("gap_bg", float("nan")),
+        identity = attrs.get("identity", t.number)
+        rows.append({"trial": identity, "optuna_trial": t.number, "state": t.state.name.lower(),
+                     "objective": t.value if t.values else nan, "val_f1": attrs.get("val_f1", nan),
+                     "val_f1_bgswap": attrs.get("val_f1_bgswap", nan), "eval_f1": truth.get(str(identity), nan),
+                     "gap_f1": attrs.get("gap_f1", nan), "gap_bgswap": attrs.get("gap_bgswap", nan),
                      "best_epoch": attrs.get("best_epoch", -1), "epochs": attrs.get("epochs_run", 0),
                      "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
                      **{f"param_{k}": v for k, v in t.params.items()},
@@ -481,7 +495,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame = frame.sort_values("optuna_trial").drop_duplicates("trial", keep="last")
-    return frame.sort_values(["val_f1", "trial"], ascending=[False, True], na_position="last").reset_index(drop=True)
+    return frame.sort_values(["objective", "trial"], ascending=[False, True], na_position="last").reset_index(drop=True)
 
 
 def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:

@@ -256,7 +256,8 @@ class TrialTracker(_Tracker):
             with self._guard("define_metric"):
                 self.run.define_metric("epoch")
                 self.run.define_metric("*", step_metric="epoch")  # every chart's x axis is the epoch
-                self.run.define_metric("val/f1", summary="max")
+                for key in ("objective", "val/f1", "val/f1_bgswap"):
+                    self.run.define_metric(key, summary="max")
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
         """Log one epoch's metrics row as is (keys like "val/f1", "gap/f1", "epoch"); NaNs are left out."""
@@ -317,8 +318,11 @@ def _outcome_summary(result: Any) -> dict[str, Any]:
     summary = {"state": getattr(result, "state", None), "reason": getattr(result, "reason", None),
                "epochs_run": getattr(result, "epochs_run", None), "seconds": getattr(result, "seconds", None)}
     if best_epoch is not None and best_epoch >= 0:
-        summary.update({"best/val_f1": getattr(result, "best_f1", None), "best/gap_f1": getattr(result, "gap_f1", None),
-                        "best/gap_bg": getattr(result, "gap_bg", None), "best/epoch": best_epoch})
+        summary.update({"best/objective": getattr(result, "best_objective", None),
+                        "best/val_f1": getattr(result, "best_f1", None),
+                        "best/val_f1_bgswap": getattr(result, "best_f1_bgswap", None),
+                        "best/gap_f1": getattr(result, "gap_f1", None),
+                        "best/gap_bgswap": getattr(result, "gap_bgswap", None), "best/epoch": best_epoch})
     return {k: v for k, v in ((k, json_ready(v)) for k, v in summary.items()) if v is not None}
 
 
@@ -329,7 +333,8 @@ class StudyTracker(_Tracker):
         super().__init__(cfg, study_run_id(cfg.name), "study", STUDY_JOB, dict(extra_config or {}))
 
     def update(self, trials) -> None:
-        """Log `trials` (DataFrame: number, state, params..., val_f1, gap_f1, gap_bg, epochs, duration_s)."""
+        """Log `trials` (the DataFrame of harness.study.trials_frame: trial, state, objective, val F1s, eval F1,
+        gaps, params, epochs, duration)."""
         if not self.active:
             return
         with self._guard("update of the trials table"):
@@ -337,7 +342,7 @@ class StudyTracker(_Tracker):
             row = {"trials": _table(trials), **{f"trials/{state}": n for state, n in counts.items()}}
             best = _best_complete(trials)
             if best is not None:
-                row["best/val_f1"] = best
+                row["best/objective"] = best
             self.run.log(row)
 
     def finish(self) -> None:
@@ -355,9 +360,9 @@ def _state_counts(trials) -> dict[str, int]:
 
 
 def _best_complete(trials) -> float | None:
-    if "val_f1" not in trials or "state" not in trials:
+    if "objective" not in trials or "state" not in trials:
         return None
-    values = [json_ready(v) for s, v in zip(trials["state"], trials["val_f1"]) if _state_name(s) == "complete"]
+    values = [json_ready(v) for s, v in zip(trials["state"], trials["objective"]) if _state_name(s) == "complete"]
     values = [v for v in values if isinstance(v, int | float)]
     return max(values) if values else None
 

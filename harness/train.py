@@ -2,8 +2,14 @@
 
 Read `run_trial` top to bottom: it prepares the data, builds the model, loss,
 optimizer and schedule, resumes from `last.pt` when one exists, then runs the
-epoch loop (train, evaluate valid + train probe + background probe, write the
-epoch's row and checkpoints, report to Optuna). Everything a reviewer needs lands
+epoch loop (train, evaluate valid + train probe + background-swap probe, write the
+epoch's row and checkpoints, report the objective to Optuna).
+
+The background-swap probe: every valid image with its person pasted onto the background of
+another valid person (a fixed pairing; harness.foreground), preprocessed as the trial's model
+sees images. `val/f1_bgswap` is valid F1 there, `gap/bgswap` what the backgrounds were worth.
+A model that reads the background, which similar people share in the competition's photos,
+scores high on valid and low there, as it would on the leaderboard. Everything a reviewer needs lands
 in the trial folder (harness.folders.TrialFolder: config, metrics per epoch, last and
 best checkpoints, the best epoch's valid log-probabilities, the result).
 
@@ -28,13 +34,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from harness.augment import build_transform, preprocessed_images
+from harness.augment import build_transform, normalize_batch, preprocess
 from harness.config import Params, StudyConfig
 from harness.data.cache import CachedImageDataset
 from harness.data.prepare import PreparedData, prepare_data
 from harness.folders import TrialFolder
+from harness.foreground import BackgroundSwap, ItemPrepare, swapped_backgrounds
 from harness.heads import HEADS, build_loss
-from harness.metrics import classification_metrics, confusion, per_class_f1
+from harness.metrics import OBJECTIVES, classification_metrics, confusion, per_class_f1
 from harness.model import FREEZE_POLICIES, apply_freeze, build_model, eval_logits
 
 EVAL_BATCH = 256
@@ -48,21 +55,25 @@ class TrialError(RuntimeError):
 class TrialResult:
     state: str  # "complete", "pruned" or "failed"
     run_dir: str
-    best_f1: float = float("nan")
+    best_objective: float = float("nan")  # the study's objective (search.objective) at the best epoch
+    best_f1: float = float("nan")  # val F1 at the best epoch
+    best_f1_bgswap: float = float("nan")  # val F1 on background-swapped images at the best epoch
     best_epoch: int = -1
     epochs_run: int = 0
     gap_f1: float = float("nan")  # train probe F1 - val F1, at the best epoch
-    gap_bg: float = float("nan")  # val F1 - val F1 with the background masked, at the best epoch
+    gap_bgswap: float = float("nan")  # val F1 - val F1 on background-swapped images, at the best epoch
     images_per_s: float = float("nan")
     seconds: float = 0.0
-    weights: str | None = None  # where the backbone's weights came from: a file, or "random init"
     reason: str | None = None
     params: dict = field(default_factory=dict)
+    weights: str | None = None  # where the backbone's weights came from: a file, or "random init"
+    foreground: dict = field(default_factory=dict)  # the trial's images without a face found / with a template mask
 
     def summary(self) -> str:
         # epochs counted from 1, as in the progress lines (metrics.csv and best_epoch count from 0)
-        text = (f"{self.state}: val/f1 {self.best_f1:.4f} at epoch {self.best_epoch + 1}, gap/f1 {self.gap_f1:+.4f}, "
-                f"gap/bg {self.gap_bg:+.4f}, {self.epochs_run} epoch(s), {self.images_per_s:.0f} img/s")
+        text = (f"{self.state}: objective {self.best_objective:.4f} at epoch {self.best_epoch + 1}, "
+                f"val/f1 {self.best_f1:.4f}, val/f1_bgswap {self.best_f1_bgswap:.4f}, gap/f1 {self.gap_f1:+.4f}, "
+                f"{self.epochs_run} epoch(s), {self.images_per_s:.0f} img/s")
         return text + (f" ({self.reason})" if self.reason else "")
 
 
@@ -97,18 +108,6 @@ def probe_rows(frame: pd.DataFrame, train_rows: np.ndarray, size: int, seed: int
     return train_rows[np.isin(persons, list(chosen))]
 
 
-def mask_border(images: np.ndarray, fraction: float) -> np.ndarray:
-    """Copies of the images with the outer `fraction` of each side replaced by the image's mean colour."""
-    out = np.array(images, copy=True)
-    height, width = out.shape[1:3]
-    dy, dx = int(round(height * fraction)), int(round(width * fraction))
-    mean = out.reshape(len(out), -1, 3).mean(axis=1).astype(np.uint8)[:, None, None, :]
-    keep = out[:, dy:height - dy, dx:width - dx].copy()
-    out[:] = mean
-    out[:, dy:height - dy, dx:width - dx] = keep
-    return out
-
-
 def lr_lambdas(steps_per_epoch: int, epochs: int, warmup_epochs: float, backbone_scale: Callable[[int], float]):
     """Per-group multipliers (backbone, head): linear warmup, then cosine to zero."""
     total = max(1, steps_per_epoch * epochs)
@@ -127,41 +126,45 @@ def lr_lambdas(steps_per_epoch: int, epochs: int, warmup_epochs: float, backbone
 
 
 @dataclass
+class EvalSet:
+    """Images a model is evaluated on each epoch, already preprocessed as the trial's model sees them."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,)
+
+
+@dataclass
 class Loaders:
     train: DataLoader
-    valid: DataLoader
-    probe: DataLoader
-    background: DataLoader
     generator: torch.Generator
     train_transform: Any
+    views: dict[str, EvalSet]  # "valid", "probe" (train persons, for the gap), "bgswap" (valid, other backgrounds)
 
 
 def make_loaders(cfg: StudyConfig, params: Params, data: PreparedData, device: torch.device, seed: int) -> Loaders:
     size = cfg.data.image_size
-    images = preprocessed_images(data.cache, params.preprocess, cfg.data.cache_dir, size.height, size.width)
+    images, fg, persons = data.cache.images, data.foreground, data.frame["person"].to_numpy()
     labels = data.frame["label"].to_numpy()
     train_rows, valid_rows = data.rows("train"), data.rows("valid")
     train_tf = build_transform(params.aug_strength, size.height, size.width, train=True)
-    eval_tf = build_transform(0.0, size.height, size.width, train=False)
+    swap = BackgroundSwap(fg, train_rows, persons, params.bgswap_p) if params.bgswap_p > 0 else None
+    prepare = None if params.preprocess == "none" and swap is None else ItemPrepare(params.preprocess, fg, swap)
     cuda = device.type == "cuda"
     workers = cfg.train.num_workers
-    common = dict(num_workers=workers, pin_memory=cuda, persistent_workers=cuda and workers > 0)
     generator = torch.Generator()
-    train = DataLoader(CachedImageDataset(images, train_rows, labels[train_rows], train_tf),
-                       batch_size=cfg.train.batch_size,
-                       shuffle=True, drop_last=len(train_rows) > cfg.train.batch_size, generator=generator,
-                       **common)
-    masked = mask_border(np.asarray(images[valid_rows]), cfg.train.probe_border)
-
-    def evaluation(source, rows, rows_labels):
-        dataset = CachedImageDataset(source, rows, rows_labels, eval_tf)
-        return DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False, **common)
-
+    train = DataLoader(CachedImageDataset(images, train_rows, labels[train_rows], train_tf, prepare=prepare),
+                       batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_rows) > cfg.train.batch_size,
+                       generator=generator, num_workers=workers, pin_memory=cuda,
+                       persistent_workers=cuda and workers > 0)
     probe = probe_rows(data.frame, train_rows, len(valid_rows), seed)
-    return Loaders(train=train, valid=evaluation(images, valid_rows, labels[valid_rows]),
-                   probe=evaluation(images, probe, labels[probe]),
-                   background=evaluation(masked, np.arange(len(valid_rows)), labels[valid_rows]),
-                   generator=generator, train_transform=train_tf)
+
+    def view(pixels: np.ndarray, rows: np.ndarray) -> EvalSet:
+        return EvalSet(preprocess(pixels, params.preprocess, fg, rows), labels[rows])
+
+    swapped = swapped_backgrounds(images, fg, valid_rows, persons, seed)
+    return Loaders(train=train, generator=generator, train_transform=train_tf,
+                   views={"valid": view(np.asarray(images[valid_rows]), valid_rows),
+                          "probe": view(np.asarray(images[probe]), probe), "bgswap": view(swapped, valid_rows)})
 
 
 def build_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
@@ -171,9 +174,9 @@ def build_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optim
 
 
 def report_to_pruner(trial, row: dict) -> None:
-    """val F1 at step = epochs trained so far (1, 2, ...): the resource that Optuna's pruners count,
+    """The objective at step = epochs trained so far (1, 2, ...): the resource that Optuna's pruners count,
     so `min_resource: 1` of successive halving can stop a trial after its first epoch."""
-    trial.report(row["val/f1"], int(row["epoch"]) + 1)
+    trial.report(row["objective"], int(row["epoch"]) + 1)
 
 
 def forward_loss(model, x: torch.Tensor, y: torch.Tensor, loss_fn, mixed: bool) -> torch.Tensor:
@@ -209,8 +212,7 @@ def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler
         if cfg.train.max_train_batches and step >= cfg.train.max_train_batches:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # the model's layout (build_model)
         loss = forward_loss(model, x, y, loss_fn, mixed=device.type == "cuda")
         loss_value = loss.item()  # the one wait for the device in a step
         if not math.isfinite(loss_value):
@@ -224,34 +226,36 @@ def train_one_epoch(model, frozen, loader, loss_fn, optimizer, scheduler, scaler
 
 
 @torch.no_grad()
-def predict_log_probs(model, loader, loss_fn, device) -> tuple[np.ndarray, float]:
-    """Class log-probabilities (N, C) over a loader and the mean loss."""
+def predict_log_probs(model, images: np.ndarray, labels: np.ndarray, loss_fn, device) -> tuple[np.ndarray, float]:
+    """Class log-probabilities (N, C) of uint8 images (N, H, W, 3), evaluated in batches, and the mean loss."""
     model.eval()
-    outputs, total_loss, count = [], 0.0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    outputs, total_loss = [], 0.0
+    for start in range(0, len(images), EVAL_BATCH):
+        x = normalize_batch(images[start:start + EVAL_BATCH], device)
+        y = torch.as_tensor(labels[start:start + EVAL_BATCH], device=device)
         logits = eval_logits(model, x, device)
         total_loss += loss_fn(logits, y).item() * len(y)
-        count += len(y)
         outputs.append(model.class_log_probs(logits).cpu())
-    return torch.cat(outputs).numpy(), total_loss / max(1, count)
+    return torch.cat(outputs).numpy(), total_loss / max(1, len(images))
 
 
-def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData) -> tuple[dict, np.ndarray]:
-    """Valid metrics, the train-probe gap and the background probe; also the valid log-probs."""
+def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData, objective: str) -> tuple[dict, dict]:
+    """Valid metrics, the train-probe gap, valid F1 on swapped backgrounds and the objective; also the
+    log-probabilities of the views the objective and the ensemble use (valid, bgswap)."""
     tasks = data.tasks
     start = time.perf_counter()
-    valid_scores, valid_loss = predict_log_probs(model, loaders.valid, loss_fn, device)
-    probe_scores, _ = predict_log_probs(model, loaders.probe, loss_fn, device)
-    masked_scores, _ = predict_log_probs(model, loaders.background, loss_fn, device)
-    valid = classification_metrics(valid_scores, data.labels("valid"), tasks=tasks)
-    probe = classification_metrics(probe_scores, loaders.probe.dataset.labels, tasks=tasks)
-    masked = classification_metrics(masked_scores, data.labels("valid"), tasks=tasks)
-    row = {"val/loss": valid_loss, **{f"val/{k}": v for k, v in valid.items()},
+    scores, losses = {}, {}
+    for name, view in loaders.views.items():
+        scores[name], losses[name] = predict_log_probs(model, view.images, view.labels, loss_fn, device)
+    metrics = {name: classification_metrics(scores[name], view.labels, tasks=tasks)
+               for name, view in loaders.views.items()}
+    valid, probe, swapped = metrics["valid"], metrics["probe"], metrics["bgswap"]
+    row = {"val/loss": losses["valid"], **{f"val/{k}": v for k, v in valid.items()},
            "train/f1_probe": probe["f1"], "gap/f1": probe["f1"] - valid["f1"],
-           "val/f1_bgmask": masked["f1"], "gap/bg": valid["f1"] - masked["f1"],
+           "val/f1_bgswap": swapped["f1"], "gap/bgswap": valid["f1"] - swapped["f1"],
+           "objective": float(OBJECTIVES.get(objective)({"valid": valid["f1"], "bgswap": swapped["f1"]})),
            "probe_time": time.perf_counter() - start}
-    return row, valid_scores
+    return row, {"valid": scores["valid"], "bgswap": scores["bgswap"]}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -347,12 +351,11 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
                         drop_rate=params.drop_rate, missing_weights=cfg.train.missing_weights,
                         image_size=(cfg.data.image_size.height, cfg.data.image_size.width)).to(device)
     result.weights = model.pretrained_from or "random init"
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     policy = FREEZE_POLICIES.get(params.freeze)(k=params.freeze_k)
     loss_fn = build_loss(params.loss, params.head, data.num_classes, focal_gamma=params.focal_gamma,
                          label_smoothing=params.label_smoothing, task_weights=cfg.train.task_weights)
     loaders = make_loaders(cfg, params, data, device, cfg.seed)
+    result.foreground = data.foreground.counts(np.concatenate([data.rows("train"), data.rows("valid")]))
     optimizer = build_optimizer(model, params)
     steps = len(loaders.train) if not cfg.train.max_train_batches else min(len(loaders.train),
                                                                              cfg.train.max_train_batches)
@@ -361,7 +364,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
         lambda epoch: policy.backbone_lr_scale(epoch, cfg.train.backbone_lr_scale)))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
 
-    start_epoch, best = 0, {"f1": -1.0, "epoch": -1, "gap_f1": float("nan"), "gap_bg": float("nan")}
+    start_epoch, best = 0, {"objective": -math.inf, "epoch": -1}
     if folder.has_last():
         start_epoch, best = resume(folder, model, optimizer, scheduler, scaler)
     rows = folder.metrics_before(start_epoch)
@@ -385,13 +388,13 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
         loaders.train_transform.reseed(epoch_seed)
         train_loss, images, seconds = train_one_epoch(model, policy.frozen_modules(model, epoch), loaders.train,
                                                       loss_fn, optimizer, scheduler, scaler, device, cfg, epoch)
-        metrics, valid_scores = evaluate(model, loaders, loss_fn, device, data)
+        metrics, view_scores = evaluate(model, loaders, loss_fn, device, data, cfg.search.objective)
         row = {"epoch": epoch, "train/loss": train_loss, **metrics, "lr": optimizer.param_groups[1]["lr"],
                "lr_backbone": optimizer.param_groups[0]["lr"], "epoch_time": seconds, "images_per_s": images / seconds}
         rows.append(row)
-        if row["val/f1"] > best["f1"]:
-            best = {"f1": row["val/f1"], "epoch": epoch, "gap_f1": row["gap/f1"], "gap_bg": row["gap/bg"]}
-            _save_best(folder, model, valid_scores, data)
+        if row["objective"] > best["objective"]:
+            best = {"objective": row["objective"], "epoch": epoch}
+            _save_best(folder, model, view_scores, data)
         folder.write_metrics(rows)
         save_last(folder, model, optimizer, scheduler, scaler, epoch, best)
         if on_epoch is not None:
@@ -405,17 +408,22 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
     return result
 
 
-def _save_best(folder: TrialFolder, model, valid_scores: np.ndarray, data: PreparedData) -> None:
+def _save_best(folder: TrialFolder, model, view_scores: dict[str, np.ndarray], data: PreparedData) -> None:
     index = data.frame.iloc[data.rows("valid")][["image_id", "person", "label"]]
-    predicted, labels = valid_scores.argmax(axis=1), data.labels("valid")
-    folder.save_best(model.state_dict(), valid_scores, index)
+    predicted, labels = view_scores["valid"].argmax(axis=1), data.labels("valid")
+    folder.save_best(model.state_dict(), view_scores, index)
     folder.save_best_scores(per_class_f1(predicted, labels, data.num_classes),
                             confusion(predicted, labels, data.num_classes))
 
 
 def _fill_result(result: TrialResult, rows: list[dict], best: dict) -> None:
+    """The result's figures from the best epoch's row (the epoch with the highest objective)."""
     result.epochs_run = len(rows)
-    result.best_f1, result.best_epoch = best["f1"], best["epoch"]
-    result.gap_f1, result.gap_bg = best["gap_f1"], best["gap_bg"]
+    result.best_epoch = best["epoch"]
+    chosen = next((row for row in rows if row["epoch"] == best["epoch"]), None)
+    if chosen is not None:
+        result.best_objective, result.best_f1 = chosen["objective"], chosen["val/f1"]
+        result.best_f1_bgswap, result.gap_f1, result.gap_bgswap = (chosen["val/f1_bgswap"], chosen["gap/f1"],
+                                                                   chosen["gap/bgswap"])
     if rows:
         result.images_per_s = float(np.mean([r["images_per_s"] for r in rows]))

@@ -1,6 +1,8 @@
-"""harness.augment: strength-scaled augmentation, determinism, face / centre crops, cached boxes."""
+"""harness.augment: strength-scaled augmentation, determinism, and the preprocessors (crops, background removal)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -8,19 +10,18 @@ import pytest
 import torch
 from skimage import data
 
-from harness import augment
 from harness.augment import (
     CENTER_BOX,
+    NEUTRAL,
     PREPROCESSORS,
     UPSIDE_DOWN_TRANSFORMS,
     Transform,
-    _face_cascade,
-    apply_crops,
     build_transform,
-    cached_crop_boxes,
-    crop_boxes,
-    detect_face,
-    face_boxes,
+    center_box,
+    crop_resize,
+    grow_face,
+    normalize,
+    preprocess,
 )
 
 HEIGHT, WIDTH = 64, 48
@@ -152,91 +153,55 @@ def test_strength_outside_zero_to_one_is_refused():
 
 
 def test_preprocessors_registry():
-    assert PREPROCESSORS.names() == ["center_crop", "face_crop", "none"]
+    assert PREPROCESSORS.names() == ["center_crop", "face_crop", "none", "remove_background"]
     with pytest.raises(KeyError, match="face_crop"):
-        crop_boxes(np.zeros((1, 8, 8, 3), np.uint8), "segment")
+        preprocess(np.zeros((1, 8, 8, 3), np.uint8), "segment")
 
 
-def test_face_crop_finds_the_astronauts_face():
-    image = cv2.resize(data.astronaut(), (192, 256), interpolation=cv2.INTER_AREA)  # 256 high, 192 wide
-    boxes, found = face_boxes(image[None])
-    x0, y0, x1, y1 = boxes[0]
-    assert found[0]
-    face_x, face_y = 220 * 192 / 512, 118 * 256 / 512  # centre of her face in the 512x512 original
-    assert x0 < face_x < x1 and y0 < face_y < y1
-    assert (x1 - x0) * (y1 - y0) < 0.5 * 192 * 256  # a crop, not the whole photo
-    assert abs((y1 - y0) / (x1 - x0) - 256 / 192) < 0.05  # the image's aspect ratio
+def one_row(face, found: bool, mask: np.ndarray) -> SimpleNamespace:
+    """A foreground of one image, shaped as harness.foreground.Foreground."""
+    return SimpleNamespace(faces=np.array([face], np.float32), found=np.array([found]), masks=mask[None])
 
 
-@pytest.mark.parametrize("height, width", [(128, 96), (64, 48)])  # the studies' training sizes
-def test_face_crop_finds_the_face_in_a_small_portrait(height, width):
-    image = cv2.resize(data.astronaut()[:400, 70:370], (width, height), interpolation=cv2.INTER_AREA)
-    face = detect_face(image)
-    assert face is not None
-    x, y, w, h = face
-    face_x, face_y = 150 * width / 300, 118 * height / 400  # centre of her face in the 300x400 cut
-    assert x < face_x < x + w and y < face_y < y + h
-    assert 0.2 * width < w < 0.6 * width  # her face, not the whole picture
-    boxes, found = face_boxes(image[None])
-    x0, y0, x1, y1 = boxes[0]
-    assert found[0] and x0 <= x and y0 <= y and x + w <= x1 and y + h <= y1
+def test_face_crop_grows_the_face_to_a_head_at_the_images_aspect(portrait):
+    face = (18.0, 14.0, 30.0, 30.0)  # x0, y0, x1, y1 of a face in the 48x64 portrait
+    box = grow_face(face, HEIGHT, WIDTH)
+    x0, y0, x1, y1 = box
+    assert x0 <= 18 and y0 <= 14 and x1 >= 30 and y1 >= 30  # the face and more (hair, chin)
+    assert abs((y1 - y0) / (x1 - x0) - HEIGHT / WIDTH) < 0.1 and 0 <= x0 and x1 <= WIDTH
+    cropped = preprocess(portrait[None], "face_crop", one_row(face, True, np.ones((HEIGHT, WIDTH), np.uint8)))
+    np.testing.assert_array_equal(cropped[0], crop_resize(portrait, box))
+    assert cropped.shape == (1, HEIGHT, WIDTH, 3)
 
 
-def test_face_crop_finds_real_faces_and_rarely_non_faces():
-    lfw = (data.lfw_subset() * 255).astype(np.uint8)  # 100 faces then 100 non-faces, 25x25 grey
-    images = np.stack([np.repeat(cv2.resize(x, (64, 64), interpolation=cv2.INTER_CUBIC)[..., None], 3, 2) for x in lfw])
-    _, found = face_boxes(images)
-    assert found[:100].mean() >= 0.85  # measured 0.93 with OpenCV 4.14's Haar cascade
-    assert found[100:].mean() <= 0.08  # measured 0.03
-
-
-def test_face_detector_is_opencvs_haar_cascade_loaded_once():
-    cascade = _face_cascade()
-    assert isinstance(cascade, cv2.CascadeClassifier) and not cascade.empty()
-    assert _face_cascade() is cascade
-
-
-def test_face_crop_falls_back_to_the_centre_crop_on_a_blank_image():
-    blank = np.full((2, HEIGHT, WIDTH, 3), 128, dtype=np.uint8)
-    boxes, found = face_boxes(blank)
-    assert not found.any()
-    np.testing.assert_array_equal(crop_boxes(blank, "face_crop"), crop_boxes(blank, "center_crop"))
+def test_face_crop_falls_back_to_the_centre_crop_without_a_face(portrait):
+    nowhere = one_row((0, 0, 0, 0), False, np.ones((HEIGHT, WIDTH), np.uint8))
+    np.testing.assert_array_equal(preprocess(portrait[None], "face_crop", nowhere),
+                                  preprocess(portrait[None], "center_crop"))
     x0, y0, x1, y1 = CENTER_BOX
-    np.testing.assert_array_equal(
-        boxes[0], [round(x0 * WIDTH), round(y0 * HEIGHT), round(x1 * WIDTH), round(y1 * HEIGHT)]
-    )
+    np.testing.assert_array_equal(center_box(HEIGHT, WIDTH), [round(x0 * WIDTH), round(y0 * HEIGHT),
+                                                              round(x1 * WIDTH), round(y1 * HEIGHT)])
 
 
-def test_apply_crops_cuts_and_resizes(portrait):
+def test_remove_background_keeps_the_person_alone(portrait):
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[10:40, 12:36] = 1
+    out = preprocess(portrait[None], "remove_background", one_row((12, 10, 36, 40), True, mask))[0]
+    np.testing.assert_array_equal(out[mask > 0], portrait[mask > 0])
+    assert (out[mask == 0] == NEUTRAL).all()  # ImageNet's mean colour: zero after normalisation
+    assert np.abs(normalize(out).numpy()[:, 0, 0]).max() < 0.01
+
+
+def test_whole_images_are_not_copied_and_foreground_methods_need_a_foreground(portrait):
     images = np.stack([portrait, upright_image()])
-    same = apply_crops(images, crop_boxes(images, "none"), HEIGHT, WIDTH)
-    np.testing.assert_array_equal(same, images)
-    cropped = apply_crops(images, np.array([[0, 0, 24, 32], [0, 0, 48, 32]]), HEIGHT, WIDTH)
-    assert cropped.shape == (2, HEIGHT, WIDTH, 3) and cropped.dtype == np.uint8
-    np.testing.assert_array_equal(cropped[1], 220)  # only the bright top half was kept
-    with pytest.raises(ValueError, match=r"box 0 \[0, 0, 49, 32\] is empty or outside the 48x64 image"):
-        apply_crops(images[:1], np.array([[0, 0, 49, 32]]), HEIGHT, WIDTH)
+    assert preprocess(images, "none") is images
+    with pytest.raises(ValueError, match="'remove_background' needs the images' faces and person masks"):
+        preprocess(images, "remove_background")
 
 
-def test_cached_boxes_are_written_once_and_reused(tmp_path, monkeypatch, portrait):
-    images = np.stack([portrait, np.zeros_like(portrait)])
-    path = tmp_path / "cachekey.face_crop.npy"
-    boxes = cached_crop_boxes(images, "face_crop", path)
-    np.testing.assert_array_equal(np.load(path), boxes)
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
-    np.testing.assert_array_equal(boxes[1], crop_boxes(images[1:], "center_crop")[0])  # black: no face
-    assert not np.array_equal(boxes[0], boxes[1])  # her face was found
-
-    planted = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
-    np.save(path, planted)  # a reused file is read, not recomputed: the detector never runs
-    with monkeypatch.context() as patch:
-        patch.setattr(augment, "detect_face", _no_detection)
-        np.testing.assert_array_equal(cached_crop_boxes(images, "face_crop", path), planted)
-
-    np.save(path, planted[:1])  # one box for two images: stale, found again
-    np.testing.assert_array_equal(cached_crop_boxes(images, "face_crop", path), boxes)
-    np.testing.assert_array_equal(np.load(path), boxes)
-
-
-def _no_detection(image: np.ndarray) -> None:
-    raise AssertionError("face detection ran although the cached boxes were valid")
+def test_crop_resize_cuts_and_resizes():
+    cropped = crop_resize(upright_image(), [0, 0, 48, 32])
+    assert cropped.shape == (HEIGHT, WIDTH, 3)
+    np.testing.assert_array_equal(cropped, 220)  # only the bright top half was kept
+    with pytest.raises(ValueError, match=r"box \[0, 0, 49, 32\] is empty or outside the 48x64 image"):
+        crop_resize(upright_image(), [0, 0, 49, 32])

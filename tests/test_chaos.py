@@ -424,9 +424,28 @@ def leftover_temporaries(layout: Layout) -> list[str]:
             for p in found]
 
 
-def committed_cache(layout: Layout) -> np.ndarray | None:
-    committed = [p for p in layout.cache.glob("*.npy") if p.with_suffix(".json").is_file()]
-    return np.load(committed[0], mmap_mode="r") if len(committed) == 1 else None
+def committed_caches(layout: Layout) -> list[np.ndarray]:
+    """Each committed file of the cache folder: a decoded cache (<key>.npy with <key>.json) or a foreground's
+    masks (<key>.fg<v>.masks.npy with <key>.fg<v>.json). Keys hold file times, so they differ between runs."""
+    found = []
+    for path in sorted(layout.cache.glob("*.npy")):
+        stem = path.name.removesuffix(".npy")
+        marker = path.parent / (stem.removesuffix(".masks") + ".json")
+        if marker.is_file() and (path.name.count(".") == 1 or stem.endswith(".masks")):
+            found.append(np.load(path, mmap_mode="r"))
+    return found
+
+
+def same_arrays(first: list[np.ndarray], second: list[np.ndarray]) -> bool:
+    """The same arrays, in any order."""
+    unmatched = list(second)
+    for array in first:
+        match = next((i for i, other in enumerate(unmatched) if other.shape == array.shape
+                      and np.array_equal(other, array)), None)
+        if match is None:
+            return False
+        unmatched.pop(match)
+    return not unmatched
 
 
 def params_of(frame: pd.DataFrame) -> list[tuple]:
@@ -435,7 +454,7 @@ def params_of(frame: pd.DataFrame) -> list[tuple]:
 
 
 def show(frame: pd.DataFrame) -> str:
-    columns = ["trial", "optuna_trial", "state", "epochs", "val_f1"] + sorted(
+    columns = ["trial", "optuna_trial", "state", "epochs", "objective"] + sorted(
         c for c in frame.columns if c.startswith("param_"))
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         return frame.reindex(columns=columns).to_string(index=False)
@@ -504,9 +523,9 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
     # the cache: no temporary left, no half cache used: the pixels of an uninterrupted build
     cache_leftovers = temporaries(layout.cache, "*.tmp-*")
     check(not cache_leftovers, f"cache temporaries left: {cache_leftovers}")
-    images, reference_images = committed_cache(layout), committed_cache(reference)
-    check(images is not None and np.array_equal(images, reference_images),
-          f"the cache in {layout.cache} is not the uninterrupted study's: {sorted(os.listdir(layout.cache))}")
+    check(same_arrays(committed_caches(layout), committed_caches(reference)),
+          f"the caches and foreground masks in {layout.cache} are not the uninterrupted study's: "
+          f"{sorted(os.listdir(layout.cache))}")
     # promotion and report
     members = json.loads((layout.study / "ensemble" / "members.json").read_text())
     check({m["trial"] for m in members["members"]} <= set(frame.loc[frame["state"] == "complete", "trial"]),

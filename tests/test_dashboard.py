@@ -48,7 +48,7 @@ def test_dashboard_serves_the_study_and_its_trial_attributes(smoke_study, shared
         assert len(detail["trials"]) == 2
         for trial in detail["trials"]:
             attrs = {a["key"]: a["value"] for a in trial["user_attrs"]}
-            assert {"gap_f1", "gap_bg", "best_epoch", "wandb_run_id", "run_dir"} <= set(attrs)
+            assert {"gap_f1", "gap_bgswap", "val_f1", "val_f1_bgswap", "best_epoch", "wandb_run_id", "run_dir"} <= set(attrs)
     finally:
         server.terminate()
         output, _ = server.communicate(timeout=30)

@@ -17,7 +17,7 @@ from harness.ensemble import EnsembleError, run_ensemble
 from harness.folders import TrialFolder
 from harness.metrics import macro_f1_batch
 from harness.predict import EvalImages, load_member_model, member_params, member_probabilities, predict_submission
-from harness.selection import blend_f1, greedy_selection, honest_scores, person_halves
+from harness.selection import blend_score, greedy_selection, honest_scores, person_halves
 from harness.study import run_study, trials_frame
 from harness.tracking import ensemble_run_id, read_offline_run
 
@@ -50,9 +50,10 @@ def valid_index(persons: int = 8, per_person: int = 6, seed: int = 0) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def write_trial_folder(folder: Path, index: pd.DataFrame, logits: np.ndarray) -> None:
+def write_trial_folder(folder: Path, index: pd.DataFrame, logits: np.ndarray, swapped: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "valid_logits.npy", logits)
+    np.save(folder / "bgswap_logits.npy", swapped)
     index.to_csv(folder / "valid_index.csv", index=False)
 
 
@@ -69,7 +70,9 @@ def made_study(tmp_path: Path, trials: list[dict], **ensemble) -> StudyConfig:
     for number, spec in enumerate(trials):
         index = spec.get("index", valid_index())
         folder = cfg.study_dir / "trials" / str(number)
-        write_trial_folder(folder, index, noisy_log_probs(index["label"].to_numpy(), spec["accuracy"], seed=number))
+        labels = index["label"].to_numpy()
+        write_trial_folder(folder, index, noisy_log_probs(labels, spec["accuracy"], seed=number),
+                           noisy_log_probs(labels, spec.get("bgswap_accuracy", spec["accuracy"]), seed=100 + number))
         attrs = {"identity": number, "run_dir": str(folder), "gap_f1": spec.get("gap", 0.1)}
         state = spec["state"]
         study.add_trial(create_trial(state=state, value=spec.get("value"), user_attrs=attrs,
@@ -128,10 +131,10 @@ def test_greedy_finds_the_complementary_pair_and_drops_the_bad_candidate():
     singles = macro_f1_batch(probs.argmax(axis=2), labels, C)
     assert singles.max() < 0.6
 
-    selection = greedy_selection(probs, labels, rounds=10)
+    selection = greedy_selection({"valid": probs}, labels, rounds=10)
 
     assert selection.weights[0] > 0 and selection.weights[1] > 0 and selection.weights[2] == 0
-    assert blend_f1(probs, labels, selection.weights) == 1.0
+    assert blend_score({"valid": probs}, labels, selection.weights) == 1.0
     assert selection.trajectory[0] == pytest.approx(singles.max())  # round one picks the best single
     assert selection.weights.sum() == selection.rounds_kept == 2  # rounds after the best score are dropped
 
@@ -139,7 +142,7 @@ def test_greedy_finds_the_complementary_pair_and_drops_the_bad_candidate():
 def test_greedy_with_one_good_candidate_gives_it_all_the_weight():
     probs, labels = complementary_candidates()
     perfect = one_hot_probs(labels, 0.7)[None]
-    selection = greedy_selection(np.concatenate([probs, perfect]), labels, rounds=5)
+    selection = greedy_selection({"valid": np.concatenate([probs, perfect])}, labels, rounds=5)
     assert selection.weights.tolist() == [0, 0, 0, 1]
 
 
@@ -154,16 +157,16 @@ def test_honest_score_never_selects_and_scores_on_the_same_sample():
     probs[0, :, 0] = np.arange(n)  # each row carries its own id, so the callbacks can tell which rows they got
     selected, scored = [], []
 
-    def recording_strategy(fit_probs, fit_labels):
-        selected.append(set(fit_probs[0, :, 0].astype(int)))
+    def recording_strategy(fit_views, fit_labels):
+        selected.append(set(fit_views["valid"][0, :, 0].astype(int)))
         return np.ones(1)
 
-    def recording_score(held_probs, held_labels, weights):
-        scored.append(set(held_probs[0, :, 0].astype(int)))
+    def recording_score(held_views, held_labels, weights):
+        scored.append(set(held_views["valid"][0, :, 0].astype(int)))
         return 0.5
 
     halves = person_halves(labels, persons)
-    result = honest_scores(probs, labels, halves, {"rec": recording_strategy}, score=recording_score)
+    result = honest_scores({"valid": probs}, labels, halves, {"rec": recording_strategy}, score=recording_score)
 
     assert len(selected) == len(scored) == 2 and result["rec"] == 0.5
     everything = set(range(n))
@@ -205,7 +208,7 @@ def test_pruned_and_failed_trials_are_never_selected(tmp_path, capsys):
     members = json.loads((cfg.study_dir / "ensemble" / "members.json").read_text())
     assert members["candidates"] == 2 and members["rounds"] == 10
     assert all(isinstance(m["weight"], int) and m["weight"] > 0 for m in members["members"])
-    assert "honest F1" in capsys.readouterr().out
+    assert "honest" in capsys.readouterr().out
 
 
 def test_a_single_complete_trial_is_an_ensemble_of_one_with_a_note(tmp_path, capsys):
@@ -249,6 +252,17 @@ def test_ensemble_method_chooses_the_members_weights(tmp_path, method):
     else:
         assert 0 in weights and sum(weights.values()) >= 1
     assert json.loads((cfg.study_dir / "ensemble" / "members.json").read_text())["method"] == method
+
+
+def test_the_ensemble_optimises_the_studys_objective(tmp_path):
+    """Trial 0 is best on valid but reads the background (poor on swapped backgrounds); trial 1 is robust."""
+    cfg = made_study(tmp_path, [{"state": COMPLETE, "value": 0.55, "accuracy": 0.9, "bgswap_accuracy": 0.2},
+                                {"state": COMPLETE, "value": 0.6, "accuracy": 0.7, "bgswap_accuracy": 0.7}],
+                     method="best_single")
+    robust = run_ensemble(cfg.replace({"search.objective": "robust/f1"}))
+    assert [m["trial"] for m in robust["members"]] == [1] and robust["metrics"]["objective"] == "robust/f1"
+    plain = run_ensemble(cfg.replace({"search.objective": "val/f1"}))
+    assert [m["trial"] for m in plain["members"]] == [0]
 
 
 def test_different_valid_rows_are_a_clear_error_naming_the_trials(tmp_path):
@@ -297,19 +311,20 @@ def test_ensemble_of_a_real_study_writes_its_files(ensembled):
     complete = set(frame.loc[frame["state"] == "complete", "trial"])
     assert {m["trial"] for m in members["members"]} <= complete and members["members"]
     assert 1 <= sum(m["weight"] for m in members["members"]) <= cfg.ensemble.rounds
-    assert set(members["members"][0]) == {"trial", "weight", "val_f1", "gap_f1", "run_dir"}
+    assert set(members["members"][0]) == {"trial", "weight", "objective", "val_f1", "gap_f1", "run_dir"}
     assert {"best_single", "average_top_k", "greedy"} <= set(metrics["honest"]) and len(metrics["honest"]["halves"]) == 2
     n = metrics["n_valid"]
     probs = np.load(out / "valid_probs.npy")
     assert probs.shape == (n, C) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     assert np.load(out / "confusion.npy").sum() == n and np.load(out / "per_class_f1.npy").shape == (C,)
-    assert metrics["fitted_on_all_valid"]["greedy_f1"] >= metrics["fitted_on_all_valid"]["best_single_f1"]
-    best = frame.loc[frame["state"] == "complete", "val_f1"].max()
-    assert metrics["fitted_on_all_valid"]["best_single_f1"] == pytest.approx(best)  # stored logits = Optuna's value
+    assert metrics["objective"] == cfg.search.objective == "robust/f1"
+    assert metrics["fitted_on_all_valid"]["greedy"] >= metrics["fitted_on_all_valid"]["best_single"]
+    best = frame.loc[frame["state"] == "complete", "objective"].max()
+    assert metrics["fitted_on_all_valid"]["best_single"] == pytest.approx(best)  # stored logits = Optuna's value
 
     run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(cfg.name))
     assert run["job_type"] == "ensemble"
-    assert run["summary"]["honest/greedy_f1"] == pytest.approx(metrics["honest"]["greedy"])
+    assert run["summary"]["honest/greedy"] == pytest.approx(metrics["honest"]["greedy"])
 
 
 def test_predict_writes_a_submission_in_info_order_and_scores_eval(ensembled, capsys):
@@ -328,7 +343,7 @@ def test_predict_writes_a_submission_in_info_order_and_scores_eval(ensembled, ca
     assert saved["eval_f1"] == pytest.approx(result["eval_f1"])
     run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(cfg.name))
     assert run["summary"]["eval/f1"] == pytest.approx(result["eval_f1"])
-    assert "honest/greedy_f1" in run["summary"]  # the eval figures joined the same run
+    assert "honest/greedy" in run["summary"]  # the eval figures joined the same run
 
 
 def test_predict_one_trial_gives_that_trials_probabilities(ensembled):
@@ -364,10 +379,12 @@ def test_normalize_batch_is_the_eval_transform():
     assert torch.equal(normalize_batch(images), expected)
 
 
-def test_crops_for_eval_use_the_cached_boxes(trained):
+def test_eval_images_are_preprocessed_as_members_were_trained(trained):
     cfg, _ = trained
     images = EvalImages(cfg)
-    cropped, rows = images.for_preprocess("center_crop")
-    assert cropped.shape == images.cache.images.shape and len(rows) == len(images.frame)
-    assert (Path(cfg.data.cache_dir) / f"{images.cache.key}.center_crop.boxes.npy").is_file()
-    assert images.for_preprocess("center_crop")[0] is cropped  # made once per method
+    assert images.for_preprocess("none")[0] is images.cache.images
+    alone, rows = images.for_preprocess("remove_background")
+    assert alone.shape == images.cache.images.shape and len(rows) == len(images.frame)
+    # the eval images' faces and person masks were found once and kept beside their decoded cache
+    assert list(Path(cfg.data.cache_dir).glob(f"{images.cache.key}.fg*.masks.npy"))
+    assert images.for_preprocess("remove_background")[0] is alone  # made once per method

@@ -8,6 +8,7 @@ plots onto <html>; `--dump-dom` hands back that DOM after the page has run.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -21,6 +22,7 @@ from conftest import CHROMIUM, ENABLE_BROWSER_TESTS
 from harness.bench.report import bench_study_config, make_fake_study, write_fake_ensemble
 from harness.config import ConfigError
 from harness.report import WATCHDOG_JS, external_references, write_report
+from harness.study import trials_frame
 
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason=f"no chromium on PATH: `{ENABLE_BROWSER_TESTS}`")
 ALWAYS = {"history", "parallel", "overfitting", "background", "curves", "per_class_f1", "confusion_best"}
@@ -117,7 +119,8 @@ def test_report_of_a_smoke_study_draws_every_figure_offline(smoke_study, tmp_pat
     assert cell("persons valid", persons["valid"]) in page and cell("persons train", persons["train"]) in page
     assert cell("images valid", len(data.split.valid)) in page and cell("split hash", data.split.hash) in page
     assert "the study was created with" not in page  # the split read now is the study's
-    assert f"Study {cfg.name}</h1>" in page and "best val F1: 0." in page
+    assert f"Study {cfg.name}</h1>" in page and "best robust/f1: 0." in page
+    assert "no trial has an eval F1" in page  # the truth section, before the trials are scored on eval
 
     run_ensemble(cfg, log_to_wandb=False)
     page = write_report(cfg).read_text()
@@ -197,4 +200,22 @@ def test_a_study_without_finished_trials_gets_notes_instead_of_figures(tmp_path)
     page = write_report(cfg).read_text()
     assert figure_names(page) == set()
     assert "no complete trial yet" in page and "no trial has a metrics.csv yet" in page
-    assert "trials: 1 (1 waiting)" in page and "best val F1: –" in page
+    assert "trials: 1 (1 waiting)" in page and "best robust/f1: –" in page
+
+
+def test_the_truth_section_plots_the_objective_against_eval_f1_and_shows_the_remedies(tmp_path):
+    cfg = bench_study_config(tmp_path / "runs", name="truth")
+    study = make_fake_study(cfg, trials=12)
+    frame = trials_frame(study)
+    finished = frame[frame["objective"].notna()]
+    study.set_user_attr("eval_f1", {str(t): float(v) - 0.05 for t, v in zip(finished["trial"], finished["objective"])})
+    (cfg.study_dir / "remedies.json").write_text(json.dumps({"note": "two seeds", "seeds": 2, "rows": [
+        {"remedy": "none", "preprocess": "none", "bgswap_p": 0.0, "val_f1": 0.7, "val_f1_bgswap": 0.2, "eval_f1": 0.18},
+        {"remedy": "remove_background", "preprocess": "remove_background", "bgswap_p": 0.0, "val_f1": 0.75,
+         "val_f1_bgswap": 0.75, "eval_f1": 0.67}]}))
+    page = write_report(cfg).read_text()
+    assert "truth" in figure_names(page)
+    assert "Spearman correlation with eval F1 over" in page and "robust/f1 1.00." in page  # eval = objective - 0.05
+    assert "(+0.0500)" in page  # the best trial's objective minus its own eval F1
+    assert "Remedies for the background shortcut" in page and "<td>remove_background</td>" in page
+    assert "<td>0.6700</td>" in page

@@ -163,8 +163,8 @@ def test_study_runs_to_target_and_logs_every_trial(smoke_study):
     reference = [t for t in study.trials if t.user_attrs.get("reference")]
     assert len(reference) == 1 and reference[0].number == 0
     for t in study.trials:
-        assert {"gap_f1", "gap_bg", "best_epoch", "epochs_run", "images_per_s", "run_dir", "wandb_run_id"} <= set(
-            t.user_attrs)
+        assert {"gap_f1", "gap_bgswap", "val_f1", "val_f1_bgswap", "best_epoch", "epochs_run", "images_per_s",
+                "run_dir", "wandb_run_id", "weights", "foreground"} <= set(t.user_attrs)
         assert Path(t.user_attrs["run_dir"], "metrics.csv").is_file()
     check_wandb_history(cfg, frame)
     assert len(run_study(cfg, progress=False).trials) == cfg.search.trials  # rerun: nothing more to do

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from sklearn.metrics import f1_score
 
 from harness.data import synthetic
 from harness.data.labels import MASK_OF_STEM, age_group, decode, encode
-from harness.data.synthetic import STEMS, make_synthetic
+from harness.data.synthetic import STEMS, make_synthetic, read_truth
 
 FOLDER = re.compile(r"^(\d{6})_(male|female)_Asian_(\d+)$")
 
@@ -122,7 +123,9 @@ def test_same_seed_same_bytes_whatever_the_workers_other_seed_differs(tmp_path):
     subprocess.run([sys.executable, str(script)], check=True, timeout=120)
     make_synthetic(tmp_path / "c", people=24, seed=4, width=64, height=96, workers=1)
     a, b, c = (digests(tmp_path / name) for name in "abc")
-    assert len(a) == first["train_images"] + first["eval_images"] + first["junk_files"] + 3  # + 3 csv files
+    photos = first["train_images"] + first["eval_images"]
+    # + 3 csv files; + the truth: a mask per photo, faces.csv; + synthetic.json
+    assert len(a) == photos + first["junk_files"] + 3 + photos + 1 + 1
     assert a == b
     shared_files = set(a) & set(c)
     assert set(a) != set(c)  # other folder names and eval names
@@ -202,6 +205,33 @@ def test_a_pixel_model_learns_masks_for_eval_but_ages_partly_from_the_background
     age_valid, age_eval = scores[2]
     assert mask_eval > 0.7 and abs(mask_valid - mask_eval) < 0.1  # chance is 0.33
     assert age_eval < age_valid - 0.08
+
+
+def test_without_the_trap_the_same_people_sit_on_backgrounds_that_say_nothing(medium, tmp_path):
+    """trap_strength 0: the same persons (same folders, same faces) but backgrounds independent of age."""
+    free = tmp_path / "free"
+    make_synthetic(free, people=120, seed=0, width=48, height=64, eval_images=120 * 7, trap_strength=0.0)
+    assert [p.name for p in person_folders(free)] == [p.name for p in person_folders(medium)]
+    train = list(labelled_train_images(free))
+    ages = decode(np.array([label for _, _, label in train]))[2]
+    assert share_explained([border_colour(path) for path, _, _ in train], ages) < 0.1  # trapped: > 0.2 above
+    truth = pd.read_csv(medium / "eval" / "gt.csv")
+    for name in truth["ImageID"][:20]:  # eval never had the trap: the same files
+        assert (free / "eval" / "images" / name).read_bytes() == (medium / "eval" / "images" / name).read_bytes()
+    assert json.loads((free / "synthetic.json").read_text())["trap_strength"] == 0.0
+
+
+def test_the_truth_of_each_photo_is_written_beside_it(small):
+    root, _ = small
+    faces = pd.read_csv(root / "truth" / "faces.csv")
+    images = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+                    and "images" in p.parts and not p.name.startswith("."))
+    assert sorted(faces["image"]) == images  # one face box per photo, train and eval
+    boxes, masks = read_truth(root, [str(root / image) for image in images[:10]], 128, 96)
+    assert masks.shape == (10, 128, 96) and (0.15 < masks.mean(axis=(1, 2))).all() and (masks.mean(axis=(1, 2)) < 0.7).all()
+    for box, mask in zip(boxes, masks, strict=True):  # the face box sits inside the person
+        x0, y0, x1, y1 = box.round().astype(int)
+        assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 128 and mask[y0:y1, x0:x1].mean() > 0.75  # an ellipse fills pi/4 of its box
 
 
 def small_pixels(path: Path) -> np.ndarray:

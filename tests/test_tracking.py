@@ -38,12 +38,13 @@ def study(tmp_path, monkeypatch):
 
 def epoch_row(epoch: int) -> dict:
     return {"epoch": epoch, "train/loss": 1.0 / (epoch + 1), "val/f1": 0.2 + 0.1 * epoch, "gap/f1": 0.05 * epoch,
-            "gap/bg": 0.01, "lr": np.float32(1e-3), "images_per_s": 100.0, "val/f1_age": float("nan")}
+            "gap/bgswap": 0.01, "lr": np.float32(1e-3), "images_per_s": 100.0, "val/f1_age": float("nan")}
 
 
 def result(state="complete", best_epoch=2, epochs_run=3, reason=None) -> TrialResult:
-    return TrialResult(state=state, run_dir="x", best_f1=0.2 + 0.1 * best_epoch, best_epoch=best_epoch,
-                       epochs_run=epochs_run, gap_f1=0.05 * best_epoch, gap_bg=0.01, seconds=3.5, reason=reason)
+    return TrialResult(state=state, run_dir="x", best_objective=0.15 + 0.1 * best_epoch, best_f1=0.2 + 0.1 * best_epoch,
+                       best_epoch=best_epoch, epochs_run=epochs_run, gap_f1=0.05 * best_epoch, gap_bgswap=0.01,
+                       seconds=3.5, reason=reason)
 
 
 def by_epoch(history: list[dict]) -> dict[int, dict]:
@@ -68,6 +69,7 @@ def test_trial_run_is_written_and_read_back(study):
     assert run["config"] == {**params, "split_hash": "abc123", "version": "0.1.0"}
     summary = run["summary"]
     assert summary["best/val_f1"] == pytest.approx(0.4) and summary["best/epoch"] == 2
+    assert summary["best/objective"] == pytest.approx(0.35)
     assert summary["state"] == "complete" and summary["epochs_run"] == 3
     assert summary["val/f1"] == {"max": pytest.approx(0.4)}  # define_metric(summary="max")
     assert (run["tags"], run["group"], run["job_type"], run["name"]) == (["complete"], "t", "trial", "trial-0003")
@@ -177,8 +179,8 @@ def test_wandb_mode_from_env_wins_and_disabled_is_a_noop(study, monkeypatch, cap
 def test_study_run_holds_the_trials_table(study):
     trials = pd.DataFrame({"trial": [0, 1, 2], "state": ["COMPLETE", "PRUNED", "FAIL"],
                            "lr": [0.1, 0.01, 1.0], "backbone": ["a", "b", None],
-                           "val_f1": [0.5, 0.3, float("nan")], "gap_f1": [0.1, 0.2, float("nan")],
-                           "gap_bg": [0.0, 0.0, float("nan")], "epochs": [3, 1, 0], "duration_s": [2.0, 1.0, 0.1]})
+                           "objective": [0.5, 0.3, float("nan")], "gap_f1": [0.1, 0.2, float("nan")],
+                           "gap_bgswap": [0.0, 0.0, float("nan")], "epochs": [3, 1, 0], "duration_s": [2.0, 1.0, 0.1]})
     tracker = StudyTracker(study, {"split_hash": "abc123"})
     tracker.update(trials.iloc[:1])
     tracker.update(trials)
@@ -186,7 +188,7 @@ def test_study_run_holds_the_trials_table(study):
 
     run = read_offline_run(study.study_dir / "wandb", study_run_id("t"))
     assert (run["job_type"], run["group"], run["name"], run["config"]) == ("study", "t", "study", {"split_hash": "abc123"})
-    assert run["summary"]["best/val_f1"] == 0.5
+    assert run["summary"]["best/objective"] == 0.5
     assert {k: run["summary"][f"trials/{k}"] for k in ("complete", "pruned", "failed")} == {
         "complete": 1, "pruned": 1, "failed": 1}
     table = run["tables"]["trials"]

@@ -26,13 +26,15 @@ from harness.bench.ensemble import bench_ensemble
 from harness.bench.loader import bench_loader
 from harness.bench.real import bench_real
 from harness.bench.report import bench_report
+from harness.bench.shortcut import bench_remedies, bench_shortcut
 from harness.bench.study import bench_search, bench_workers
 from harness.bench.trial import bench_study_overhead, bench_trial
 from harness.io import atomic_write_text
 
 GROUPS: dict[str, Callable[[Bench], list[dict]]] = {
     "loader": bench_loader, "trial": bench_trial, "overhead": bench_study_overhead, "ensemble": bench_ensemble,
-    "report": bench_report, "workers": bench_workers, "search": bench_search, "real": bench_real}
+    "report": bench_report, "workers": bench_workers, "search": bench_search, "real": bench_real,
+    "shortcut": bench_shortcut, "remedies": bench_remedies}
 
 
 def write_bench_json(out: Path, report: dict) -> None:

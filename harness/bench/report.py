@@ -80,11 +80,12 @@ def epoch_rows(final_f1: float, epochs: int, rng: np.random.Generator) -> list[d
         progress = 1.0 - 0.5 ** (epoch + 1)
         val = final_f1 * (0.6 + 0.4 * progress / (1.0 - 0.5 ** EPOCHS))
         probe = min(1.0, val + 0.03 + 0.05 * epoch + rng.normal(0, 0.01))
-        masked = val - abs(rng.normal(0.08, 0.03))
+        swapped = val - abs(rng.normal(0.08, 0.03))
         rows.append({"epoch": epoch, "train/loss": 2.5 * (1 - progress) + 0.2, "val/loss": 2.4 * (1 - progress) + 0.4,
                      "val/f1": val, "val/f1_mask": min(1.0, val + 0.1), "val/f1_gender": min(1.0, val + 0.15),
                      "val/f1_age": val - 0.05, "val/acc": min(1.0, val + 0.08), "train/f1_probe": probe,
-                     "gap/f1": probe - val, "val/f1_bgmask": masked, "gap/bg": val - masked,
+                     "gap/f1": probe - val, "val/f1_bgswap": swapped, "gap/bgswap": val - swapped,
+                     "objective": min(val, swapped),
                      "lr": 2e-3 * (1 - epoch / epochs), "epoch_time": 30 + rng.normal(0, 1),
                      "images_per_s": 480 + rng.normal(0, 15), "probe_time": 4 + rng.normal(0, 0.2)})
     return rows
@@ -107,11 +108,11 @@ def per_class_from(confusion: np.ndarray) -> np.ndarray:
 def write_trial_folder(folder: TrialFolder, rows: list[dict], state: str, rng: np.random.Generator) -> None:
     folder.prepare()
     folder.write_metrics(rows)
-    best = max(rows, key=lambda r: r["val/f1"])
+    best = max(rows, key=lambda r: r["objective"])
     confusion = fake_confusion(best["val/f1"], rng)
     folder.save_best_scores(per_class_from(confusion), confusion)
-    folder.write_result({"state": state, "best_f1": best["val/f1"], "best_epoch": best["epoch"],
-                         "epochs_run": len(rows)})
+    folder.write_result({"state": state, "best_objective": best["objective"], "best_f1": best["val/f1"],
+                         "best_epoch": best["epoch"], "epochs_run": len(rows)})
 
 
 def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile: str | None = None):
@@ -128,14 +129,16 @@ def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile:
     pruned = number % 7 == 6
     rows = epoch_rows(plausible_f1(params, rng), 2 if pruned else EPOCHS, rng)
     write_trial_folder(TrialFolder(run_dir), rows, "pruned" if pruned else "complete", rng)
-    best = max(rows, key=lambda r: r["val/f1"])
-    attrs.update(gap_f1=best["gap/f1"], gap_bg=best["gap/bg"], best_epoch=best["epoch"], epochs_run=len(rows),
+    best = max(rows, key=lambda r: r["objective"])
+    attrs.update(val_f1=best["val/f1"], val_f1_bgswap=best["val/f1_bgswap"], gap_f1=best["gap/f1"],
+                 gap_bgswap=best["gap/bgswap"], best_epoch=best["epoch"], epochs_run=len(rows),
                  images_per_s=float(np.mean([r["images_per_s"] for r in rows])), seconds=35.0 * len(rows),
                  state="pruned" if pruned else "complete")
     return optuna.trial.create_trial(
-        state=TrialState.PRUNED if pruned else TrialState.COMPLETE, value=rows[-1]["val/f1"] if pruned else best["val/f1"],
+        state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
+        value=rows[-1]["objective"] if pruned else best["objective"],
         params=params, distributions=distributions, user_attrs=attrs,
-        intermediate_values={r["epoch"] + 1: r["val/f1"] for r in rows})
+        intermediate_values={r["epoch"] + 1: r["objective"] for r in rows})
 
 
 def fake_data_summary(rng: np.random.Generator, persons: int = 2700) -> dict:
@@ -171,9 +174,10 @@ def write_fake_ensemble(cfg: StudyConfig, study: optuna.Study, top_k: int = 5, s
     frame = trials_frame(study)
     top = frame[frame["state"] == "complete"].head(top_k)
     weights = rng.integers(1, 6, len(top))  # greedy selection with replacement: how often each was added
-    members = [{"trial": int(r["trial"]), "weight": int(w), "val_f1": float(r["val_f1"]),
+    members = [{"trial": int(r["trial"]), "weight": int(w), "objective": float(r["objective"]),
+                "val_f1": float(r["val_f1"]),
                 "gap_f1": float(r["gap_f1"]), "run_dir": str(r["run_dir"])} for (_, r), w in zip(top.iterrows(), weights)]
-    best = float(top["val_f1"].iloc[0])
+    best = float(top["objective"].iloc[0])
     halves = [{"fit_images": 1890, "held_images": 1890, "best_single": best - 0.01 + 0.01 * half,
                "average_top_k": best + 0.004, "greedy": best + 0.006, "fit_persons": 270, "held_persons": 270,
                "greedy_weights": {str(m["trial"]): m["weight"] for m in members}} for half in range(2)]
@@ -183,8 +187,8 @@ def write_fake_ensemble(cfg: StudyConfig, study: optuna.Study, top_k: int = 5, s
     folder.write(
         {"members": members, "method": "greedy", "rounds": 25, "rounds_kept": int(weights.sum()),
          "candidates": len(top), "candidate_trials": [m["trial"] for m in members], "note": None},
-        {"method": "greedy", "honest": {**scores, "halves": halves},
-         "fitted_on_all_valid": {"greedy_f1": best + 0.02, "best_single_f1": best, "average_top_k_f1": best + 0.01},
+        {"method": "greedy", "objective": "robust/f1", "honest": {**scores, "halves": halves},
+         "fitted_on_all_valid": {"greedy": best + 0.02, "best_single": best, "average_top_k": best + 0.01},
          "n_valid": 3780, "n_persons": 540, "trajectory": [best + 0.02 * (1 - 0.5 ** r) for r in range(25)]},
         np.full((3780, NUM_CLASSES), 1 / NUM_CLASSES), per_class_from(confusion), confusion)
     return folder.path

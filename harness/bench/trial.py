@@ -5,7 +5,7 @@
                                 gradient clipping over tensors already on the device (best pass).
   probe_cost_share_of_epoch     seconds of the per-epoch evaluations (valid and the probes) against
                                 the epochs' training seconds.
-  trial_amp_channels_last_images_per_s   (CUDA only) float16 autocast + channels_last against float32.
+  trial_amp_channels_last_images_per_s   (CUDA only) float16 autocast against float32, both channels_last.
   study_overhead_share_of_trial trial wall time not spent in epochs (model build, loaders, checkpoints,
                                 Optuna storage, the W&B run) against trial wall time, 2 trials.
 """
@@ -34,8 +34,8 @@ def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = 
     """The reference: the harness's own training step (model, batch, loss, optimizer, clipping as the study
     file asks) over tensors already on `device`, without the loader, schedule or checks around it.
 
-    `mixed` is what train_one_epoch does on CUDA: float16 autocast, channels_last model and
-    batches, a GradScaler. With mixed=False the loop is plain float32.
+    `mixed` is what train_one_epoch does on CUDA: float16 autocast and a GradScaler. With mixed=False
+    the loop is float32. Both run in channels_last, the layout build_model gives the model.
     """
     from harness.augment import build_transform
     from harness.heads import build_loss
@@ -51,8 +51,7 @@ def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = 
     torch.manual_seed(0)
     model = build_model(params.backbone, params.head, 18, pretrained=False,
                         image_size=(size.height, size.width)).to(device)
-    layout = torch.channels_last if mixed else torch.contiguous_format
-    model = model.to(memory_format=layout)
+    layout = torch.channels_last
     loss_fn = build_loss(params.loss, params.head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=mixed)
@@ -108,7 +107,7 @@ def bench_trial(bench: Bench) -> list[dict]:
 
 
 def mixed_precision_row(cfg, data, steps: int, device: torch.device, quick: bool) -> dict:
-    """On CUDA: the train loop with float16 autocast + channels_last (what the harness does) against float32.
+    """On CUDA: the train loop with float16 autocast (what the harness does) against float32, both channels_last.
 
     Met when mixed precision is at least as fast: the harness chooses it on every CUDA device,
     so it must never be the slower path. Best of 3 alternating measurements of a few passes each.

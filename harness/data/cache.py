@@ -451,6 +451,7 @@ class CachedImageDataset(Dataset):
         rows: np.ndarray,
         labels: np.ndarray,
         transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+        prepare: Callable[[np.ndarray, int, np.random.Generator], np.ndarray] | None = None,
     ) -> None:
         rows, labels = np.asarray(rows, dtype=np.int64), np.asarray(labels, dtype=np.int64)
         if rows.shape != labels.shape or rows.ndim != 1:
@@ -463,6 +464,8 @@ class CachedImageDataset(Dataset):
         self._file = _whole_npy_file(images)
         self.rows, self.labels = rows, labels
         self.transform = transform if transform is not None else to_float_tensor
+        # before the transform: prepare(image, cache row, the transform's random stream) -> image
+        self.prepare = prepare
 
     @property
     def images(self) -> np.ndarray:
@@ -475,11 +478,15 @@ class CachedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = np.array(self.images[self.rows[index]])  # a writable copy of one image for the transform
+        if self.prepare is not None:
+            image = self.prepare(image, int(self.rows[index]), self.transform.stream())
         return self.transform(image), int(self.labels[index])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """A whole batch at once (DataLoader calls this when present): one gather from the memmap,
         and for the default transform one vectorised conversion instead of one per image."""
+        if self.prepare is not None:
+            return [self[index] for index in indices]
         images = self.images[self.rows[indices]]  # fancy indexing copies just these rows
         labels = self.labels[indices].tolist()
         if self.transform is not to_float_tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -70,6 +71,7 @@ def check_data(cfg: StudyConfig, progress: bool = True) -> tuple[str, bool]:
     except ValueError as error:
         problems.append(Problem("error", str(data.root), str(error)))
         parts = {"all": good}
+    lines += foreground_summary(cfg, cache)
     lines += ["", "images per class:", class_table(frame, parts).to_string()]
     if frame.attrs["tasks"]:
         lines += ["", "images per task label:", task_table(parts).to_string()]
@@ -78,6 +80,28 @@ def check_data(cfg: StudyConfig, progress: bool = True) -> tuple[str, bool]:
     lines += ["", f"problems: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)"]
     lines += [f"  {p}" for p in sorted(problems, key=lambda p: (p.severity != "error", p.file))]
     return "\n".join(lines), not errors
+
+
+def foreground_summary(cfg: StudyConfig, cache) -> list[str]:
+    """Where the faces and persons were found (harness.foreground), the fallbacks, and against the truth when
+    the data is synthetic: the face hit rate (IoU >= 0.4) and the person masks' IoU."""
+    from harness.data.synthetic import read_truth
+    from harness.foreground import box_iou, foreground, mask_iou
+
+    fg = foreground(cache, cfg.data.cache_dir)
+    counts = fg.counts()
+    detectors = ", ".join(f"{name} {count}" for name, count in sorted(fg.stats["detectors"].items()))
+    lines = ["", f"foreground: {counts['images']} images; faces by {detectors}; no face found in {counts['no_face']} "
+                 f"(a portrait's usual face box stands in); person mask from the template (GrabCut failed) in "
+                 f"{counts['mask_fallback']}"]
+    truth = read_truth(cfg.data.root, cache.paths, *cache.images.shape[1:3])
+    if truth is not None:
+        boxes, masks = truth
+        hits = (box_iou(fg.faces, boxes) >= 0.4) & fg.found
+        iou = mask_iou(fg.masks, masks)
+        lines.append(f"  against the synthetic truth: face found {hits.mean():.3f} of images (IoU >= 0.4), "
+                     f"person mask IoU mean {iou.mean():.3f} (10th percentile {np.percentile(iou, 10):.3f})")
+    return lines
 
 
 def _eval_summary(cfg: StudyConfig, problems: list[Problem]) -> list[str]:

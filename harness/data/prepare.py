@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from harness.data.cache import DecodedCache, build_cache
 from harness.data.labels import NUM_CLASSES, class_name
 from harness.data.readers import DataIndex, read_train
 from harness.data.split import Split, split_by_person
+from harness.foreground import Foreground, foreground
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ class PreparedData:
     frame: pd.DataFrame  # the train index, rows in cache order
     split: Split
     cache: DecodedCache
+    foreground: Foreground  # each cached image's face box, person mask and background plate
 
     @property
     def num_classes(self) -> int:
@@ -44,9 +47,12 @@ class PreparedData:
 
 
 def ensure_dataset(data: DataConfig) -> None:
-    """Write the synthetic or sample dataset a study asks for when its root does not exist yet."""
+    """Write the synthetic or sample dataset a study asks for when its root does not exist yet; refuse a root
+    that holds synthetic data generated with other settings than the study file's."""
     root = Path(data.root)
     if root.exists():
+        if data.synthetic is not None:
+            check_synthetic(data)
         return
     if data.sample is not None:
         from harness.data.samples import write_sample
@@ -59,9 +65,25 @@ def ensure_dataset(data: DataConfig) -> None:
     from harness.data.synthetic import make_synthetic
 
     spec = data.synthetic
-    log.info("generating synthetic data (%d people) at %s", spec.people, root)
+    log.info("generating synthetic data (%d people, trap strength %s) at %s", spec.people, spec.trap_strength, root)
     make_synthetic(root, people=spec.people, seed=spec.seed, width=spec.width, height=spec.height,
-                   eval_images=spec.eval_images)
+                   eval_images=spec.eval_images, trap_strength=spec.trap_strength)
+
+
+def check_synthetic(data: DataConfig) -> None:
+    """A synthetic root must hold what data.synthetic asks for (its synthetic.json), not older or other data."""
+    from harness.data.readers import DataError
+    from harness.data.synthetic import synthetic_spec
+
+    spec = data.synthetic
+    wanted = synthetic_spec(spec.people, spec.seed, spec.width, spec.height, spec.eval_images, spec.trap_strength)
+    written = Path(data.root) / "synthetic.json"
+    found = json.loads(written.read_text()) if written.is_file() else None
+    if found != wanted:
+        differ = sorted(k for k in wanted if (found or {}).get(k) != wanted[k])
+        raise DataError(f"{data.root} holds synthetic data made with other settings than data.synthetic asks for "
+                        f"(differing: {', '.join(differ)}; found {written if found else 'no synthetic.json'}); "
+                        f"delete {data.root} to generate it again, or point data.root elsewhere")
 
 
 def read_checked(data: DataConfig) -> DataIndex:
@@ -84,7 +106,7 @@ def prepare_data(data: DataConfig, progress: bool = True) -> PreparedData:
         frame = frame[keep].reset_index(drop=True).copy()
     frame = _in_cache_order(frame, cache)
     split = split_by_person(frame, data.valid_fraction, data.split_seed)
-    return PreparedData(frame, split, cache)
+    return PreparedData(frame, split, cache, foreground(cache, data.cache_dir))
 
 
 def _in_cache_order(frame: pd.DataFrame, cache: DecodedCache) -> pd.DataFrame:

@@ -7,6 +7,9 @@
     root/eval/images/<40 hex>.jpg
     root/eval/info.csv                        ImageID,ans   (ans = 0, as the competition ships it)
     root/eval/gt.csv                          ImageID,ans   (the true 18-class labels)
+    root/truth/masks/<train|eval>/...png      where the person is in each photo (255 = person)
+    root/truth/faces.csv                      image,x0,y0,x1,y1: each photo's face box in pixels
+    root/synthetic.json                       what was asked for (checked when a study reuses root)
 
 What it imitates (see docs in DESIGN.md, "The task the harness is built around"):
 - people in the competition's proportions: age groups 1281/1227/192, about 61% female;
@@ -23,9 +26,12 @@ What it imitates (see docs in DESIGN.md, "The task the harness is built around")
               when old (a few old people dye their hair: then only the wrinkles tell);
   pose (shift, rotation, scale), lighting and sensor noise change from photo to photo;
 - the background trap: a person's background KIND (brick, grass, gravel, gradient, stripes,
-  wall) follows their gender and age group in train (TRAP_STRENGTH of them), but is drawn
-  at random in eval, so a model that learns backgrounds scores high on a train split and
-  lower on eval.
+  wall) follows their gender and age group in train (with probability `trap_strength`, else
+  it is drawn at random; 0 switches the trap off), but is drawn at random in eval, so a model
+  that learns backgrounds scores high on a train split and lower on eval. Every other draw is
+  the same whatever the strength: the same people in the same poses, on other backgrounds.
+- the truth a real dataset lacks: each photo's person mask and face box, so that the quality of
+  an estimated foreground mask or face detection is a measured figure.
 
 Eval persons are new persons. By default there are ceil(0.4 * people) of them with all 7
 photos each (the competition's eval is 2/3 the size of train; 0.4 keeps test runs small);
@@ -40,6 +46,7 @@ so an interrupted run never leaves a half dataset at root.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -56,6 +63,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from harness.config import SyntheticData
 from harness.data.labels import GENDER_NAMES, MASK_OF_STEM, age_group, encode
 from harness.io import writer_gone
 
@@ -75,7 +83,9 @@ BACKGROUND_TINTS = {
     "brick": (70, 95, 165), "grass": (60, 140, 80), "gravel": (140, 140, 135),
     "gradient": (190, 140, 90), "stripes": (80, 190, 215), "wall": (175, 130, 165),
 }
-TRAP_STRENGTH = 0.85  # share of train persons photographed on their (gender, age group)'s kind
+# default chance that a train person is photographed on their (gender, age group)'s kind: the study file's default
+TRAP_STRENGTH = SyntheticData.model_fields["trap_strength"].default
+FORMAT_VERSION = 2  # of what make_synthetic writes (2: truth masks and face boxes, trap_strength)
 
 MASK_PALETTE = (  # BGR: white, light blue, black, pink, grey, navy, beige, mint
     (235, 235, 235), (230, 200, 150), (35, 35, 35), (200, 180, 240),
@@ -137,8 +147,16 @@ class Person:
         return stem + self.extensions[STEMS.index(stem)]
 
 
+def synthetic_spec(people: int = 120, seed: int = 0, width: int = 384, height: int = 512,
+                   eval_images: int | None = None, trap_strength: float = TRAP_STRENGTH) -> dict:
+    """What decides a synthetic dataset's content; written to root/synthetic.json."""
+    return {"format_version": FORMAT_VERSION, "people": people, "seed": seed, "width": width, "height": height,
+            "eval_images": eval_images, "trap_strength": trap_strength}
+
+
 def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 384, height: int = 512,
-                   eval_images: int | None = None, *, workers: int | None = None) -> dict:
+                   eval_images: int | None = None, trap_strength: float = TRAP_STRENGTH, *,
+                   workers: int | None = None) -> dict:
     """Write a synthetic competition dataset at root and return a summary of what was written.
 
     workers: processes drawing persons (default: 1 for small sets, else up to 8 by CPU count);
@@ -146,9 +164,11 @@ def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 38
     """
     started = time.perf_counter()
     _check_arguments(people, seed, width, height, eval_images)
+    if not 0.0 <= trap_strength <= 1.0:
+        raise ValueError(f"make_synthetic: trap_strength={trap_strength} must be between 0 (no trap) and 1.")
     root = Path(root)
     _refuse_non_empty(root)
-    train = plan_train(people, seed)
+    train = plan_train(people, seed, trap_strength)
     evals, eval_stems = plan_eval(people, seed, eval_images)
     for left in root.parent.glob(f"{root.name}.partial-*"):  # left by killed runs
         if writer_gone(left.name.rsplit("-", 1)[1]):
@@ -156,6 +176,8 @@ def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 38
     partial = root.parent / f"{root.name}.partial-{os.getpid()}"
     try:
         _write_dataset(partial, train, evals, eval_stems, width, height, workers)
+        spec = synthetic_spec(people, seed, width, height, eval_images, trap_strength)
+        (partial / "synthetic.json").write_text(json.dumps(spec, indent=2))
         _move_into_place(partial, root)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -168,6 +190,7 @@ def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 38
         "eval_images": sum(len(stems) for stems in eval_stems),
         "junk_files": 1 + sum(len(p.junk_stems) + p.ds_store for p in train),  # +1: train/images/.DS_Store
         "duplicate_ids": len(train) - len({p.ident for p in train}),
+        "trap_strength": trap_strength,
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -209,10 +232,10 @@ def _move_into_place(partial: Path, root: Path) -> None:
 
 # ---------------------------------------------------------------- who is in the dataset
 
-def plan_train(people: int, seed: int) -> list[Person]:
+def plan_train(people: int, seed: int, trap_strength: float = TRAP_STRENGTH) -> list[Person]:
     """The train persons: labels in the competition's proportions, ids, one shared id, junk."""
     rng = np.random.default_rng([seed, _SPLIT_CODE["train"], 0])
-    persons = [_make_person("train", i, gender, group, seed)
+    persons = [_make_person("train", i, gender, group, seed, trap_strength)
                for i, (gender, group) in enumerate(_assign_labels(people, rng))]
     idents = np.sort(rng.choice(np.arange(1, max(10_000, 3 * people)), size=people, replace=False))
     persons = [replace(p, ident=f"{ident:06d}") for p, ident in zip(persons, idents, strict=True)]
@@ -314,16 +337,18 @@ def _add_junk(persons: list[Person], rng: np.random.Generator) -> list[Person]:
     return persons
 
 
-def _make_person(split: str, index: int, gender: int, group: int, seed: int) -> Person:
+def _make_person(split: str, index: int, gender: int, group: int, seed: int,
+                 trap_strength: float = TRAP_STRENGTH) -> Person:
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], 1, index])
     age = _draw_age(group, rng)
     extensions = tuple(str(e) for e in rng.choice(EXTENSIONS, size=len(STEMS), p=EXTENSION_ODDS))
     if split == "eval":
         extensions = (".jpg",) * len(STEMS)
-    return Person(seed, split, index, "", gender, age, _draw_look(gender, age, split, rng), extensions)
+    trap = trap_strength if split == "train" else 0.0  # eval backgrounds never follow the labels
+    return Person(seed, split, index, "", gender, age, _draw_look(gender, age, trap, rng), extensions)
 
 
-def _draw_look(gender: int, age: int, split: str, rng: np.random.Generator) -> Look:
+def _draw_look(gender: int, age: int, trap_strength: float, rng: np.random.Generator) -> Look:
     group = int(age_group(age))
     female = gender == 1
     # Gender: long hair for most women, short for most men, with overlap on both sides.
@@ -353,7 +378,7 @@ def _draw_look(gender: int, age: int, split: str, rng: np.random.Generator) -> L
     light, tanned = (185, 205, 235), (110, 145, 190)
     skin = _jitter(tuple(lo + (hi - lo) * tone for lo, hi in zip(light, tanned, strict=True)), 5, rng)
     masks = tuple(_jitter(MASK_PALETTE[i], 10, rng) for i in rng.choice(len(MASK_PALETTE), 5, replace=False))
-    background = _draw_background_kind(gender, group, split, rng)
+    background = _draw_background_kind(gender, group, trap_strength, rng)
     return Look(
         skin=skin, hair=hair, streaks=streaks, hair_length=float(np.clip(hair_length, 0, 1.3)),
         face_w=float(face_w), face_h=float(face_h), fringe=float(rng.uniform(0, 1)),
@@ -363,14 +388,13 @@ def _draw_look(gender: int, age: int, split: str, rng: np.random.Generator) -> L
     )
 
 
-def _draw_background_kind(gender: int, group: int, split: str, rng: np.random.Generator) -> str:
-    """The trap: in train the kind follows (gender, age group); in eval it is random."""
-    trap_kind = BACKGROUND_KINDS[group * 2 + gender]
-    if split == "train" and rng.random() < TRAP_STRENGTH:
-        return trap_kind
-    if split == "train":
-        return str(rng.choice([k for k in BACKGROUND_KINDS if k != trap_kind]))
-    return str(rng.choice(BACKGROUND_KINDS))
+def _draw_background_kind(gender: int, group: int, trap_strength: float, rng: np.random.Generator) -> str:
+    """The trap: with probability trap_strength the kind of the person's (gender, age group), else any kind.
+
+    Both draws are made whatever the strength, so the rest of the person does not depend on it."""
+    trapped = rng.random() < trap_strength
+    drawn = str(rng.choice(BACKGROUND_KINDS))
+    return BACKGROUND_KINDS[group * 2 + gender] if trapped else drawn
 
 
 def _jitter(colour, spread: float, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -387,7 +411,11 @@ def _write_dataset(out: Path, train, evals, eval_stems, width, height, workers) 
     (train_dir / ".DS_Store").write_bytes(_DS_STORE)
     jobs = [(p, STEMS, train_dir / p.folder) for p in train] + \
            [(p, stems, eval_dir) for p, stems in zip(evals, eval_stems, strict=True) if stems]
-    _render_all([(p, stems, str(folder), width, height) for p, stems, folder in jobs], workers)
+    _render_all([(p, stems, str(folder), width, height, str(out)) for p, stems, folder in jobs], workers)
+    parts = sorted((out / "truth" / "faces").glob("*.csv"))
+    pd.concat([pd.read_csv(part) for part in parts]).sort_values("image").to_csv(out / "truth" / "faces.csv",
+                                                                                  index=False)
+    shutil.rmtree(out / "truth" / "faces")
     pd.DataFrame({
         "id": [p.ident for p in train], "gender": [GENDER_NAMES[p.gender] for p in train],
         "race": "Asian", "age": [p.age for p in train], "path": [p.folder for p in train],
@@ -453,24 +481,31 @@ def _render_in_subprocesses(shards: list[list[tuple]]) -> None:
 
 
 def _render_person(job: tuple) -> None:
-    person, stems, folder, width, height = job
+    person, stems, folder, width, height, out = job
     seed = person.seed
-    folder = Path(folder)
+    folder, out = Path(folder), Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    truth = out / "truth" / "masks" / person.split / (person.folder if person.split == "train" else "")
+    truth.mkdir(parents=True, exist_ok=True)
     look = person.look
     pad = max(2, round(0.04 * width))
     bg_rng = np.random.default_rng([seed, _SPLIT_CODE[person.split], 2, person.index])
     background = _background(look.background, look.tint, bg_rng, width + pad, height + pad)
+    faces = []
     for stem in stems:
         k = STEMS.index(stem)
         rng = np.random.default_rng([seed, _SPLIT_CODE[person.split], 3, person.index, k])
-        image = _photo(person, stem, background, pad, width, height, seed, rng)
+        image, silhouette, face = _photo(person, stem, background, pad, width, height, seed, rng)
         name = person.file_name(stem)
         (folder / name).write_bytes(_encode(image, name))
+        (truth / f"{Path(name).stem}.png").write_bytes(_encode(silhouette, ".png"))
+        faces.append({"image": str((folder / name).relative_to(out)), **dict(zip(("x0", "y0", "x1", "y1"), face))})
         if stem in person.junk_stems:
             (folder / f"._{name}").write_bytes(_APPLE_DOUBLE + rng.bytes(int(rng.integers(8, 40))))
     if person.ds_store:
         (folder / ".DS_Store").write_bytes(_DS_STORE)
+    (out / "truth" / "faces").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(faces).to_csv(out / "truth" / "faces" / f"{person.split}-{person.index:06d}.csv", index=False)
 
 
 _APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "  # header of a macOS resource fork
@@ -490,8 +525,12 @@ def _encode(image: np.ndarray, name: str) -> bytes:
 # ---------------------------------------------------------------- pictures
 
 def _photo(person: Person, stem: str, background: np.ndarray, pad: int, width: int, height: int,
-           seed: int, rng: np.random.Generator) -> np.ndarray:
-    """One photo: the person's background (slightly shifted), the face in this photo's pose, light, noise."""
+           seed: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """One photo: the person's background (slightly shifted), the face in this photo's pose, light, noise.
+
+    Also returns where the person is (uint8, 255 on every pixel drawn for them) and the face's box
+    (x0, y0, x1, y1): the truth an estimated mask and a face detector are measured against.
+    """
     ox, oy = (int(v) for v in rng.integers(0, pad + 1, 2))
     image = background[oy:oy + height, ox:ox + width].copy()
     canvas = _Canvas(image, _pose_matrix(rng, width, height))
@@ -502,7 +541,8 @@ def _photo(person: Person, stem: str, background: np.ndarray, pad: int, width: i
     elif mask == 1:
         colour = person.look.masks[int(rng.integers(5))]
         _draw_mask(canvas, person.look, colour, top=302 if person.look.chin_only else 270, peak=3)
-    return _light_and_noise(image, rng, seed)
+    face = canvas.bounds(_ellipse(FACE_X, FACE_Y, person.look.face_w, person.look.face_h))
+    return _light_and_noise(image, rng, seed), canvas.person, face
 
 
 def _pose_matrix(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -521,6 +561,7 @@ class _Canvas:
 
     def __init__(self, image: np.ndarray, matrix: np.ndarray):
         self.image = image
+        self.person = np.zeros(image.shape[:2], np.uint8)  # every pixel drawn for the person: the true mask
         self.matrix = matrix
         self.scale = math.sqrt(abs(np.linalg.det(matrix[:, :2])))
 
@@ -529,11 +570,23 @@ class _Canvas:
         return np.round(points * (1 << self.SHIFT)).astype(np.int32)
 
     def fill(self, points, colour) -> None:
-        cv2.fillPoly(self.image, [self._pixels(points)], colour, cv2.LINE_AA, self.SHIFT)
+        pixels = [self._pixels(points)]
+        cv2.fillPoly(self.image, pixels, colour, cv2.LINE_AA, self.SHIFT)
+        cv2.fillPoly(self.person, pixels, 255, cv2.LINE_8, self.SHIFT)
 
     def line(self, points, colour, thickness: float) -> None:
         width = max(1, round(thickness * self.scale))
-        cv2.polylines(self.image, [self._pixels(points)], False, colour, width, cv2.LINE_AA, self.SHIFT)
+        pixels = [self._pixels(points)]
+        cv2.polylines(self.image, pixels, False, colour, width, cv2.LINE_AA, self.SHIFT)
+        cv2.polylines(self.person, pixels, False, 255, width, cv2.LINE_8, self.SHIFT)
+
+    def bounds(self, points) -> tuple[float, float, float, float]:
+        """The box around reference-frame points, in output pixels (clipped to the image)."""
+        height, width = self.person.shape
+        xy = np.asarray(points, float) @ self.matrix[:, :2].T + self.matrix[:, 2]
+        x0, y0 = np.clip(xy.min(axis=0), 0, (width, height))
+        x1, y1 = np.clip(xy.max(axis=0), 0, (width, height))
+        return round(float(x0), 2), round(float(y0), 2), round(float(x1), 2), round(float(y1), 2)
 
 
 def _ellipse(cx, cy, ax, ay, start=0.0, stop=360.0, n=48) -> np.ndarray:
@@ -711,3 +764,31 @@ def _texture_source(kind: str) -> np.ndarray:
         rng = np.random.default_rng(BACKGROUND_KINDS.index(kind))
         gray = cv2.resize(rng.uniform(0, 1, (64, 64)).astype(np.float32), (512, 512))
     return (gray - gray.min()) / max(1e-6, float(gray.max() - gray.min()))
+
+
+# ---------------------------------------------------------------- reading the truth back
+
+def read_truth(root: Path, paths: list[str], height: int, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The true face boxes (N, 4) and person masks (N, height, width) bool of image files of a synthetic
+    dataset, scaled to (height, width) as the decoded cache holds them; None when root has no truth."""
+    root = Path(root).resolve()
+    faces_file = root / "truth" / "faces.csv"
+    if not faces_file.is_file():
+        return None
+    faces = pd.read_csv(faces_file).set_index("image")
+    boxes = np.zeros((len(paths), 4))
+    masks = np.zeros((len(paths), height, width), bool)
+    for row, path in enumerate(paths):
+        relative = Path(path).resolve().relative_to(root)
+        silhouette = cv2.imread(str(_truth_mask_file(root, relative)), cv2.IMREAD_GRAYSCALE)
+        original_h, original_w = silhouette.shape
+        scale = np.array([width / original_w, height / original_h] * 2)
+        boxes[row] = faces.loc[str(relative), ["x0", "y0", "x1", "y1"]].to_numpy(float) * scale
+        masks[row] = cv2.resize(silhouette, (width, height), interpolation=cv2.INTER_AREA) > 127
+    return boxes, masks
+
+
+def _truth_mask_file(root: Path, relative: Path) -> Path:
+    split = relative.parts[0]  # train/images/<folder>/<file> or eval/images/<file>
+    person = relative.parts[2] if split == "train" else ""
+    return root / "truth" / "masks" / split / person / f"{relative.stem}.png"

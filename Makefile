@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help install study resume status ensemble submit remedies report dashboard sync check-data weights train test bench lint clean
+.PHONY: help install study resume status promote corrections ensemble submit remedies report dashboard sync check-data weights train test bench lint clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -31,10 +31,16 @@ resume: study ## the same command as study: continue where a crashed or stopped 
 status: $(STAMP) ## table of STUDY's trials sorted by val F1 (also runs/<study>/trials.csv)
 	$(BIN)/harness status $(STUDY) $(ARGS)
 
-ensemble: $(STAMP) ## promote STUDY's best trials to an ensemble (make study does this at the end)
+promote: $(STAMP) ## retrain STUDY's top configurations on person-grouped folds, audit labels (ARGS="--workers 2")
+	$(BIN)/harness promote $(STUDY) $(ARGS)
+
+corrections: $(STAMP) ## turn accepted rows of runs/<study>/promotion/label_issues.csv into a data.corrections file (ARGS="--top 10")
+	$(BIN)/harness corrections $(STUDY) $(ARGS)
+
+ensemble: $(STAMP) ## choose an ensemble of STUDY's best trials on valid (make study does this at the end)
 	$(BIN)/harness ensemble $(STUDY) $(ARGS)
 
-submit: $(STAMP) ## predict the eval images with the ensemble: runs/<study>/submission.csv (ARGS="--tta hflip")
+submit: $(STAMP) ## predict the eval images with the promoted fold models (else the ensemble): runs/<study>/submission.csv (ARGS="--tta hflip")
 	$(BIN)/harness predict $(STUDY) $(ARGS)
 
 remedies: $(STAMP) ## train STUDY's defaults once per background remedy, score on valid, swapped backgrounds, eval (ARGS="--seeds 3")

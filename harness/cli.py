@@ -105,16 +105,21 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 1
 
 
+INTERVAL_NOTE = ("objective_low/high: 95% person-bootstrap interval of the objective on valid; tied_with_best: "
+                 "cannot be told apart from the best trial (the paired interval of the difference holds 0)")
+
+
 def print_top(cfg, frame, limit: int = 5) -> None:
     """The best trials, and where their W&B runs and files are."""
     if frame.empty:
         print("no trials yet")
         return
-    columns = ["trial", "state", "objective", "val_f1", "val_f1_bgswap", "eval_f1", "gap_f1", "best_epoch", "epochs",
-               "duration_s"]
+    columns = ["trial", "state", "objective", "objective_low", "objective_high", "tied_with_best", "val_f1",
+               "val_f1_bgswap", "eval_f1", "gap_f1", "best_epoch", "epochs", "duration_s"]
     params = [c for c in frame.columns if c.startswith("param_")]
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns + params].head(limit).to_string(index=False))
+    print(INTERVAL_NOTE)
     best = frame.iloc[0]
     print(f"\nbest trial {best['trial']}: files in {best['run_dir']}, W&B run {best['wandb_run_id']} "
           f"(offline under {cfg.study_dir / 'wandb'}; `make sync` uploads)")
@@ -174,7 +179,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
     predict_submission(cfg, tta=None if args.tta == "none" else args.tta, trial=args.trial, storage=args.storage,
-                       progress=True)
+                       progress=True, source=args.source)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from harness.preflight import check_study
+    from harness.promotion import promote, restart
+
+    cfg = load(args)
+    keep_wandb_files_in_study(cfg)
+    check_study(cfg)
+    if args.restart:
+        restart(cfg, args.storage)
+    promote(cfg, storage=args.storage, workers=args.workers, timeout=args.timeout)
+    return 0
+
+
+def cmd_corrections(args: argparse.Namespace) -> int:
+    from harness.audit import write_corrections
+
+    cfg = load(args)
+    path, count = write_corrections(cfg, Path(args.out) if args.out else None, top=args.top)
+    print(f"wrote {path}: {count} correction(s). To train on them, set in {args.study}:\n"
+          f"  data:\n    corrections: {path}")
     return 0
 
 
@@ -196,6 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns].to_string(index=False) if not frame.empty else "no trials yet")
     print(f"\nwritten to {cfg.study_dir / 'trials.csv'}")
+    print(INTERVAL_NOTE)
     return 0
 
 
@@ -273,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict = verb("predict", cmd_predict, "predict the eval images: runs/<study>/submission.csv", with_storage)
     predict.add_argument("--tta", choices=["none", "hflip"], default="none", help="test-time augmentation")
     predict.add_argument("--trial", type=int, help="predict with this single trial instead of the ensemble")
+    predict.add_argument("--from", dest="source", choices=["auto", "promotion", "ensemble"], default="auto",
+                         help="whose members: the promotion's fold models (auto: once `harness promote` has run) "
+                              "or the single-split ensemble's")
+    promote = verb("promote", cmd_promote, "retrain the top configurations on person-grouped folds; out-of-fold "
+                   "ensemble, CV F1 with intervals, label audit: runs/<study>/promotion/", with_storage)
+    promote.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    promote.add_argument("--timeout", type=float, help="stop starting new fold runs after this many seconds")
+    promote.add_argument("--restart", action="store_true",
+                         help="discard the promotion (its folds and companion study) and choose again")
+    corrections = verb("corrections", cmd_corrections, "turn accepted label-audit rows into a data.corrections file")
+    corrections.add_argument("--top", type=int, help="accept the N most suspicious rows (default: the rows whose "
+                             "accept column says yes)")
+    corrections.add_argument("--out", help="file to write (default: runs/<study>/promotion/corrections.csv)")
     remedies = verb("remedies", cmd_remedies, "train the defaults once per background remedy and score each "
                     "(eval/gt.csv too): runs/<study>/remedies.json")
     remedies.add_argument("--seeds", type=int, default=1, help="seeds per remedy (default 1)")

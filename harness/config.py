@@ -48,6 +48,8 @@ class SyntheticData(_Frozen):
     eval_images: int | None = Field(None, ge=1)
     # chance that a train person's background follows their gender and age group (the trap); 0: no trap
     trap_strength: float = Field(0.85, ge=0.0, le=1.0)
+    # share of train persons given one label error of the real data's kinds (train/label_noise.csv lists them)
+    label_noise: float = Field(0.0, ge=0.0, le=0.5)
 
 
 class DataConfig(_Frozen):
@@ -253,7 +255,7 @@ class SearchConfig(_Frozen):
         return self
 
 
-# ------------------------------------------------------------------ tracking, ensemble
+# ------------------------------------------------------- tracking, ensemble, promotion
 
 
 class TrackingConfig(_Frozen):
@@ -279,6 +281,15 @@ class EnsembleConfig(_Frozen):
         return value
 
 
+class PromotionConfig(_Frozen):
+    """`harness promote`: the top configurations retrained on person-grouped folds of all labelled persons."""
+
+    folds: int = Field(5, ge=2, le=20)
+    top_k: int = Field(3, ge=1, le=100)  # configurations, best by the study's objective
+    # epochs a pruned trial must have trained to be promoted (a late rung); None: half of train.epochs
+    min_epochs: int | None = Field(None, ge=1)
+
+
 # --------------------------------------------------------------------------- study
 
 
@@ -292,6 +303,7 @@ class StudyConfig(_Frozen):
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    promotion: PromotionConfig = PromotionConfig()
     smoke: dict[str, Any] | None = None  # overrides that shrink the study to CPU-seconds
 
     @model_validator(mode="after")

@@ -249,3 +249,31 @@ class EnsembleFolder:
             except (json.JSONDecodeError, ValueError, OSError) as error:
                 problems.append(f"{path} could not be read ({error}); rerun `harness ensemble`")
         return found, problems
+
+
+@dataclass(frozen=True)
+class PromotionFolder(EnsembleFolder):
+    """runs/<study>/promotion/: the promoted configurations' fold models (trial-<n>/fold-<k>/, each a
+    TrialFolder), the promotion's summary, the label audit and the eval scores of its submission."""
+
+    SUMMARY = "summary.json"
+    LABEL_ISSUES = "label_issues.csv"
+    CORRECTIONS = "corrections.csv"
+
+    @classmethod
+    def of(cls, cfg: StudyConfig) -> PromotionFolder:
+        return cls(cfg.study_dir / "promotion")
+
+    def fold(self, config: int, fold: int) -> TrialFolder:
+        return TrialFolder(self.path / f"trial-{config}" / f"fold-{fold}")
+
+    def write_summary(self, summary: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_json(self.file(self.SUMMARY), summary)
+
+    def summary(self) -> dict | None:
+        """The summary, or None when the promotion has not finished (or its file cannot be read)."""
+        try:
+            return _read_json(self.file(self.SUMMARY)) if self.file(self.SUMMARY).is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None

@@ -25,7 +25,7 @@ from harness.data.cache import build_cache
 from harness.data.prepare import class_names
 from harness.data.readers import read_eval
 from harness.ensemble import EnsembleError, trial_folder_with
-from harness.folders import EnsembleFolder, TrialFolder
+from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder
 from harness.foreground import foreground
 from harness.io import atomic_write_text
 from harness.metrics import confusion, macro_f1
@@ -38,24 +38,49 @@ TTA_CHOICES = (None, "none", "hflip")
 NO_MODEL_HINT = "the trial never finished an epoch or its folder was removed"
 
 
+SOURCES = ("auto", "promotion", "ensemble")
+
+
 @dataclass(frozen=True)
 class Member:
-    trial: int
-    weight: int
+    trial: int  # the configuration (trial identity)
+    weight: int  # its weight in the ensemble; every fold model of a promoted configuration carries it
     folder: TrialFolder
+    fold: int | None = None  # a promoted configuration's fold model; None: the trial's own model
+
+    @property
+    def name(self) -> str:
+        return str(self.trial) if self.fold is None else f"{self.trial}/fold-{self.fold}"
 
 
-def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None = None) -> list[Member]:
-    """The promoted members (members.json), or the one trial asked for."""
+def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None = None,
+                 source: str = "auto") -> tuple[list[Member], EnsembleFolder]:
+    """The members to predict with, and the folder their eval scores go to: every fold model of the
+    promotion's members (source "promotion", or "auto" once `harness promote` has run), else the ensemble's
+    members (members.json), or the one trial asked for."""
+    if source not in SOURCES:
+        raise EnsembleError(f"--from {source!r}: choose one of {list(SOURCES)}")
     if trial is not None:
-        return [Member(trial, 1, _one_trial(cfg, trial, storage))]
+        return [Member(trial, 1, _one_trial(cfg, trial, storage))], EnsembleFolder.of(cfg)
+    promoted = PromotionFolder.of(cfg)
+    summary = promoted.summary() if source != "ensemble" else None
+    if summary is not None:
+        members = [Member(int(m["trial"]), int(m["weight"]), promoted.fold(int(m["trial"]), fold), fold)
+                   for m in summary["members"] for fold in range(summary["folds"])]
+        missing = [m.name for m in members if not m.folder.has(TrialFolder.MODEL_FILES)]
+        if missing:
+            raise EnsembleError(f"the promotion's fold models {missing} are missing under {promoted.path}; run "
+                                "`harness promote` again")
+        return members, promoted
+    if source == "promotion":
+        raise EnsembleError(f"{promoted.path} holds no promotion: run `harness promote` first")
     ensemble = EnsembleFolder.of(cfg)
     if not ensemble.has_members():
         raise EnsembleError(f"{ensemble.file(EnsembleFolder.MEMBERS)} does not exist: run `harness ensemble` first "
                             "to select the members, or predict with one trial: `harness predict STUDY.yaml --trial N`")
     return [Member(int(m["trial"]), int(m["weight"]),
                    trial_folder_with(cfg, m["run_dir"], int(m["trial"]), TrialFolder.MODEL_FILES, NO_MODEL_HINT))
-            for m in ensemble.members()["members"]]
+            for m in ensemble.members()["members"]], ensemble
 
 
 def _one_trial(cfg: StudyConfig, trial: int, storage: str | None) -> TrialFolder:
@@ -142,54 +167,58 @@ class EvalImages:
 
 
 def predict_submission(cfg: StudyConfig, tta: str | None = None, trial: int | None = None,
-                       storage: str | None = None, progress: bool = False, log_to_wandb: bool = True) -> dict:
-    """Write the submission (ensemble, or one trial with `trial`); score it when eval/gt.csv exists."""
+                       storage: str | None = None, progress: bool = False, log_to_wandb: bool = True,
+                       source: str = "auto") -> dict:
+    """Write the submission (the promotion's or the ensemble's members, or one trial with `trial`; see
+    `load_members`); score it when eval/gt.csv exists."""
     if tta not in TTA_CHOICES:
         raise EnsembleError(f"--tta {tta!r}: choose one of {[c for c in TTA_CHOICES if c]}")
     tta = None if tta == "none" else tta
-    members = load_members(cfg, trial, storage)
+    members, scores_folder = load_members(cfg, trial, storage, source)
     images = EvalImages(cfg, progress)
     device = pick_device(cfg.train.device)
     member_probs = {}
     for member in members:
         params = member_params(member.folder, cfg)
         model = load_member_model(member.folder, params, cfg)
-        source, rows = images.for_preprocess(params.preprocess)
-        member_probs[member.trial] = member_probabilities(model, source, device, tta, rows)
+        images_of_member, rows = images.for_preprocess(params.preprocess)
+        member_probs[member.name] = member_probabilities(model, images_of_member, device, tta, rows)
         del model
     weights = np.array([m.weight for m in members], dtype=np.float64)
-    probs = blend(np.stack([member_probs[m.trial] for m in members]).astype(np.float64), weights)
+    probs = blend(np.stack([member_probs[m.name] for m in members]).astype(np.float64), weights)
     answers = probs.argmax(axis=1)
     path = cfg.study_dir / ("submission.csv" if trial is None else f"submission-trial-{trial}.csv")
     submission = pd.DataFrame({"ImageID": images.frame["image_id"].to_numpy(), "ans": answers})
     atomic_write_text(path, submission.to_csv(index=False))
-    print(f"wrote {path}: {len(submission)} rows, {len(members)} member(s), tta {tta or 'none'}")
-    result = {"submission": str(path), "rows": len(submission), "members": {m.trial: m.weight for m in members},
+    print(f"wrote {path}: {len(submission)} rows, {len(members)} member model(s), tta {tta or 'none'}")
+    result = {"submission": str(path), "rows": len(submission), "members": {m.name: m.weight for m in members},
               "tta": tta, "probs": probs, "member_probs": member_probs}
     labels = images.frame["label"].to_numpy()
     if (labels >= 0).any():
-        result.update(_score_eval(cfg, storage, members, member_probs, answers, labels, tta, trial, log_to_wandb))
+        result.update(_score_eval(cfg, storage, members, member_probs, answers, labels, tta, trial, log_to_wandb,
+                                  scores_folder))
     return result
 
 
 def _score_eval(cfg, storage, members: list[Member], member_probs: dict, answers: np.ndarray, labels: np.ndarray,
-                tta: str | None, trial: int | None, log_to_wandb: bool) -> dict:
+                tta: str | None, trial: int | None, log_to_wandb: bool, folder: EnsembleFolder) -> dict:
     """Eval macro F1 (eval/gt.csv) of the ensemble and of each member; where background reliance shows."""
     known = labels >= 0
     num_classes = next(iter(member_probs.values())).shape[1]
     f1 = macro_f1(answers[known], labels[known], num_classes)
-    member_f1 = {m.trial: macro_f1(member_probs[m.trial].argmax(axis=1)[known], labels[known], num_classes)
+    member_f1 = {m.name: macro_f1(member_probs[m.name].argmax(axis=1)[known], labels[known], num_classes)
                  for m in members}
     scores = {"eval_f1": f1, "member_eval_f1": member_f1, "n_eval": int(len(labels)), "n_scored": int(known.sum()),
               "tta": tta}
     content = {**scores, "member_eval_f1": {str(k): v for k, v in member_f1.items()},
-               "members": [{"trial": m.trial, "weight": m.weight, "eval_f1": member_f1[m.trial]} for m in members]}
-    EnsembleFolder.of(cfg).write_eval_metrics(content, trial)
+               "members": [{"trial": m.trial, "fold": m.fold, "weight": m.weight, "eval_f1": member_f1[m.name]}
+                           for m in members]}
+    folder.write_eval_metrics(content, trial)
     what = "ensemble" if trial is None else f"trial {trial}"
     print(f"eval macro F1 (eval/gt.csv, {int(known.sum())} images, tta {tta or 'none'}): {what} {f1:.4f}")
     if trial is None:
         for m in members:
-            print(f"  trial {m.trial:4d} (weight {m.weight}): {member_f1[m.trial]:.4f}")
+            print(f"  {m.name:>12} (weight {m.weight}): {member_f1[m.name]:.4f}")
         if log_to_wandb:
             names = class_names(load_existing_study(cfg, storage).user_attrs.get("data_summary"), num_classes)
             _log_eval_to_wandb(cfg, members, scores, confusion(answers[known], labels[known], num_classes), names)
@@ -199,10 +228,10 @@ def _score_eval(cfg, storage, members: list[Member], member_probs: dict, answers
 def _log_eval_to_wandb(cfg, members: list[Member], scores: dict, matrix: np.ndarray, names: list[str]) -> None:
     from harness.tracking import log_ensemble
 
-    frame = pd.DataFrame([{"trial": m.trial, "weight": m.weight, "eval_f1": scores["member_eval_f1"][m.trial]}
+    frame = pd.DataFrame([{"member": m.name, "weight": m.weight, "eval_f1": scores["member_eval_f1"][m.name]}
                           for m in members])
     flat = {"eval/f1": scores["eval_f1"], "eval/n_images": scores["n_scored"], "eval/tta": scores["tta"] or "none",
-            **{f"eval/trial_{m.trial}_f1": scores["member_eval_f1"][m.trial] for m in members}}
+            **{f"eval/member_{m.name}_f1": scores["member_eval_f1"][m.name] for m in members}}
     log_ensemble(cfg, frame, flat, matrix, names)
 
 
@@ -232,8 +261,8 @@ def score_trials_on_eval(cfg: StudyConfig, storage: str | None = None, progress:
         if str(row.trial) in scored or folder is None:
             continue
         params = member_params(folder, cfg)
-        source, rows = images.for_preprocess(params.preprocess)
-        probs = member_probabilities(load_member_model(folder, params, cfg), source, device, rows=rows)
+        images_of_member, rows = images.for_preprocess(params.preprocess)
+        probs = member_probabilities(load_member_model(folder, params, cfg), images_of_member, device, rows=rows)
         scored[str(row.trial)] = macro_f1(probs.argmax(axis=1)[known], labels[known], probs.shape[1])
     study.set_user_attr("eval_f1", scored)
     return scored

@@ -12,7 +12,10 @@ mail attachment or an air-gapped machine: no CDN, no web fonts, no network at al
     curves      train-probe F1, val F1 and gap per epoch of the top trials (their metrics.csv)
     classes     per-class F1 and confusion matrices of the best trial and of the ensemble
     ensemble    members, weights and honest scores (runs/<study>/ensemble/), or "no ensemble yet"
-    trials      every trial's figures, params and failure reason
+    promotion   `harness promote`: cross-validated F1 with its interval per configuration beside the
+                single-split figures, and the label audit's most suspicious rows with thumbnails
+    trials      every trial's figures with its objective's person-bootstrap interval (and whether it
+                can be told apart from the best), params and failure reason
     data        persons, images and class counts of train/valid, the split hash
     settings    the resolved study file as YAML (secrets stripped)
 
@@ -43,13 +46,15 @@ import yaml
 import harness
 from harness.config import StudyConfig
 from harness.data.prepare import class_names, data_summary
-from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder
+from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder, find_trial_folder
 from harness.io import atomic_write_text
 from harness.remedies import read_remedies
-from harness.study import default_storage, load_existing_study, redact, trials_frame
+from harness.study import default_storage, load_existing_study, redact, scored_frame
 from harness.tracking import strip_secrets
 
 REPORT_FILE = "report.html"
+AUDIT_ROWS = 24  # label-audit rows shown with thumbnails
+THUMBNAIL_PX = 96
 TOP_CURVES = 5  # learning curves of this many best trials
 STATE_COLOURS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "fail": "#d62728", "running": "#7f7f7f",
                  "waiting": "#bcbd22"}
@@ -445,8 +450,9 @@ def trials_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
     if frame.empty:
         section.note("no trials yet")
         return section
-    columns = ["trial", "state", "objective", "val_f1", "val_f1_bgswap", "eval_f1", "gap_f1", "gap_bgswap",
-               "best_epoch", "epochs", "duration_s"]
+    add_intervals(section, frame)
+    columns = ["trial", "state", "objective", "objective_low", "objective_high", "tied_with_best", "val_f1",
+               "val_f1_bgswap", "eval_f1", "gap_f1", "gap_bgswap", "best_epoch", "epochs", "duration_s"]
     columns += [c for c in frame.columns if c.startswith("param_")] + ["wandb_run_id", "reason"]
     shown = frame[columns].astype(object)
     for name, spec in cfg.search.space.items():  # a conditional int param is float in the frame (NaN where inactive)
@@ -456,6 +462,85 @@ def trials_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
     rows = shown.rename(columns=lambda c: c.removeprefix("param_")).to_dict("records")
     section.html('<div class="scroll">' + table(rows, css="trials") + "</div>")
     return section
+
+
+def add_intervals(section: Section, frame: pd.DataFrame) -> None:
+    """Each trial's objective with its 95% person-bootstrap interval; the ones tied with the best stand out."""
+    import plotly.graph_objects as go
+
+    shown = frame[frame["objective_low"].notna()].sort_values("trial")
+    if shown.empty:
+        return
+    tied = shown["tied_with_best"].astype(bool)
+    fig = go.Figure()
+    for mask, name, colour in ((tied, "cannot be told apart from the best", "#1f77b4"),
+                               (~tied, "worse than the best", "#bbbbbb")):
+        part = shown[mask]
+        fig.add_trace(go.Scatter(
+            x=part["trial"], y=part["objective"], mode="markers", name=name, marker={"color": colour, "size": 9},
+            error_y={"type": "data", "symmetric": False, "array": part["objective_high"] - part["objective"],
+                     "arrayminus": part["objective"] - part["objective_low"]}))
+    fig.update_layout(xaxis_title="trial", yaxis_title="objective on valid", height=360, margin={"t": 30})
+    section.figure("intervals", fig, "95% person-bootstrap intervals (persons resampled, their images weighted); "
+                                     "tied: the paired interval of the difference from the best holds 0")
+
+
+def promotion_section(cfg: StudyConfig) -> Section:
+    from harness.audit import read_issues
+
+    section = Section("promotion", "Promotion")
+    folder = PromotionFolder.of(cfg)
+    summary = folder.summary()
+    if summary is None:
+        section.note("no promotion yet: `harness promote STUDY.yaml` retrains the best configurations on "
+                     "person-grouped folds and audits the labels")
+        return section
+    low, high = summary["cv_f1_ci95"]
+    section.html(key_values({"folds": summary["folds"], "persons": summary["n_persons"], "images": summary["n_images"],
+                             "cv F1 (honest)": f"{fmt(summary['cv_f1'])} [{fmt(low)}, {fmt(high)}]",
+                             "single-split ensemble (honest)": summary["single_split"].get("ensemble_honest"),
+                             "members": ", ".join(f"trial {m['trial']} x{m['weight']}" for m in summary["members"])}))
+    rows = [{"trial": c["trial"], "weight": c["weight"], "cv_f1": c["cv_f1"], "cv_low": c["cv_f1_ci95"][0],
+             "cv_high": c["cv_f1_ci95"][1], "single objective": c["single_split"]["objective"],
+             "single val_f1": c["single_split"]["val_f1"], "state": c["single_split"]["state"]}
+            for c in summary["configs"]]
+    section.html("<h3>Configurations</h3><p class='caption'>Out-of-fold F1 of each configuration over every labelled "
+                 "person, 95% person-bootstrap interval, beside its figures on the single valid split.</p>" + table(rows))
+    issues = read_issues(folder)
+    if issues is not None and not issues.empty:
+        section.html(audit_gallery(issues.head(AUDIT_ROWS), len(issues)))
+    return section
+
+
+def audit_gallery(rows: pd.DataFrame, total: int) -> str:
+    cards = []
+    for row in rows.itertuples():
+        image = thumbnail(Path(row.image))
+        picture = f'<img alt="{esc(row.target)}" src="{image}">' if image else "<p>(image not found)</p>"
+        cards.append(f'<figure class="audit">{picture}<figcaption>{esc(row.task)}: {esc(row.given)} &rarr; '
+                     f'{esc(row.suggested)}<br>{esc(row.target)}<br>score {fmt(float(row.score), 3)}</figcaption></figure>')
+    return (f"<h3>Label audit</h3><p class='caption'>The {len(rows)} most suspicious of {total} rows of "
+            "label_issues.csv (cleanlab on out-of-fold probabilities; lower score = more suspicious). Mark the "
+            "accept column and run `harness corrections STUDY.yaml`.</p>" + '<div class="gallery">' + "".join(cards)
+            + "</div>")
+
+
+def thumbnail(path: Path) -> str | None:
+    """A small JPEG of the image as a data: URI, so the report stays one file."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=80)
+    except OSError:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def data_section(summary: dict | None, source: str, problems: list[str]) -> Section:
@@ -509,6 +594,8 @@ table { border-collapse: collapse; font-size: 13px; margin: 6px 0 12px; }
 th, td { border: 1px solid #dde1e6; padding: 3px 8px; text-align: left; vertical-align: top; }
 thead th { background: #eef1f5; position: sticky; top: 0; } table.kv th { background: #f6f7f9; font-weight: 600; }
 .scroll { overflow: auto; max-height: 520px; }
+.gallery { display: flex; flex-wrap: wrap; gap: 10px; } figure.audit { margin: 0; width: 150px; font-size: 12px; }
+figure.audit img { width: 96px; height: 96px; object-fit: contain; display: block; background: #eee; }
 table.trials td { white-space: nowrap; } table.trials td:last-child { white-space: normal; min-width: 320px; }
 pre { background: #f6f7f9; padding: 10px; border-radius: 6px; overflow: auto; font-size: 12px; }
 code { font-size: 12px; }
@@ -566,12 +653,13 @@ def render_page(cfg: StudyConfig, frame: pd.DataFrame, sections: list[Section], 
 def write_report(cfg: StudyConfig, storage: str | None = None) -> Path:
     """Write runs/<study>/report.html (atomically) and return its path."""
     study = load_existing_study(cfg, storage)
-    frame = trials_frame(study)
+    frame = scored_frame(cfg, study)
     summary, data_source, data_problems = summarize_data(cfg, study)
     ensemble = read_ensemble(EnsembleFolder.of(cfg))
     sections = [search_section(cfg, study, frame), truth_section(cfg, frame, read_remedies(cfg)),
                 curves_section(cfg, frame),
-                classes_section(cfg, frame, ensemble, summary), ensemble_section(ensemble), trials_section(cfg, frame),
+                classes_section(cfg, frame, ensemble, summary), ensemble_section(ensemble),
+                promotion_section(cfg), trials_section(cfg, frame),
                 data_section(summary, data_source, data_problems), settings_section(cfg, study, storage or default_storage(cfg))]
     page = render_page(cfg, frame, sections, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     path = cfg.study_dir / REPORT_FILE

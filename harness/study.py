@@ -290,7 +290,7 @@ class Objective:
 
         cfg = self.cfg
         with TrialTracker(cfg, identity, params.model_dump(), extra) as tracker:
-            progress = EpochPrinter(identity, cfg.train.epochs, started)
+            progress = EpochPrinter(f"trial {identity:4d}", cfg.train.epochs, started)
             result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir, on_resume=tracker.catch_up,
                                on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
             tracker.finish(result, *self._confusion(run_dir))
@@ -303,8 +303,8 @@ class Objective:
 class EpochPrinter:
     """One line per epoch a person can follow: trial, epoch, F1, gap, ETA."""
 
-    def __init__(self, identity: int, epochs: int, started: float) -> None:
-        self.identity, self.epochs, self.started = identity, epochs, started
+    def __init__(self, label: str, epochs: int, started: float) -> None:
+        self.label, self.epochs, self.started = label, epochs, started
         self.done = 0
 
     def __call__(self, row: dict) -> None:
@@ -312,7 +312,7 @@ class EpochPrinter:
         elapsed = time.perf_counter() - self.started
         remaining = self.epochs - row["epoch"] - 1
         eta = elapsed / self.done * remaining
-        print(f"trial {self.identity:4d} epoch {row['epoch'] + 1}/{self.epochs} objective {row['objective']:.4f} "
+        print(f"{self.label} epoch {row['epoch'] + 1}/{self.epochs} objective {row['objective']:.4f} "
               f"val/f1 {row['val/f1']:.4f} val/f1_bgswap {row['val/f1_bgswap']:.4f} gap/f1 {row['gap/f1']:+.4f} "
               f"{row['images_per_s']:.0f} img/s ETA {eta:.0f}s", flush=True)
 
@@ -345,71 +345,85 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     if not cfg.search.space and target > 1:
         log.warning("search.space is empty: only trial 0 (the study file's defaults) can run; the target is 1")
         target = 1
-    check_study(cfg)  # before any compute: every backbone the study can draw must be usable here
-    data = prepare_data(cfg.data, progress=progress)
-    study = open_study(cfg, storage, data.split.hash, data.summary())
+    study, data = open_search(cfg, storage, progress)
     requeue_interrupted(study)
-    objective = Objective(cfg, data)
     tracker = _study_tracker(cfg, data) if track_study else None
-    deadline = time.monotonic() + timeout if timeout else math.inf
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        while time.monotonic() < deadline:
-            heartbeat_trials_that_never_beat(study, 3 * cfg.search.heartbeat_s)
-            fail_stale_trials(study)  # a dead process's RUNNING trial becomes FAIL + a WAITING retry
-            states = [t.state for t in study.get_trials(deepcopy=False)]
-            finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
-            failed = _failed_on_their_own(study)
-            if finished >= target:
-                break
-            if failed >= cfg.search.max_failed:
-                raise StudyError(f"{failed} trials failed (search.max_failed = {cfg.search.max_failed}); "
-                                 f"see their reasons with `harness status`; the study stops here")
-            if finished + running >= target:
-                # the rest is in other processes' hands, or waits for a dead one's trial to go stale
-                time.sleep(IDLE_POLL_S)
-                continue
-            callbacks = [lambda s, t: tracker.update(trials_frame(s))] if tracker else []
-            study.optimize(objective, n_trials=1, catch=(RecordAsFailed,), gc_after_trial=False, callbacks=callbacks)
+        run_trials(study, Objective(cfg, data), target, cfg, timeout,
+                   on_change=(lambda s: tracker.update(scored_frame(cfg, s))) if tracker else None)
     finally:
         if tracker:
-            tracker.update(trials_frame(study))
+            tracker.update(scored_frame(cfg, study))
             tracker.finish()
     return study
 
 
-def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeout: float | None = None,
-                storage: str | None = None, progress: bool = True) -> optuna.Study:
-    """K worker processes on one machine, each running `run_study` on the same storage.
-
-    The parent builds the decoded cache and creates the study first, so workers neither
-    race to build the cache nor enqueue trial 0 twice. Each worker takes its own trials;
-    heartbeats let a surviving worker retry the trial of one that died. The parent keeps
-    the study's W&B run (the trials table), refreshed whenever a trial changes state.
-    """
-    check_study(cfg)
+def open_search(cfg: StudyConfig, storage: str | None, progress: bool) -> tuple[optuna.Study, PreparedData]:
+    """Before any compute the preflight, then the data (index, cache, foreground) and the study, created or resumed."""
+    check_study(cfg)  # every backbone the study can draw must be usable here
     data = prepare_data(cfg.data, progress=progress)
-    study = open_study(cfg, storage, data.split.hash, data.summary())
+    return open_study(cfg, storage, data.split.hash, data.summary()), data
+
+
+def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: StudyConfig, timeout: float | None,
+               on_change: Callable[[optuna.Study], None] | None = None) -> None:
+    """The resumable trial loop of every study the harness runs (the search, the promotion's folds): trials until
+    `target` have finished, a dead process's trial retried once its heartbeat is stale, other processes' trials
+    left to them, and a stop after `search.max_failed` failures. `on_change` is called after each trial."""
+    deadline = time.monotonic() + timeout if timeout else math.inf
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    while time.monotonic() < deadline:
+        heartbeat_trials_that_never_beat(study, 3 * cfg.search.heartbeat_s)
+        fail_stale_trials(study)  # a dead process's RUNNING trial becomes FAIL + a WAITING retry
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
+        failed = _failed_on_their_own(study)
+        if finished >= target:
+            break
+        if failed >= cfg.search.max_failed:
+            raise StudyError(f"{failed} trials failed (search.max_failed = {cfg.search.max_failed}); "
+                             f"see their reasons with `harness status`; the study stops here")
+        if finished + running >= target:
+            # the rest is in other processes' hands, or waits for a dead one's trial to go stale
+            time.sleep(IDLE_POLL_S)
+            continue
+        callbacks = [lambda s, t: on_change(s)] if on_change else []
+        study.optimize(objective, n_trials=1, catch=(RecordAsFailed,), gc_after_trial=False, callbacks=callbacks)
+
+
+def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeout: float | None = None,
+                storage: str | None = None, progress: bool = True, run: Callable | None = None,
+                prepare: Callable | None = None) -> optuna.Study:
+    """K worker processes on one machine, each running `run` (default: `run_study`) on the same storage.
+
+    The parent first runs `prepare(cfg, storage, progress) -> (study, tracker factory or None)` (default: the
+    search's preflight, data and study, and its W&B table), so workers neither race to build the cache nor
+    enqueue trials twice. Each worker takes its own trials; heartbeats let a surviving worker retry the trial
+    of one that died. The parent keeps the study's W&B run, refreshed whenever a trial changes state.
+    """
+    run, prepare = run or run_study, prepare or _prepare_search
+    study, make_tracker = prepare(cfg, storage, progress)
     context = multiprocessing.get_context("spawn")  # no inherited thread pools or open DB connections
     threads = max(1, (os.cpu_count() or 1) // workers)
-    processes = [context.Process(target=_worker, args=(cfg, trials, timeout, storage, threads), name=f"worker-{i}")
-                 for i in range(workers)]
+    processes = [context.Process(target=_worker, args=(run, cfg, trials, timeout, storage, threads),
+                                 name=f"worker-{i}") for i in range(workers)]
     for process in processes:
         process.start()
-    tracker = _study_tracker(cfg, data)  # after the starts: W&B's service address must not reach the workers
+    tracker = make_tracker() if make_tracker else None  # after the starts: W&B's service must not reach the workers
     seen = None
     try:
         while any(p.is_alive() for p in processes):
             time.sleep(IDLE_POLL_S)
             states = [t.state for t in study.get_trials(deepcopy=False)]
-            if states != seen:
+            if states != seen and tracker:
                 seen = states
-                tracker.update(trials_frame(study))
+                tracker.update(scored_frame(cfg, study))
     finally:
         for process in processes:
             process.join()
-        tracker.update(trials_frame(study))
-        tracker.finish()
+        if tracker:
+            tracker.update(scored_frame(cfg, study))
+            tracker.finish()
     failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
     if failed:
         raise StudyError(f"worker(s) {', '.join(failed)} stopped with an error; see the output above. "
@@ -417,13 +431,19 @@ def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeo
     return study
 
 
-def _worker(cfg: StudyConfig, trials: int | None, timeout: float | None, storage: str | None, threads: int) -> None:
+def _prepare_search(cfg: StudyConfig, storage: str | None, progress: bool):
+    study, data = open_search(cfg, storage, progress)
+    return study, lambda: _study_tracker(cfg, data)
+
+
+def _worker(run: Callable, cfg: StudyConfig, trials: int | None, timeout: float | None, storage: str | None,
+            threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s: %(message)s",
                         datefmt="%H:%M:%S")
-    run_study(cfg, trials=trials, timeout=timeout, storage=storage, progress=False, track_study=False)
+    run(cfg, trials=trials, timeout=timeout, storage=storage, progress=False, track_study=False)
 
 
 def heartbeat_trials_that_never_beat(study: optuna.Study, grace_s: float) -> None:
@@ -513,6 +533,13 @@ def status(cfg: StudyConfig, storage: str | None = None) -> pd.DataFrame:
     """The trials table, also written to runs/<study>/trials.csv."""
     from harness.io import atomic_write_text
 
-    frame = trials_frame(load_existing_study(cfg, storage))
+    frame = scored_frame(cfg, load_existing_study(cfg, storage))
     atomic_write_text(cfg.study_dir / "trials.csv", frame.to_csv(index=False))
     return frame
+
+
+def scored_frame(cfg: StudyConfig, study: optuna.Study) -> pd.DataFrame:
+    """trials_frame with each trial's person-bootstrap interval and whether it is tied with the best."""
+    from harness.uncertainty import with_intervals
+
+    return with_intervals(cfg, trials_frame(study))

@@ -63,7 +63,7 @@ QUIET_SETTINGS = {
     "reinit": "create_new",
 }
 
-TRIAL_JOB, STUDY_JOB, ENSEMBLE_JOB = "trial", "study", "ensemble"
+TRIAL_JOB, STUDY_JOB, ENSEMBLE_JOB, FOLD_JOB = "trial", "study", "ensemble", "fold"
 FLUSH_TIMEOUT_S = 30.0  # how long `finish` waits for wandb-core to write the run's last records
 
 
@@ -86,6 +86,11 @@ def run_id_for(study_name: str, identity: int) -> str:
     if not isinstance(identity, int | np.integer) or identity < 0:
         raise ValueError(f"trial identity must be an int >= 0 (the Optuna trial number), got {identity!r}")
     return _run_id(study_name, f"t{int(identity):04d}")
+
+
+def fold_run_id(study_name: str, config: int, fold: int) -> str:
+    """The W&B run id of fold `fold` of promoted configuration (trial) `config`."""
+    return _run_id(study_name, f"t{int(config):04d}-f{int(fold)}")
 
 
 def study_run_id(study_name: str) -> str:
@@ -177,7 +182,8 @@ def _confusion_chart(matrix: np.ndarray, class_names: list[str] | None, title: s
 class _Tracker:
     """One W&B run that degrades to a no-op on the first W&B error."""
 
-    def __init__(self, cfg, run_id: str, name: str, job_type: str, config: Mapping[str, Any]):
+    def __init__(self, cfg, run_id: str, name: str, job_type: str, config: Mapping[str, Any],
+                 group: str | None = None):
         self.run_id = run_id
         self.run = None
         self.failed = False  # a W&B error happened (and was reported)
@@ -195,7 +201,7 @@ class _Tracker:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
                 project=cfg.tracking.project, entity=cfg.tracking.entity, mode=mode, dir=str(self.dir),
-                group=cfg.name, job_type=job_type, name=name, id=run_id, resume="allow",
+                group=group or cfg.name, job_type=job_type, name=name, id=run_id, resume="allow",
                 config=json_ready(strip_secrets(config)), settings=_quiet_settings())
 
     @property
@@ -249,9 +255,17 @@ class _Tracker:
 class TrialTracker(_Tracker):
     """The W&B run of one trial: per-epoch metrics, then the trial's outcome."""
 
-    def __init__(self, cfg, identity: int, params: Any, extra_config: Mapping[str, Any] | None = None):
-        super().__init__(cfg, run_id_for(cfg.name, identity), f"trial-{identity:04d}", TRIAL_JOB,
-                         {**_as_dict(params), **(extra_config or {})})
+    def __init__(self, cfg, identity: int, params: Any, extra_config: Mapping[str, Any] | None = None,
+                 fold: tuple[int, int] | None = None):
+        """`fold` = (configuration, fold) makes it the run of one fold of a promoted configuration: job_type
+        "fold", grouped by the configuration (the promotion's trials are a study of their own)."""
+        if fold is None:
+            run_id, name, job_type, group = run_id_for(cfg.name, identity), f"trial-{identity:04d}", TRIAL_JOB, None
+        else:
+            config, index = fold
+            run_id, name = fold_run_id(cfg.name, config, index), f"trial-{config:04d}-fold-{index}"
+            job_type, group = FOLD_JOB, f"{cfg.name}/promotion/trial-{config:04d}"
+        super().__init__(cfg, run_id, name, job_type, {**_as_dict(params), **(extra_config or {})}, group=group)
         if self.active:
             with self._guard("define_metric"):
                 self.run.define_metric("epoch")

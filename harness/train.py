@@ -161,10 +161,12 @@ def make_loaders(cfg: StudyConfig, params: Params, data: PreparedData, device: t
     def view(pixels: np.ndarray, rows: np.ndarray) -> EvalSet:
         return EvalSet(preprocess(pixels, params.preprocess, fg, rows), labels[rows])
 
-    swapped = swapped_backgrounds(images, fg, valid_rows, persons, seed)
+    valid = view(np.asarray(images[valid_rows]), valid_rows)
+    swapped = view(swapped_backgrounds(images, fg, valid_rows, persons, seed), valid_rows)
+    if np.array_equal(swapped.images, valid.images):  # the preprocessor took the background away again
+        swapped = valid
     return Loaders(train=train, generator=generator, train_transform=train_tf,
-                   views={"valid": view(np.asarray(images[valid_rows]), valid_rows),
-                          "probe": view(np.asarray(images[probe]), probe), "bgswap": view(swapped, valid_rows)})
+                   views={"valid": valid, "probe": view(np.asarray(images[probe]), probe), "bgswap": swapped})
 
 
 def build_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
@@ -246,6 +248,10 @@ def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData, objec
     start = time.perf_counter()
     scores, losses = {}, {}
     for name, view in loaders.views.items():
+        same = next((other for other in scores if loaders.views[other].images is view.images), None)
+        if same is not None:  # the same pixels (a background removed before the swap): evaluated once
+            scores[name], losses[name] = scores[same], losses[same]
+            continue
         scores[name], losses[name] = predict_log_probs(model, view.images, view.labels, loss_fn, device)
     metrics = {name: classification_metrics(scores[name], view.labels, tasks=tasks)
                for name, view in loaders.views.items()}
@@ -303,13 +309,15 @@ def trial_dir(cfg: StudyConfig, number: int | None) -> Path:
 def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None, *, data: PreparedData | None = None,
               run_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
               on_resume: Callable[[list[dict]], None] | None = None,
-              stop_after_epochs: int | None = None) -> TrialResult:
+              stop_after_epochs: int | None = None, keep: str = "best") -> TrialResult:
     """Train one trial; never raises for a trial's own failure (see the module docstring).
 
     `trial` is an Optuna trial to report `val/f1` to and ask whether to prune;
     `on_epoch` receives every epoch's metrics row (the study logs it to W&B);
     `on_resume` receives the rows of the epochs a resumed trial already ran;
-    `stop_after_epochs` ends the run early as if interrupted (tests of resume).
+    `stop_after_epochs` ends the run early as if interrupted (tests of resume);
+    `keep` is which epoch's model and valid log-probabilities the folder keeps: the "best" by the objective,
+    or the "last" (a fold of a promotion: its held-out fold must not pick its own epoch).
     """
     params = _as_params(cfg, params)
     folder = TrialFolder(run_dir or trial_dir(cfg, trial.number if trial is not None else None))
@@ -317,7 +325,7 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     result = TrialResult(state="failed", run_dir=str(folder.path), params=params.model_dump())
     started = time.perf_counter()
     try:
-        result = _train(cfg, params, trial, data, folder, on_epoch, on_resume, stop_after_epochs, result)
+        result = _train(cfg, params, trial, data, folder, on_epoch, on_resume, stop_after_epochs, keep, result)
     except torch.OutOfMemoryError as error:
         result.state = "failed"
         result.reason = f"out of memory: {str(error).splitlines()[0]}; lower train.batch_size or the image size"
@@ -339,7 +347,7 @@ def _as_params(cfg: StudyConfig, params: Params | dict | None) -> Params:
     return cfg.params.replace(**(params or {}))
 
 
-def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_resume, stop_after_epochs,
+def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_resume, stop_after_epochs, keep: str,
            result: TrialResult):
     folder.write_config(cfg.model_dump(mode="json"), params.model_dump(mode="json"))
     data = data or prepare_data(cfg.data, progress=False)
@@ -392,7 +400,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
         row = {"epoch": epoch, "train/loss": train_loss, **metrics, "lr": optimizer.param_groups[1]["lr"],
                "lr_backbone": optimizer.param_groups[0]["lr"], "epoch_time": seconds, "images_per_s": images / seconds}
         rows.append(row)
-        if row["objective"] > best["objective"]:
+        if keep == "last" or row["objective"] > best["objective"]:
             best = {"objective": row["objective"], "epoch": epoch}
             _save_best(folder, model, view_scores, data)
         folder.write_metrics(rows)

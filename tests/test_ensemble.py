@@ -337,7 +337,7 @@ def test_predict_writes_a_submission_in_info_order_and_scores_eval(ensembled, ca
     assert submission["ImageID"].tolist() == info["ImageID"].tolist()
     assert submission["ans"].between(0, C - 1).all()
     assert 0.0 <= result["eval_f1"] <= 1.0
-    assert set(result["member_eval_f1"]) == {m["trial"] for m in summary["members"]}
+    assert set(result["member_eval_f1"]) == {str(m["trial"]) for m in summary["members"]}
     assert "eval macro F1" in capsys.readouterr().out
     saved = json.loads((cfg.study_dir / "ensemble" / "eval_metrics.json").read_text())
     assert saved["eval_f1"] == pytest.approx(result["eval_f1"])
@@ -354,8 +354,8 @@ def test_predict_one_trial_gives_that_trials_probabilities(ensembled):
 
     submission = pd.read_csv(cfg.study_dir / f"submission-trial-{trial}.csv")
     assert len(submission) == single["rows"] and submission["ans"].between(0, C - 1).all()
-    np.testing.assert_allclose(single["probs"], ensemble["member_probs"][trial], atol=1e-6)
-    assert single["member_eval_f1"] == {trial: single["eval_f1"]}
+    np.testing.assert_allclose(single["probs"], ensemble["member_probs"][str(trial)], atol=1e-6)
+    assert single["member_eval_f1"] == {str(trial): single["eval_f1"]}
 
 
 def test_hflip_tta_averages_the_image_and_its_mirror(ensembled):

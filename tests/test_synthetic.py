@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -124,8 +125,8 @@ def test_same_seed_same_bytes_whatever_the_workers_other_seed_differs(tmp_path):
     make_synthetic(tmp_path / "c", people=24, seed=4, width=64, height=96, workers=1)
     a, b, c = (digests(tmp_path / name) for name in "abc")
     photos = first["train_images"] + first["eval_images"]
-    # + 3 csv files; + the truth: a mask per photo, faces.csv; + synthetic.json
-    assert len(a) == photos + first["junk_files"] + 3 + photos + 1 + 1
+    # + 4 csv files (train, label_noise, info, gt); + the truth: a mask per photo, faces.csv; + synthetic.json
+    assert len(a) == photos + first["junk_files"] + 4 + photos + 1 + 1
     assert a == b
     shared_files = set(a) & set(c)
     assert set(a) != set(c)  # other folder names and eval names
@@ -276,3 +277,30 @@ def test_bad_arguments_are_named(tmp_path):
         make_synthetic(tmp_path / "a", people=1)
     with pytest.raises(ValueError, match="too small"):
         make_synthetic(tmp_path / "b", width=16, height=16)
+
+
+def test_planted_label_errors_change_only_the_labels_and_are_listed(tmp_path):
+    clean, noisy = synthetic.plan_train(24, 0), synthetic.plan_train(24, 0, label_noise=0.25)
+    planted = [n for c, n in zip(clean, noisy) if c != n]
+    assert len(planted) == 6  # a quarter of the persons, one error each
+    for c, n in zip(clean, noisy):  # everything but the planted labels is drawn as without them
+        assert replace(n, labelled_gender=None, swapped_masks=False) == c
+    root = tmp_path / "data"
+    make_synthetic(root, people=24, seed=0, width=48, height=64, label_noise=0.25)
+    truth = pd.read_csv(root / "train" / "label_noise.csv")
+    assert list(truth.columns) == ["target", "task", "given", "true"]
+    assert (truth["given"] != truth["true"]).all()
+    swapped = [p for p in planted if p.swapped_masks]
+    assert len(truth) == sum(p.labelled_gender is not None for p in planted) + 2 * len(swapped)
+    train = pd.read_csv(root / "train" / "train.csv")
+    for row in truth[truth["task"] == "gender"].itertuples():  # folder and train.csv carry the wrong gender
+        assert (root / "train" / "images" / row.target).is_dir()
+        assert train.loc[train["path"] == row.target, "gender"].item() == row.given
+    for row in truth[truth["task"] == "mask"].itertuples():
+        assert (root / "train" / "images" / row.target).is_file()
+
+
+def test_every_gender_and_age_group_has_two_persons_even_in_small_sets():
+    for people in (12, 24, 120):
+        counts = Counter((p.gender, age_group(p.age)) for p in synthetic.plan_train(people, 0))
+        assert len(counts) == 6 and min(counts.values()) >= synthetic.MIN_PER_STRATUM == 2, (people, counts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from harness.data.split import Split, split_by_person
 from harness.foreground import Foreground, foreground
 
 log = logging.getLogger(__name__)
+SPEC_DEFAULTS = {"label_noise": 0.0}  # synthetic.json keys added later, at the value data made before had
 
 
 @dataclass
@@ -45,6 +46,10 @@ class PreparedData:
     def summary(self) -> dict:
         return data_summary(self.frame, self.split, len(self.cache.excluded))
 
+    def with_split(self, split: Split) -> PreparedData:
+        """The same images under another train/valid split (a fold of the promotion)."""
+        return replace(self, split=split)
+
 
 def ensure_dataset(data: DataConfig) -> None:
     """Write the synthetic or sample dataset a study asks for when its root does not exist yet; refuse a root
@@ -67,7 +72,7 @@ def ensure_dataset(data: DataConfig) -> None:
     spec = data.synthetic
     log.info("generating synthetic data (%d people, trap strength %s) at %s", spec.people, spec.trap_strength, root)
     make_synthetic(root, people=spec.people, seed=spec.seed, width=spec.width, height=spec.height,
-                   eval_images=spec.eval_images, trap_strength=spec.trap_strength)
+                   eval_images=spec.eval_images, trap_strength=spec.trap_strength, label_noise=spec.label_noise)
 
 
 def check_synthetic(data: DataConfig) -> None:
@@ -76,9 +81,12 @@ def check_synthetic(data: DataConfig) -> None:
     from harness.data.synthetic import synthetic_spec
 
     spec = data.synthetic
-    wanted = synthetic_spec(spec.people, spec.seed, spec.width, spec.height, spec.eval_images, spec.trap_strength)
+    wanted = synthetic_spec(spec.people, spec.seed, spec.width, spec.height, spec.eval_images, spec.trap_strength,
+                            spec.label_noise)
     written = Path(data.root) / "synthetic.json"
     found = json.loads(written.read_text()) if written.is_file() else None
+    if found is not None:  # a setting added later, written before it existed: its default was made
+        found = {**SPEC_DEFAULTS, **found}
     if found != wanted:
         differ = sorted(k for k in wanted if (found or {}).get(k) != wanted[k])
         raise DataError(f"{data.root} holds synthetic data made with other settings than data.synthetic asks for "

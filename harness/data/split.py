@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from harness.data.labels import AGE_NAMES, GENDER_NAMES
+
 
 @dataclass(frozen=True)
 class Split:
@@ -51,3 +53,31 @@ def split_by_person(frame: pd.DataFrame, valid_fraction: float = 0.2, seed: int 
     train, valid = next(splitter.split(np.zeros(len(frame)), person_strata(frame), groups=persons))
     train, valid = np.sort(train), np.sort(valid)
     return Split(train, valid, split_hash(sorted(set(persons[train])), sorted(set(persons[valid]))))
+
+
+def stratum_name(frame: pd.DataFrame, stratum: int) -> str:
+    if frame.attrs.get("tasks"):
+        return f"{GENDER_NAMES[stratum // 3]} {AGE_NAMES[stratum % 3]}"
+    names = frame.attrs.get("class_names")
+    return f"class {names[stratum] if names else stratum}"
+
+
+def person_folds(frame: pd.DataFrame, folds: int, seed: int = 0) -> list[Split]:
+    """K person-grouped folds over every row, stratified as `split_by_person` is: fold k's `valid` is its
+    held-out persons, its `train` everyone else. Refused when a stratum has fewer persons than folds: some
+    fold would hold none of them out, and its held-out score would miss a class."""
+    persons = frame["person"].to_numpy()
+    strata = person_strata(frame)
+    per_stratum = pd.Series(strata.to_numpy()).groupby(persons).first().value_counts()
+    smallest, fewest = per_stratum.idxmin(), int(per_stratum.min())
+    if fewest < folds:
+        what = (f"use at most {fewest} folds (promotion.folds: {fewest})" if fewest >= 2 else
+                "no K-fold split can both train on and hold out a stratum of one person; add persons to it")
+        raise ValueError(f"{folds} folds need at least {folds} persons in every stratum (gender x age group, or "
+                         f"class), but {stratum_name(frame, int(smallest))} has {fewest}: {what}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    result = []
+    for train, valid in splitter.split(np.zeros(len(frame)), strata, groups=persons):
+        train, valid = np.sort(train), np.sort(valid)
+        result.append(Split(train, valid, split_hash(sorted(set(persons[train])), sorted(set(persons[valid])))))
+    return result

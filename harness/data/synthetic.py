@@ -9,6 +9,7 @@
     root/eval/gt.csv                          ImageID,ans   (the true 18-class labels)
     root/truth/masks/<train|eval>/...png      where the person is in each photo (255 = person)
     root/truth/faces.csv                      image,x0,y0,x1,y1: each photo's face box in pixels
+    root/train/label_noise.csv                target,task,given,true: the label errors planted (label_noise)
     root/synthetic.json                       what was asked for (checked when a study reuses root)
 
 What it imitates (see docs in DESIGN.md, "The task the harness is built around"):
@@ -31,7 +32,10 @@ What it imitates (see docs in DESIGN.md, "The task the harness is built around")
   that learns backgrounds scores high on a train split and lower on eval. Every other draw is
   the same whatever the strength: the same people in the same poses, on other backgrounds.
 - the truth a real dataset lacks: each photo's person mask and face box, so that the quality of
-  an estimated foreground mask or face detection is a measured figure.
+  an estimated foreground mask or face detection is a measured figure;
+- label errors of the real data's kinds (`label_noise`: a share of persons with their gender given
+  as the other one, or their incorrect_mask and normal photos swapped), drawn from a stream of
+  their own and listed in train/label_noise.csv, so that a label audit's recall is measured.
 
 Eval persons are new persons. By default there are ceil(0.4 * people) of them with all 7
 photos each (the competition's eval is 2/3 the size of train; 0.4 keeps test runs small);
@@ -64,12 +68,14 @@ import numpy as np
 import pandas as pd
 
 from harness.config import SyntheticData
-from harness.data.labels import GENDER_NAMES, MASK_OF_STEM, age_group, encode
+from harness.data.labels import GENDER_NAMES, MASK_NAMES, MASK_OF_STEM, age_group, encode
 from harness.io import writer_gone
 
 STEMS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
+MASK_SWAP = {"incorrect_mask": "normal", "normal": "incorrect_mask"}  # the real data's mislabelled file pairs
 AGE_SHARES = (1281, 1227, 192)  # people per age group in the competition's train set
 FEMALE_SHARE = 1658 / 2700
+MIN_PER_STRATUM = 2  # persons per (gender, age group) in sets of 12 persons and more
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG")
 EXTENSION_ODDS = (0.80, 0.08, 0.07, 0.05)
 JUNK_FOLDER_SHARE = 0.12  # folders with `._<image>` resource forks beside some images
@@ -133,10 +139,20 @@ class Person:
     extensions: tuple[str, ...]  # one per stem
     junk_stems: tuple[str, ...] = ()  # stems that get a `._<file>` beside them
     ds_store: bool = False
+    labelled_gender: int | None = None  # a planted label error: the gender the folder and train.csv give
+    swapped_masks: bool = False  # a planted label error: the incorrect_mask and normal photos swap file names
+
+    @property
+    def given_gender(self) -> int:
+        return self.gender if self.labelled_gender is None else self.labelled_gender
 
     @property
     def folder(self) -> str:
-        return f"{self.ident}_{GENDER_NAMES[self.gender]}_Asian_{self.age}"
+        return f"{self.ident}_{GENDER_NAMES[self.given_gender]}_Asian_{self.age}"
+
+    def saved_as(self, stem: str) -> str:
+        """The stem whose file name a photo of `stem` is saved under (swapped by a planted mask error)."""
+        return MASK_SWAP.get(stem, stem) if self.swapped_masks else stem
 
     def label(self, stem: str) -> int:
         return int(encode(MASK_OF_STEM[stem], self.gender, int(age_group(self.age))))
@@ -148,15 +164,16 @@ class Person:
 
 
 def synthetic_spec(people: int = 120, seed: int = 0, width: int = 384, height: int = 512,
-                   eval_images: int | None = None, trap_strength: float = TRAP_STRENGTH) -> dict:
+                   eval_images: int | None = None, trap_strength: float = TRAP_STRENGTH,
+                   label_noise: float = 0.0) -> dict:
     """What decides a synthetic dataset's content; written to root/synthetic.json."""
     return {"format_version": FORMAT_VERSION, "people": people, "seed": seed, "width": width, "height": height,
-            "eval_images": eval_images, "trap_strength": trap_strength}
+            "eval_images": eval_images, "trap_strength": trap_strength, "label_noise": label_noise}
 
 
 def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 384, height: int = 512,
-                   eval_images: int | None = None, trap_strength: float = TRAP_STRENGTH, *,
-                   workers: int | None = None) -> dict:
+                   eval_images: int | None = None, trap_strength: float = TRAP_STRENGTH, label_noise: float = 0.0,
+                   *, workers: int | None = None) -> dict:
     """Write a synthetic competition dataset at root and return a summary of what was written.
 
     workers: processes drawing persons (default: 1 for small sets, else up to 8 by CPU count);
@@ -166,9 +183,11 @@ def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 38
     _check_arguments(people, seed, width, height, eval_images)
     if not 0.0 <= trap_strength <= 1.0:
         raise ValueError(f"make_synthetic: trap_strength={trap_strength} must be between 0 (no trap) and 1.")
+    if not 0.0 <= label_noise <= 0.5:
+        raise ValueError(f"make_synthetic: label_noise={label_noise} must be between 0 and 0.5 (a share of persons).")
     root = Path(root)
     _refuse_non_empty(root)
-    train = plan_train(people, seed, trap_strength)
+    train = plan_train(people, seed, trap_strength, label_noise)
     evals, eval_stems = plan_eval(people, seed, eval_images)
     for left in root.parent.glob(f"{root.name}.partial-*"):  # left by killed runs
         if writer_gone(left.name.rsplit("-", 1)[1]):
@@ -176,7 +195,7 @@ def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 38
     partial = root.parent / f"{root.name}.partial-{os.getpid()}"
     try:
         _write_dataset(partial, train, evals, eval_stems, width, height, workers)
-        spec = synthetic_spec(people, seed, width, height, eval_images, trap_strength)
+        spec = synthetic_spec(people, seed, width, height, eval_images, trap_strength, label_noise)
         (partial / "synthetic.json").write_text(json.dumps(spec, indent=2))
         _move_into_place(partial, root)
     except BaseException:
@@ -191,6 +210,7 @@ def make_synthetic(root: Path, people: int = 120, seed: int = 0, width: int = 38
         "junk_files": 1 + sum(len(p.junk_stems) + p.ds_store for p in train),  # +1: train/images/.DS_Store
         "duplicate_ids": len(train) - len({p.ident for p in train}),
         "trap_strength": trap_strength,
+        "planted_label_errors": sum(p.labelled_gender is not None or p.swapped_masks for p in train),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -232,8 +252,8 @@ def _move_into_place(partial: Path, root: Path) -> None:
 
 # ---------------------------------------------------------------- who is in the dataset
 
-def plan_train(people: int, seed: int, trap_strength: float = TRAP_STRENGTH) -> list[Person]:
-    """The train persons: labels in the competition's proportions, ids, one shared id, junk."""
+def plan_train(people: int, seed: int, trap_strength: float = TRAP_STRENGTH, label_noise: float = 0.0) -> list[Person]:
+    """The train persons: labels in the competition's proportions, ids, one shared id, junk, planted label errors."""
     rng = np.random.default_rng([seed, _SPLIT_CODE["train"], 0])
     persons = [_make_person("train", i, gender, group, seed, trap_strength)
                for i, (gender, group) in enumerate(_assign_labels(people, rng))]
@@ -242,6 +262,7 @@ def plan_train(people: int, seed: int, trap_strength: float = TRAP_STRENGTH) -> 
     persons = _share_one_id(persons, rng)
     persons = _ensure_extension_mix(persons)
     persons = _add_junk(persons, rng)
+    persons = _plant_label_errors(persons, label_noise, np.random.default_rng([seed, _SPLIT_CODE["train"], 5]))
     folders = [p.folder for p in persons]
     assert len(set(folders)) == len(folders), "synthetic person folders must be unique"
     return sorted(persons, key=lambda p: p.folder)
@@ -270,11 +291,23 @@ def _assign_labels(count: int, rng: np.random.Generator) -> list[tuple[int, int]
                 groups[groups.index(max(groups))] -= 1
                 groups[g] = 1
     women = min(max(round(count * FEMALE_SHARE), 1), count - 1) if count >= 2 else count
-    labels = []
+    sizes = {}
     for group, (size, group_women) in enumerate(zip(groups, _largest_remainder(women, groups), strict=True)):
-        labels += [(1, group)] * group_women + [(0, group)] * (size - group_women)
+        sizes[(1, group)], sizes[(0, group)] = group_women, size - group_women
+    if count >= MIN_PER_STRATUM * len(sizes):
+        _fill_small_strata(sizes)
+    labels = [label for label, size in sizes.items() for _ in range(size)]
     order = rng.permutation(len(labels))
     return [labels[i] for i in order]
+
+
+def _fill_small_strata(sizes: dict[tuple[int, int], int]) -> None:
+    """Give every (gender, age group) MIN_PER_STRATUM persons, taken from the largest ones: person-grouped
+    folds then hold each stratum out in at least two folds even in tiny sets (the smoke studies')."""
+    for label in sorted(sizes):
+        while sizes[label] < MIN_PER_STRATUM:
+            sizes[max(sizes, key=lambda other: (sizes[other], other))] -= 1
+            sizes[label] += 1
 
 
 def _largest_remainder(total: int, shares) -> list[int]:
@@ -322,6 +355,34 @@ def _ensure_extension_mix(persons: list[Person]) -> list[Person]:
         extensions[STEMS.index("normal") - slot // len(persons)] = ext
         persons[i] = replace(persons[i], extensions=tuple(extensions))
     return persons
+
+
+def _plant_label_errors(persons: list[Person], share: float, rng: np.random.Generator) -> list[Person]:
+    """`share` of the persons get one label error of the kinds the real data has: their gender given as the
+    other one (folder and train.csv), or their incorrect_mask and normal photos swapped. Drawn from a stream
+    of their own, so that everything else is the same with or without them."""
+    count = round(share * len(persons))
+    persons = list(persons)
+    for i in rng.choice(len(persons), size=count, replace=False):
+        if rng.random() < 0.5:
+            persons[i] = replace(persons[i], labelled_gender=1 - persons[i].gender)
+        else:
+            persons[i] = replace(persons[i], swapped_masks=True)
+    return persons
+
+
+def label_noise_rows(persons: list[Person]) -> list[dict]:
+    """The planted errors: target (a person folder or an image path under train/images), task, given, true."""
+    rows = []
+    for p in persons:
+        if p.labelled_gender is not None:
+            rows.append({"target": p.folder, "task": "gender", "given": GENDER_NAMES[p.labelled_gender],
+                         "true": GENDER_NAMES[p.gender]})
+        if p.swapped_masks:
+            for stem, shown in MASK_SWAP.items():  # the file named after `stem` shows the other mask state
+                rows.append({"target": f"{p.folder}/{p.file_name(stem)}", "task": "mask",
+                             "given": MASK_NAMES[MASK_OF_STEM[stem]], "true": MASK_NAMES[MASK_OF_STEM[shown]]})
+    return rows
 
 
 def _add_junk(persons: list[Person], rng: np.random.Generator) -> list[Person]:
@@ -417,9 +478,11 @@ def _write_dataset(out: Path, train, evals, eval_stems, width, height, workers) 
                                                                                   index=False)
     shutil.rmtree(out / "truth" / "faces")
     pd.DataFrame({
-        "id": [p.ident for p in train], "gender": [GENDER_NAMES[p.gender] for p in train],
+        "id": [p.ident for p in train], "gender": [GENDER_NAMES[p.given_gender] for p in train],
         "race": "Asian", "age": [p.age for p in train], "path": [p.folder for p in train],
     }).to_csv(out / "train" / "train.csv", index=False)
+    pd.DataFrame(label_noise_rows(train), columns=["target", "task", "given", "true"]).to_csv(
+        out / "train" / "label_noise.csv", index=False)
     rows = sorted((p.file_name(s), p.label(s)) for p, stems in zip(evals, eval_stems, strict=True) for s in stems)
     names = [name for name, _ in rows]
     pd.DataFrame({"ImageID": names, "ans": 0}).to_csv(out / "eval" / "info.csv", index=False)
@@ -496,7 +559,7 @@ def _render_person(job: tuple) -> None:
         k = STEMS.index(stem)
         rng = np.random.default_rng([seed, _SPLIT_CODE[person.split], 3, person.index, k])
         image, silhouette, face = _photo(person, stem, background, pad, width, height, seed, rng)
-        name = person.file_name(stem)
+        name = person.file_name(person.saved_as(stem))
         (folder / name).write_bytes(_encode(image, name))
         (truth / f"{Path(name).stem}.png").write_bytes(_encode(silhouette, ".png"))
         faces.append({"image": str((folder / name).relative_to(out)), **dict(zip(("x0", "y0", "x1", "y1"), face))})

@@ -1,0 +1,92 @@
+"""`make bench` group "promotion": does cross-validated promotion beat the single split on the truth?
+
+The default study at its real size (--quick: its smoke variant) on synthetic data without the background
+trap (trap_strength 0: what is measured is selection, not the shortcut) and with 5% of the persons given
+one planted label error (data.synthetic.label_noise 0.05, the truth in train/label_noise.csv). One study,
+its single-split ensemble and submission, then `harness promote` (one worker), its submission, and the
+promotion again from scratch with two workers:
+
+  promotion_eval_f1_vs_single_split  harness = eval F1 of the promoted fold models' submission, reference =
+                       the single-split ensemble's; ratio = harness - reference, met at >= +0.02.
+  promotion_cv_f1_vs_eval            harness = the promotion's honest cv_f1, reference = its submission's
+                       eval F1; ratio = |harness - reference|, met at <= 0.05.
+  label_audit_recall_top_2n          harness = planted errors found among the audit's 2N most suspicious
+                       rows (N planted rows, matched on target and task), reference = N; ratio = recall,
+                       met at >= 0.6.
+  promotion_wall_time_2_workers      harness = the promotion's wall time with --workers 2, reference = with
+                       one worker (same plan, same machine); ratio = harness / reference, met at <= 1.0.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pandas as pd
+
+from harness.bench.common import Bench, row
+from harness.config import StudyConfig
+
+GAIN_TARGET = 0.02
+CV_GAP_TARGET = 0.05
+RECALL_TARGET = 0.6
+WORKERS_TARGET = 1.0
+LABEL_NOISE = 0.05
+
+
+def promotion_study(bench: Bench) -> StudyConfig:
+    base = bench.default_study()
+    synthetic = base.data.synthetic.model_dump()
+    root = bench.out / "promotion"
+    return base.replace({"name": "bench-promotion", "runs_dir": str(root / "runs"), "data.root": str(root / "data"),
+                         "data.cache_dir": str(root / "cache"), "tracking.mode": "disabled",
+                         "data.synthetic": {**synthetic, "trap_strength": 0.0, "label_noise": LABEL_NOISE}})
+
+
+def audit_recall(cfg: StudyConfig) -> tuple[float, int, int]:
+    """(recall of the planted errors within the audit's top 2N rows, found, N)."""
+    from harness.audit import read_issues
+    from harness.folders import PromotionFolder
+
+    planted = pd.read_csv(cfg.data.root / "train" / "label_noise.csv", dtype=str)
+    issues = read_issues(PromotionFolder.of(cfg))
+    top = set(list(zip(issues["target"], issues["task"]))[: 2 * len(planted)]) if issues is not None else set()
+    found = sum((target, task) in top for target, task in zip(planted["target"], planted["task"]))
+    return found / max(1, len(planted)), found, len(planted)
+
+
+def bench_promotion(bench: Bench) -> list[dict]:
+    from harness.ensemble import run_ensemble
+    from harness.predict import predict_submission, score_trials_on_eval
+    from harness.promotion import promote, restart
+    from harness.study import run_study
+
+    cfg = promotion_study(bench)
+    shutil.rmtree(cfg.study_dir, ignore_errors=True)
+    run_study(cfg, progress=False)
+    score_trials_on_eval(cfg)
+    run_ensemble(cfg, log_to_wandb=False)
+    single = predict_submission(cfg, log_to_wandb=False, source="ensemble")
+    started = time.perf_counter()
+    summary = promote(cfg)
+    one_worker = time.perf_counter() - started
+    promoted = predict_submission(cfg, log_to_wandb=False, source="promotion")
+    recall, found, planted = audit_recall(cfg)
+    restart(cfg, None)
+    started = time.perf_counter()
+    promote(cfg, workers=2)
+    two_workers = time.perf_counter() - started
+
+    size = (f"{cfg.search.trials} trials x {cfg.train.epochs} epochs; {len(summary['configs'])} configurations x "
+            f"{summary['folds']} folds; trap_strength 0, label_noise {LABEL_NOISE}")
+    gain = row("promotion_eval_f1_vs_single_split", promoted["eval_f1"], single["eval_f1"], "eval F1", GAIN_TARGET,
+               ratio=promoted["eval_f1"] - single["eval_f1"])
+    gain.update(size=size, promoted_members=promoted["members"], single_split_members=single["members"])
+    gap = row("promotion_cv_f1_vs_eval", summary["cv_f1"], promoted["eval_f1"], "F1", CV_GAP_TARGET, better="lower",
+              ratio=abs(summary["cv_f1"] - promoted["eval_f1"]))
+    gap.update(size=size, cv_f1_ci95=summary["cv_f1_ci95"])
+    audit = row("label_audit_recall_top_2n", found, planted, "planted errors", RECALL_TARGET, ratio=recall)
+    audit.update(size=size, audit_rows=summary["label_issues"]["rows"])
+    workers = row("promotion_wall_time_2_workers", two_workers, one_worker, "seconds", WORKERS_TARGET, better="lower")
+    workers.update(size=size)
+    return [gain, gap, audit, workers]

@@ -1,0 +1,382 @@
+"""`harness promote STUDY.yaml`: the best configurations retrained on K person-grouped folds, as winning teams
+built their ensembles.
+
+A single valid split of a few dozen persons ranks trials mostly by noise, and successive halving leaves one or
+two complete trials. Promotion takes the top `promotion.top_k` configurations by the study's objective, pruned
+trials that reached a late rung (`promotion.min_epochs`) included, and trains each on `promotion.folds`
+person-grouped, stratified folds of ALL labelled persons (train and valid), full epochs, no pruning. Every
+(configuration, fold) run is a trial of a companion Optuna study (`<study>-promotion`, in the same storage),
+so resuming after a kill, heartbeats, `--workers`, PostgreSQL and W&B (job_type "fold", grouped by
+configuration) are the search's own machinery; run the same command again and nothing finished is retrained.
+
+Each fold keeps its last epoch's model and its log-probabilities on its held-out persons: together, an
+out-of-fold prediction for every labelled image from a model that never trained on that person. On them:
+
+    the ensemble   ensemble.method maximising search.objective over the configurations, scored honestly:
+                   each person's prediction comes from weights chosen on the other half of the persons
+    cv_f1          macro F1 of those predictions, with a person-bootstrap 95% interval; each member's too
+    the audit      harness.audit: label issues per task with cleanlab (label_issues.csv)
+
+runs/<study>/promotion/ holds summary.json, the folds' folders (trial-<n>/fold-<k>/, each a TrialFolder) and
+the audit; `harness predict` then uses every fold model of every member.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from harness.config import Params, StudyConfig
+from harness.data.prepare import PreparedData, prepare_data
+from harness.data.split import person_folds, split_hash
+from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder
+from harness.io import json_ready
+from harness.metrics import OBJECTIVES, macro_f1
+from harness.selection import METHODS, blend, person_halves, rows_of
+from harness.study import (
+    RecordAsFailed,
+    StudyError,
+    default_storage,
+    load_existing_study,
+    open_storage,
+    redact,
+    run_trials,
+    run_workers,
+    store_result,
+    trial_identity,
+    trials_frame,
+)
+from harness.uncertainty import f1_interval
+
+log = logging.getLogger("harness.promotion")
+SETTINGS = ("folds", "top_k", "min_epochs", "fold_hash")  # a resume must find these as they were
+
+
+class PromotionError(StudyError):
+    """A promotion that cannot start or resume as asked; the message says what to do."""
+
+
+def companion_name(cfg: StudyConfig) -> str:
+    return f"{cfg.name}-promotion"
+
+
+def min_epochs(cfg: StudyConfig) -> int:
+    """Epochs a pruned trial must have trained to be promotable (a late rung): the study file's, else half."""
+    return cfg.promotion.min_epochs or math.ceil(cfg.train.epochs / 2)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a promotion trains, fixed when it starts: configurations (source trials, best first), their
+    params and figures on the single split, and the folds."""
+
+    configs: list[int]
+    params: dict[int, dict]
+    single_split: dict[int, dict]
+    folds: int
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every (configuration, fold) the promotion trains, in plan order."""
+        return [(config, fold) for config in self.configs for fold in range(self.folds)]
+
+    @classmethod
+    def of(cls, companion: optuna.Study) -> Plan:
+        stored = companion.user_attrs["plan"]
+        return cls([int(c) for c in stored["configs"]], {int(k): v for k, v in stored["params"].items()},
+                   {int(k): v for k, v in stored["single_split"].items()}, int(stored["folds"]))
+
+
+def choose_configs(cfg: StudyConfig, frame: pd.DataFrame) -> pd.DataFrame:
+    """The top_k trials by objective among the complete ones and the pruned ones that trained min_epochs."""
+    eligible = frame[frame["objective"].notna() & ((frame["state"] == "complete") | (
+        (frame["state"] == "pruned") & (frame["epochs"] >= min_epochs(cfg))))]
+    return eligible.sort_values(["objective", "trial"], ascending=[False, True]).head(cfg.promotion.top_k)
+
+
+def open_promotion(cfg: StudyConfig, storage: str | None, progress: bool = True
+                   ) -> tuple[optuna.Study, PreparedData, list]:
+    """The companion study, created with its plan (every configuration x fold enqueued) or resumed; refused
+    when a resume would change the folds, top_k or the persons of the folds."""
+    url = storage or default_storage(cfg)
+    main = load_existing_study(cfg, storage)
+    settings = {"folds": cfg.promotion.folds, "top_k": cfg.promotion.top_k, "min_epochs": min_epochs(cfg)}
+    _refuse_changed_settings(cfg, _stored_settings(cfg, url), settings)  # before the data: the cheap check first
+    data = prepare_data(cfg.data, progress=progress)
+    try:
+        folds = person_folds(data.frame, cfg.promotion.folds, seed=cfg.seed)
+    except ValueError as error:
+        raise PromotionError(f"promotion.folds: {error}") from None
+    companion = optuna.create_study(study_name=companion_name(cfg), storage=open_storage(url, cfg.search.heartbeat_s),
+                                    direction="maximize", load_if_exists=True, pruner=optuna.pruners.NopPruner())
+    settings["fold_hash"] = split_hash([s.hash for s in folds], [])
+    if "plan" not in companion.user_attrs:
+        _create_plan(cfg, main, companion, settings)
+        log.info("promotion of study %r started in %s", cfg.name, redact(url))
+    else:
+        _check_resume(cfg, companion, settings, main)
+    return companion, data, folds
+
+
+def _create_plan(cfg: StudyConfig, main: optuna.Study, companion: optuna.Study, settings: dict) -> None:
+    frame = trials_frame(main)
+    chosen = choose_configs(cfg, frame)
+    if chosen.empty:
+        raise PromotionError(f"study {cfg.name!r} has no trial to promote: none is complete or was pruned after "
+                             f"{min_epochs(cfg)} epochs (promotion.min_epochs); run `harness study` first")
+    finished = {t.user_attrs.get("identity", t.number): t for t in main.get_trials(deepcopy=False)}
+    params = {int(c): cfg.params.replace(**finished[c].params).model_dump(mode="json") for c in chosen["trial"]}
+    single = {int(row.trial): {"state": row.state, "objective": row.objective, "val_f1": row.val_f1,
+                               "val_f1_bgswap": row.val_f1_bgswap, "epochs": int(row.epochs)}
+              for row in chosen.itertuples()}
+    plan = {"configs": [int(c) for c in chosen["trial"]], "params": params, "single_split": single,
+            "folds": cfg.promotion.folds}
+    position = 0
+    for config in plan["configs"]:
+        for fold in range(cfg.promotion.folds):
+            companion.enqueue_trial({}, user_attrs={"identity": position, "config": config, "fold": fold})
+            position += 1
+    for key, value in settings.items():
+        companion.set_user_attr(key, value)
+    companion.set_user_attr("plan", json_ready(plan))  # last: the mark of a promotion set up completely
+
+
+def _stored_settings(cfg: StudyConfig, url: str) -> dict | None:
+    """The settings a promotion of this study started with, or None when none has started."""
+    try:
+        stored = optuna.load_study(study_name=companion_name(cfg), storage=open_storage(url, cfg.search.heartbeat_s))
+    except KeyError:
+        return None
+    return stored.user_attrs if "plan" in stored.user_attrs else None
+
+
+def _check_resume(cfg: StudyConfig, companion: optuna.Study, settings: dict, main: optuna.Study) -> None:
+    _refuse_changed_settings(cfg, companion.user_attrs, settings)
+    planned = Plan.of(companion).configs
+    now = [int(c) for c in choose_configs(cfg, trials_frame(main))["trial"]]
+    if now != planned:
+        log.warning("the study's best trials are now %s; the promotion resumes with the ones chosen when it "
+                    "started, %s (`--restart` chooses again)", now, planned)
+
+
+def _refuse_changed_settings(cfg: StudyConfig, stored: dict | None, settings: dict) -> None:
+    if stored is None:
+        return
+    changed = [f"{key} {stored.get(key)} then, {settings[key]} now" for key in SETTINGS
+               if key in settings and stored.get(key) != settings[key]]
+    if changed:
+        raise PromotionError(
+            f"the promotion of study {cfg.name!r} was started with other settings ({'; '.join(changed)}); resuming "
+            f"would mix folds. Set promotion: back as it was to resume it, or run `harness promote "
+            f"<study file> --restart` to discard it ({PromotionFolder.of(cfg).path} and the study {companion_name(cfg)!r}).")
+
+
+def trained_pairs(cfg: StudyConfig, companion: optuna.Study) -> set[tuple[int, int]]:
+    """The (configuration, fold) pairs with a complete trial whose fold folder still holds its predictions."""
+    complete = {(int(t.user_attrs["config"]), int(t.user_attrs["fold"])) for t in companion.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE and "config" in t.user_attrs}
+    return {pair for pair in complete if PromotionFolder.of(cfg).fold(*pair).has(TrialFolder.VALID_FILES)}
+
+
+def _lost_pairs(cfg: StudyConfig, companion: optuna.Study) -> int:
+    """Complete fold trials whose folder was deleted since: each needs one more trial to train it again."""
+    complete = [t for t in companion.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE and "config" in t.user_attrs]
+    return sum(not PromotionFolder.of(cfg).fold(int(t.user_attrs["config"]), int(t.user_attrs["fold"]))
+               .has(TrialFolder.VALID_FILES) for t in complete)
+
+
+def restart(cfg: StudyConfig, storage: str | None) -> None:
+    """Discard a promotion: its companion study and its folder (the study itself is untouched)."""
+    url = storage or default_storage(cfg)
+    try:
+        optuna.delete_study(study_name=companion_name(cfg), storage=open_storage(url, cfg.search.heartbeat_s))
+    except KeyError:
+        pass
+    shutil.rmtree(PromotionFolder.of(cfg).path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ the folds
+
+
+class FoldObjective:
+    """One (configuration, fold) trial of the companion study: train on the other folds, keep the last epoch."""
+
+    def __init__(self, cfg: StudyConfig, data: PreparedData, folds: list, plan: Plan) -> None:
+        self.cfg, self.data, self.folds, self.plan = cfg, data, folds, plan
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from harness.study import EpochPrinter
+        from harness.tracking import TrialTracker
+        from harness.train import run_trial
+
+        if "config" not in trial.user_attrs:  # not from the plan's queue: a failed or lost fold's retry
+            for key, value in zip(("config", "fold"), self._next_needed(trial)):
+                trial.set_user_attr(key, value)
+        identity = trial_identity(trial)
+        config, fold = int(trial.user_attrs["config"]), int(trial.user_attrs["fold"])
+        params = Params.model_validate(self.plan.params[config])
+        folder = PromotionFolder.of(self.cfg).fold(config, fold)
+        trial.set_user_attr("run_dir", str(folder.path))
+        extra = {"config": config, "fold": fold, "folds": self.plan.folds, "fold_split_hash": self.folds[fold].hash}
+        started = time.perf_counter()
+        with TrialTracker(self.cfg, identity, params, extra, fold=(config, fold)) as tracker:
+            progress = EpochPrinter(f"trial {config} fold {fold}", self.cfg.train.epochs, started)
+            result = run_trial(self.cfg, params, data=self.data.with_split(self.folds[fold]), run_dir=folder.path,
+                               on_resume=tracker.catch_up, keep="last",
+                               on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
+            tracker.finish(result, folder.confusion(), list(self.data.frame.attrs["class_names"]))
+        store_result(trial, result)
+        print(f"trial {config} fold {fold}: {result.summary()}", flush=True)
+        if result.state != "complete":
+            raise RecordAsFailed(result.reason or result.state)
+        return result.best_objective
+
+    def _next_needed(self, trial: optuna.Trial) -> tuple[int, int]:
+        """A pair that is neither trained nor in another process's hands; two processes retrying at once
+        start apart (by trial number) when more than one pair is needed."""
+        busy = {(t.user_attrs.get("config"), t.user_attrs.get("fold")) for t in trial.study.get_trials(deepcopy=False)
+                if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+                and t.number != trial.number}
+        trained = trained_pairs(self.cfg, trial.study)
+        needed = [pair for pair in self.plan.pairs() if pair not in trained and pair not in busy]
+        if not needed:
+            raise RecordAsFailed("every fold of the promotion is trained or being trained")
+        return needed[trial.number % len(needed)]
+
+
+def train_folds(cfg: StudyConfig, trials: int | None = None, timeout: float | None = None,
+                storage: str | None = None, progress: bool = True, track_study: bool = True) -> optuna.Study:
+    """Train every (configuration, fold) of the promotion that is not finished (also a `--workers` worker)."""
+    companion, data, folds = open_promotion(cfg, storage, progress)
+    plan = Plan.of(companion)
+    target = len(plan.pairs()) + _lost_pairs(cfg, companion)  # a fold whose folder was deleted trains again
+    run_trials(companion, FoldObjective(cfg, data, folds, plan), target, cfg, timeout)
+    return companion
+
+
+def _prepare_folds(cfg: StudyConfig, storage: str | None, progress: bool):
+    companion, _, _ = open_promotion(cfg, storage, progress)
+    return companion, None
+
+
+def promote(cfg: StudyConfig, storage: str | None = None, workers: int = 1, timeout: float | None = None) -> dict:
+    """Train the folds (in `workers` processes), then the out-of-fold ensemble, its honest score and the audit."""
+    started = time.perf_counter()
+    if workers > 1:
+        run_workers(cfg, workers, timeout=timeout, storage=storage, run=train_folds, prepare=_prepare_folds)
+    else:
+        train_folds(cfg, timeout=timeout, storage=storage)
+    summary = summarize(cfg, storage)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    PromotionFolder.of(cfg).write_summary(summary)
+    print(summary_table(summary))
+    return summary
+
+
+# ------------------------------------------------------------------------ out of fold
+
+
+@dataclass
+class OutOfFold:
+    """Every labelled image's held-out probabilities from each configuration: views -> (M, N, C)."""
+
+    views: dict[str, np.ndarray]
+    labels: np.ndarray
+    persons: np.ndarray
+    frame: pd.DataFrame  # the labelled images (path, person, image_id, labels), row n of the arrays
+
+
+def out_of_fold(cfg: StudyConfig, plan: Plan, data: PreparedData, views: tuple[str, ...]) -> OutOfFold:
+    rows_of_image = {image: row for row, image in enumerate(data.frame["image_id"])}
+    count = len(data.frame)
+    arrays = {view: None for view in views}
+    for m, config in enumerate(plan.configs):
+        for fold in range(plan.folds):
+            folder = PromotionFolder.of(cfg).fold(config, fold)
+            if not folder.has(TrialFolder.VALID_FILES):
+                raise PromotionError(f"{folder.path}: fold {fold} of trial {config} has no held-out predictions; "
+                                     "run `harness promote` again to train it")
+            rows = np.array([rows_of_image[image] for image in folder.valid_index()["image_id"]])
+            for view in views:
+                values = np.exp(folder.view_log_probs(view).astype(np.float64))
+                if arrays[view] is None:
+                    arrays[view] = np.full((len(plan.configs), count, values.shape[1]), np.nan)
+                arrays[view][m, rows] = values
+    missing = np.isnan(arrays[views[0]]).any(axis=(0, 2))
+    if missing.any():
+        raise PromotionError(f"{int(missing.sum())} labelled images have no held-out prediction; the folds do not "
+                             "cover the data (did the data change since the promotion started?)")
+    return OutOfFold(arrays, data.frame["label"].to_numpy(), data.frame["person"].to_numpy(), data.frame)
+
+
+def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
+    """The out-of-fold ensemble, its honest cross-validated score, each member's, and the label audit."""
+    from harness.audit import audit_labels
+
+    url = storage or default_storage(cfg)
+    companion = optuna.load_study(study_name=companion_name(cfg), storage=open_storage(url, cfg.search.heartbeat_s))
+    plan = Plan.of(companion)
+    missing = [pair for pair in plan.pairs() if pair not in trained_pairs(cfg, companion)]
+    if missing:
+        raise PromotionError(f"{len(missing)} fold run(s) are not trained (configuration, fold: "
+                             f"{', '.join(f'{c}, {f}' for c, f in missing)}); run `harness promote` again")
+    objective = OBJECTIVES.get(cfg.search.objective)
+    data = prepare_data(cfg.data, progress=False)
+    oof = out_of_fold(cfg, plan, data, tuple(dict.fromkeys(("valid", *objective.views))))
+    method, rounds = METHODS.get(cfg.ensemble.method), cfg.ensemble.rounds
+    num_classes = oof.views["valid"].shape[2]
+    honest = np.empty(len(oof.labels), dtype=np.int64)
+    halves = person_halves(oof.labels, oof.persons, seed=cfg.seed)
+    for fit, held in halves:  # each person's prediction from weights chosen without them
+        weights = method.select(rows_of(oof.views, fit), oof.labels[fit], rounds, objective).weights
+        honest[held] = blend(oof.views["valid"][:, held], weights).argmax(axis=1)
+    chosen = method.select(oof.views, oof.labels, rounds, objective)
+    probs = blend(oof.views["valid"], chosen.weights)
+    members = []
+    for m, config in enumerate(plan.configs):
+        own = oof.views["valid"][m].argmax(axis=1)
+        members.append({"trial": config, "weight": int(chosen.weights[m]),
+                        "cv_f1": macro_f1(own, oof.labels, num_classes),
+                        "cv_f1_ci95": list(f1_interval(own, oof.labels, oof.persons, num_classes, seed=cfg.seed)),
+                        "single_split": plan.single_split[config]})
+    audit = audit_labels(probs, oof.frame, data.tasks, PromotionFolder.of(cfg))
+    ensemble = EnsembleFolder.of(cfg).read()[0].get("metrics") or {}
+    summary = {
+        "folds": plan.folds, "method": cfg.ensemble.method, "objective": cfg.search.objective,
+        "members": [{"trial": m["trial"], "weight": m["weight"]} for m in members if m["weight"] > 0],
+        "cv_f1": macro_f1(honest, oof.labels, num_classes),
+        "cv_f1_ci95": list(f1_interval(honest, oof.labels, oof.persons, num_classes, seed=cfg.seed)),
+        "cv_f1_fitted": macro_f1(probs.argmax(axis=1), oof.labels, num_classes),
+        "configs": members, "n_images": int(len(oof.labels)), "n_persons": int(len(np.unique(oof.persons))),
+        "single_split": {"ensemble_honest": (ensemble.get("honest") or {}).get(cfg.ensemble.method),
+                         "n_valid": ensemble.get("n_valid")},
+        "label_issues": audit}
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    low, high = summary["cv_f1_ci95"]
+    lines = [f"promotion: {len(summary['configs'])} configuration(s) x {summary['folds']} folds over "
+             f"{summary['n_persons']} persons ({summary['n_images']} images), ensemble {summary['method']} on "
+             f"{summary['objective']}",
+             f"  cv F1 {summary['cv_f1']:.4f} [{low:.4f}, {high:.4f}] (95%, person bootstrap; weights chosen on the "
+             "other half of the persons)"]
+    for member in summary["configs"]:
+        m_low, m_high = member["cv_f1_ci95"]
+        single = member["single_split"]
+        lines.append(f"  trial {member['trial']:4d} weight {member['weight']:2d}: cv F1 {member['cv_f1']:.4f} "
+                     f"[{m_low:.4f}, {m_high:.4f}]; single split: objective {single['objective']:.4f}, "
+                     f"val F1 {single['val_f1']:.4f} ({single['state']}, {single['epochs']} epochs)")
+    issues = summary["label_issues"]
+    lines.append(f"  label audit: {issues['rows']} suspicious label(s) in {issues['file']}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""How sure a score is: person-bootstrap intervals, and which trials cannot be told apart from the best.
+
+Valid splits are small (24 persons in the default study), and a person's seven photos are not seven
+independent samples, so the resampling unit is the person: a bootstrap sample draws persons with
+replacement and weighs each image by how often its person was drawn. F1 is computed from weighted
+confusion matrices for all resamples at once (one matrix product), for any number of candidates.
+
+    f1_interval(pred, labels, persons, C)   95% interval of the macro F1 of one prediction
+    with_intervals(cfg, frame)              trials_frame + each trial's objective interval on valid and
+                                            whether it can be told apart from the best trial (paired: the
+                                            same resamples for every trial, the interval of the difference)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from harness.metrics import OBJECTIVES
+
+RESAMPLES = 1000
+LEVEL = 0.95
+
+
+def person_weights(persons: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """(resamples, N): how often each image's person was drawn in each bootstrap sample of the persons."""
+    unique, owner = np.unique(np.asarray(persons), return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(unique), (resamples, len(unique)))
+    counts = np.stack([np.bincount(row, minlength=len(unique)) for row in draws])
+    return counts[:, owner].astype(np.float64)
+
+
+def weighted_f1(preds: np.ndarray, labels: np.ndarray, weights: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, B) macro F1 of each prediction row (K, N) under each weighting (B, N) of the images; a class with
+    no weight in the truth nor the predictions scores 0, as sklearn's zero_division=0 does."""
+    from scipy.sparse import csr_matrix
+
+    preds, labels = np.atleast_2d(preds), np.asarray(labels)
+    size, cells = num_classes * num_classes, labels[None, :] * num_classes + preds  # (K, N): (truth, prediction)
+    rows = np.arange(preds.shape[1])
+    counts = np.stack([csr_matrix((np.ones(len(rows)), (rows, row_cells)), shape=(len(rows), size)).T.dot(weights.T).T
+                       for row_cells in cells]).reshape(len(preds), len(weights), num_classes, num_classes)
+    true_positives = np.diagonal(counts, axis1=2, axis2=3)
+    totals = counts.sum(axis=2) + counts.sum(axis=3)  # predicted + actual, per class
+    f1 = np.divide(2 * true_positives, totals, out=np.zeros_like(true_positives), where=totals > 0)
+    return f1.mean(axis=2)
+
+
+def interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(samples, tail)), float(np.percentile(samples, 100 - tail))
+
+
+def f1_interval(pred: np.ndarray, labels: np.ndarray, persons: np.ndarray, num_classes: int,
+                seed: int = 0) -> tuple[float, float]:
+    """The person-bootstrap 95% interval of the macro F1 of one prediction."""
+    return interval(weighted_f1(pred, labels, person_weights(persons, seed=seed), num_classes)[0])
+
+
+def objective_samples(view_preds: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray,
+                      objective: str, num_classes: int) -> np.ndarray:
+    """(K, B) the objective of K candidates' predictions on each valid view under each resample."""
+    f1 = {view: weighted_f1(preds, labels, weights, num_classes) for view, preds in view_preds.items()}
+    return np.asarray(OBJECTIVES.get(objective)(f1))
+
+
+def with_intervals(cfg, frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """`frame` (trials_frame) plus objective_low / objective_high (a 95% person-bootstrap interval of each
+    trial's objective at its best epoch, from its stored valid log-probabilities) and tied_with_best (its
+    difference from the best trial's objective, on the same resamples, has an interval that holds 0)."""
+    from harness.folders import TrialFolder, find_trial_folder
+
+    frame = frame.copy()
+    frame["objective_low"], frame["objective_high"], frame["tied_with_best"] = np.nan, np.nan, pd.NA
+    views = OBJECTIVES.get(cfg.search.objective).views
+    rows, preds, index, reference = [], {view: [] for view in views}, None, None
+    for position, row in frame.iterrows():
+        if row["state"] not in ("complete", "pruned"):
+            continue
+        folder, _ = find_trial_folder(cfg, row.get("run_dir") or None, int(row["trial"]), TrialFolder.VALID_FILES)
+        if folder is None:
+            continue
+        this_index = folder.valid_index()
+        if index is None:
+            index, reference = this_index, folder
+        elif not this_index.equals(index):
+            continue  # another split's trial (cannot be compared on the same resamples)
+        rows.append(position)
+        for view in views:
+            preds[view].append(folder.view_log_probs(view).argmax(axis=1))
+    if not rows:
+        return _beside_objective(frame)
+    labels, persons = index["label"].to_numpy(), index["person"].to_numpy()
+    num_classes = reference.num_classes()
+    samples = objective_samples({view: np.stack(found) for view, found in preds.items()}, labels,
+                                person_weights(persons, seed=seed), cfg.search.objective, num_classes)
+    best = int(np.argmax(frame.loc[rows, "objective"].to_numpy()))
+    for k, position in enumerate(rows):
+        frame.loc[position, ["objective_low", "objective_high"]] = interval(samples[k])
+        frame.loc[position, "tied_with_best"] = bool(interval(samples[best] - samples[k])[0] <= 0)
+    return _beside_objective(frame)
+
+
+def _beside_objective(frame: pd.DataFrame) -> pd.DataFrame:
+    added = ["objective_low", "objective_high", "tied_with_best"]
+    columns = [c for c in frame.columns if c not in added]
+    at = columns.index("objective") + 1 if "objective" in columns else len(columns)
+    return frame[columns[:at] + added + columns[at:]]

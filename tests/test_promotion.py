@@ -1,0 +1,286 @@
+"""Cross-validated promotion: every configuration on every person-grouped fold, resumable, predicted with every
+fold model; the label audit and the corrections it writes; person-bootstrap intervals against sklearn."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+from sklearn.metrics import f1_score
+
+from conftest import REPO, harness_env, people, wait_for, write_competition
+from harness.audit import AuditError, audit_labels, read_issues, write_corrections
+from harness.config import load_study
+from harness.data.labels import GENDER_NAMES, MASK_NAMES, decode
+from harness.data.prepare import prepare_data
+from harness.data.readers import read_competition_train
+from harness.data.split import person_folds
+from harness.folders import PromotionFolder
+from harness.predict import predict_submission
+from harness.promotion import PromotionError, companion_name, promote, restart
+from harness.report import AUDIT_ROWS, external_references, write_report
+from harness.study import default_storage, run_study, status, trials_frame
+from harness.tracking import fold_run_id, read_offline_run
+from harness.uncertainty import f1_interval, person_weights, weighted_f1
+
+
+def smoke_config(root, name: str, **overrides):
+    return load_study(REPO / "studies" / "default.yaml", smoke=True, overrides={
+        "name": name, "runs_dir": str(root / "runs"), "data.root": str(root / "data"),
+        "data.cache_dir": str(root / "cache"), "search.pruner.name": "none", **overrides})
+
+
+@pytest.fixture(scope="module")
+def promoted(tmp_path_factory):
+    """The default study's smoke variant searched (3 trials, no pruner), the best trial's folder deleted
+    (promotion needs only its params, kept in storage), then promoted: 2 configurations x 2 folds."""
+    root = tmp_path_factory.mktemp("promotion")
+    cfg = smoke_config(root, "promoted")
+    study = run_study(cfg, progress=False)
+    best = int(trials_frame(study).iloc[0]["trial"])
+    shutil.rmtree(cfg.trial_dir(best))
+    summary = promote(cfg)
+    return cfg, summary, best
+
+
+def companion(cfg) -> optuna.Study:
+    return optuna.load_study(study_name=companion_name(cfg), storage=default_storage(cfg))
+
+
+def fold_files(cfg) -> dict[str, int]:
+    """Every file under the promotion's fold folders -> its modification time in ns (retraining rewrites them)."""
+    folder = PromotionFolder.of(cfg).path
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.glob("trial-*/fold-*/*") if p.is_file()}
+
+
+def test_each_configuration_trains_on_each_fold_of_all_persons(promoted):
+    cfg, summary, best = promoted
+    trials = companion(cfg).get_trials()
+    pairs = sorted((t.user_attrs["config"], t.user_attrs["fold"]) for t in trials)
+    configs = [c["trial"] for c in summary["configs"]]
+    assert len(configs) == cfg.promotion.top_k and configs[0] == best  # the best one, although its folder is gone
+    assert pairs == sorted((c, f) for c in configs for f in range(cfg.promotion.folds))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    persons = set(prepare_data(cfg.data, progress=False).frame["person"])
+    for config in configs:
+        held_out = [set(PromotionFolder.of(cfg).fold(config, f).valid_index()["person"])
+                    for f in range(cfg.promotion.folds)]
+        assert set().union(*held_out) == persons and not set.intersection(*held_out)
+        run = read_offline_run(cfg.study_dir / "wandb", fold_run_id(cfg.name, config, 0))
+        assert run["job_type"] == "fold" and run["group"] == f"{cfg.name}/promotion/trial-{config:04d}"
+        epochs = sorted({int(h["epoch"]) for h in run["history"] if "val/f1" in h})
+        assert epochs == list(range(cfg.train.epochs))  # full epochs, no pruning
+
+
+def test_summary_holds_honest_cv_f1_members_and_single_split_figures(promoted):
+    cfg, summary, _ = promoted
+    stored = PromotionFolder.of(cfg).summary()
+    assert stored["folds"] == cfg.promotion.folds and stored["cv_f1"] == pytest.approx(summary["cv_f1"])
+    assert stored["members"] and all(set(m) == {"trial", "weight"} and m["weight"] > 0 for m in stored["members"])
+    low, high = stored["cv_f1_ci95"]
+    assert 0 <= low <= high <= 1
+    data = prepare_data(cfg.data, progress=False)
+    labels = dict(zip(data.frame["image_id"], data.frame["label"]))
+    for member in stored["configs"]:
+        truth, predicted = [], []
+        for fold in range(cfg.promotion.folds):  # each configuration's CV F1 is sklearn's on its held-out logits
+            folder = PromotionFolder.of(cfg).fold(member["trial"], fold)
+            truth += [labels[i] for i in folder.valid_index()["image_id"]]
+            predicted += list(folder.view_log_probs("valid").argmax(axis=1))
+        expected = f1_score(truth, predicted, average="macro", labels=range(18), zero_division=0)
+        assert member["cv_f1"] == pytest.approx(expected)
+        assert member["cv_f1_ci95"][0] <= member["cv_f1"] <= member["cv_f1_ci95"][1]
+        assert {"objective", "val_f1", "state", "epochs"} <= set(member["single_split"])
+
+
+def test_submission_votes_over_every_fold_model_of_every_member(promoted):
+    cfg, summary, _ = promoted
+    result = predict_submission(cfg, log_to_wandb=False)
+    expected = {f"{m['trial']}/fold-{f}" for m in summary["members"] for f in range(summary["folds"])}
+    assert set(result["members"]) == expected
+    submission = pd.read_csv(result["submission"])
+    assert len(submission) == result["rows"] and submission["ans"].between(0, 17).all()
+    assert (PromotionFolder.of(cfg).path / "eval_metrics.json").is_file()
+
+
+def test_report_shows_the_promotion_the_audit_thumbnails_and_intervals(promoted):
+    cfg, summary, deleted = promoted
+    page = write_report(cfg).read_text()
+    section = page[page.index('<section id="promotion">'):]
+    section = section[:section.index("</section>")]
+    assert f"{summary['cv_f1']:.4f}" in section
+    issues = read_issues(PromotionFolder.of(cfg))
+    assert section.count('src="data:image/jpeg;base64,') == min(len(issues), AUDIT_ROWS) > 0
+    assert not external_references(page)
+    frame = status(cfg)
+    assert frame.loc[frame["trial"] == deleted, "objective_low"].isna().all()  # its predictions are gone
+    trials = frame[frame["trial"] != deleted]
+    assert trials[["objective_low", "objective_high"]].notna().all().all()
+    assert ((trials["objective_low"] <= trials["objective"]) & (trials["objective"] <= trials["objective_high"])).all()
+    assert trials.loc[trials["objective"].idxmax(), "tied_with_best"]
+    assert 'data-figure="intervals"' in page
+
+
+def test_rerun_trains_nothing_finished_and_retrains_a_deleted_fold(promoted):
+    cfg, _, _ = promoted
+    before, attempts = fold_files(cfg), len(companion(cfg).get_trials())
+    promote(cfg)
+    assert fold_files(cfg) == before and len(companion(cfg).get_trials()) == attempts
+
+    config = int(PromotionFolder.of(cfg).summary()["configs"][-1]["trial"])
+    shutil.rmtree(PromotionFolder.of(cfg).fold(config, 1).path)
+    promote(cfg)
+    after = fold_files(cfg)
+    retrained = {name for name in after if before.get(name) != after[name]}
+    assert retrained and {name.split("/")[0:2] == [f"trial-{config}", "fold-1"] for name in retrained} == {True}
+    assert len(companion(cfg).get_trials()) == attempts + 1
+
+
+@pytest.mark.parametrize("change, said", [({"promotion.folds": 3}, "folds 2 then, 3 now"),
+                                          ({"promotion.top_k": 3}, "top_k 2 then, 3 now"),
+                                          ({"promotion.min_epochs": 2}, "min_epochs 1 then, 2 now")])
+def test_resume_with_other_settings_is_refused_and_loses_nothing(promoted, change, said):
+    cfg, _, _ = promoted
+    before, attempts = fold_files(cfg), len(companion(cfg).get_trials())
+    changed = load_study(REPO / "studies" / "default.yaml", smoke=True, overrides={
+        **{key: str(value) for key, value in flat(cfg).items()}, **change})
+    with pytest.raises(PromotionError, match=said) as error:
+        promote(changed)
+    assert "--restart" in str(error.value)
+    assert fold_files(cfg) == before and len(companion(cfg).get_trials()) == attempts
+
+
+def test_more_folds_than_the_smallest_stratum_allows_is_refused_before_training(promoted, tmp_path):
+    cfg, _, _ = promoted
+    too_many = load_study(REPO / "studies" / "default.yaml", smoke=True, overrides={
+        **flat(cfg), "promotion.folds": 3, "runs_dir": str(tmp_path / "other-runs")})
+    shutil.copytree(cfg.study_dir, too_many.study_dir, ignore=shutil.ignore_patterns("promotion", "wandb"))
+    optuna.delete_study(study_name=companion_name(too_many), storage=default_storage(too_many))  # a study not promoted
+    with pytest.raises(PromotionError, match=r"promotion.folds: 3 folds need at least 3 persons .* has 2"):
+        promote(too_many)
+    names = [s.study_name for s in optuna.get_all_study_summaries(default_storage(too_many))]
+    assert companion_name(too_many) not in names and not PromotionFolder.of(too_many).path.exists()
+
+
+@pytest.mark.slow
+def test_promotion_killed_mid_fold_resumes_without_retraining_a_finished_fold(promoted):
+    cfg, _, _ = promoted
+    args = [sys.executable, "-m", "harness.cli", "promote", str(REPO / "studies" / "default.yaml"), "--smoke",
+            *[f"--set={key}={value}" for key, value in flat(cfg).items()], "--set=search.heartbeat_s=1"]
+    restart(cfg, None)  # discard the finished promotion: this one is killed on its way
+    victim = subprocess.Popen(args, env=harness_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = PromotionFolder.of(cfg).fold(int(promoted[1]["configs"][0]["trial"]), 0)
+    assert wait_for(first.path / "result.json", victim), victim.communicate()[0][-3000:]
+    assert wait_for(PromotionFolder.of(cfg).fold(int(promoted[1]["configs"][0]["trial"]), 1).path / "last.pt", victim)
+    os.killpg(victim.pid, signal.SIGKILL)  # inside the second fold, after its first epoch
+    victim.wait()
+    finished = (first.path / "result.json").stat().st_mtime_ns
+    rerun = subprocess.run(args, env=harness_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert (first.path / "result.json").stat().st_mtime_ns == finished
+    trials = companion(cfg).get_trials()
+    complete = sorted((t.user_attrs["config"], t.user_attrs["fold"]) for t in trials if t.state == TrialState.COMPLETE)
+    assert len(complete) == len(set(complete)) == cfg.promotion.top_k * cfg.promotion.folds
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1  # the killed fold, retried once
+    assert PromotionFolder.of(cfg).summary() is not None and "cv F1" in rerun.stdout
+
+
+def flat(cfg) -> dict:
+    return {"name": cfg.name, "runs_dir": str(cfg.runs_dir), "data.root": str(cfg.data.root),
+            "data.cache_dir": str(cfg.data.cache_dir), "search.pruner.name": "none"}
+
+
+# ----------------------------------------------------------------------------- label audit
+
+
+def test_audit_finds_planted_errors_and_names_them_as_corrections_take_them(tmp_path):
+    """Probabilities that are confident in the true labels: the flipped ones come first, in the given units."""
+    frame = read_competition_train(write_competition(tmp_path / "data", people(12))).frame
+    true = frame["label"].to_numpy()
+    given = frame.copy()
+    male, female = given["gender"] == 0, given["gender"] == 1
+    flipped_person = given["person"].iloc[0]
+    given.loc[given["person"] == flipped_person, "gender"] = 1 - given.loc[given["person"] == flipped_person, "gender"]
+    flipped_image = given.index[(given["person"] == given["person"].iloc[7]) & (given["mask"] == 0)][0]
+    given.loc[flipped_image, "mask"] = 2
+    given["label"] = given["mask"] * 6 + given["gender"] * 3 + given["age"]
+    assert male.any() and female.any()
+    probs = np.full((len(frame), 18), 0.02 / 17)
+    probs[np.arange(len(frame)), true] = 0.98
+    folder = PromotionFolder(tmp_path / "promotion")
+    folder.path.mkdir()
+    result = audit_labels(probs, given, True, folder)
+    issues = read_issues(folder)
+    assert result["rows"] == len(issues) >= 2
+    top = issues.head(2)
+    assert set(top["task"]) == {"gender", "mask"}
+    gender = top[top["task"] == "gender"].iloc[0]
+    assert gender["target"] == flipped_person and gender["suggested"] == GENDER_NAMES[int(decode(true[0])[1])]
+    mask = top[top["task"] == "mask"].iloc[0]
+    assert mask["target"].startswith(f"{given['person'].iloc[7]}/") and mask["given"] == MASK_NAMES[2]
+    assert list(issues.columns[:5]) == ["target", "task", "given", "suggested", "score"]
+    assert issues["score"].astype(float).is_monotonic_increasing
+
+
+def test_corrections_come_from_accepted_rows_and_keep_earlier_ones(tmp_path):
+    cfg = smoke_config(tmp_path, "corrections")
+    folder = PromotionFolder.of(cfg)
+    folder.path.mkdir(parents=True)
+    with pytest.raises(AuditError, match="run `harness promote` first"):
+        write_corrections(cfg)
+    rows = [("000001_male_Asian_22", "gender", "male", "female", 0.01, "yes"),
+            ("000002_female_Asian_45/mask1.jpg", "mask", "wear", "incorrect", 0.02, ""),
+            ("000003_female_Asian_63", "age", "old", "middle", 0.03, "x")]
+    issues = pd.DataFrame(rows, columns=["target", "task", "given", "suggested", "score", "accept"])
+    issues.to_csv(folder.file(folder.LABEL_ISSUES), index=False)
+    path, count = write_corrections(cfg)
+    written = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert count == 2 and written["target"].tolist() == ["000001_male_Asian_22", "000003_female_Asian_63"]
+    assert written.iloc[0]["gender"] == "female" and written.iloc[1]["age"] == str(cfg.data.age_bounds[1] - 1)
+    issues["accept"] = ""
+    issues.to_csv(folder.file(folder.LABEL_ISSUES), index=False)
+    with pytest.raises(AuditError, match="no row is accepted"):
+        write_corrections(cfg)
+    again = load_study(REPO / "studies" / "default.yaml", smoke=True, overrides={
+        **flat(cfg), "data.corrections": str(path)})
+    path, count = write_corrections(again, out=tmp_path / "round2.csv", top=1)
+    assert count == 3 and pd.read_csv(path)["target"].tolist()[-1] == "000001_male_Asian_22"
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def test_weighted_f1_is_sklearns_macro_f1_under_any_person_weighting():
+    rng = np.random.default_rng(0)
+    labels, persons = rng.integers(0, 5, 140), np.repeat(np.arange(20), 7)
+    preds = np.where(rng.random((3, 140)) < 0.6, labels, rng.integers(0, 5, (3, 140)))
+    weights = person_weights(persons, resamples=4, seed=1)
+    got = weighted_f1(preds, labels, weights, 5)
+    for k in range(3):
+        for b in range(4):
+            expected = f1_score(labels, preds[k], average="macro", labels=range(5), sample_weight=weights[b],
+                                zero_division=0)
+            assert got[k, b] == pytest.approx(expected)
+    assert (weights.reshape(4, 20, 7).std(axis=2) == 0).all()  # a person's images are drawn together
+    low, high = f1_interval(preds[0], labels, persons, 5)
+    assert low < f1_score(labels, preds[0], average="macro") < high
+
+
+def test_person_folds_refuse_a_stratum_too_small_and_name_it(tmp_path):
+    frame = read_competition_train(write_competition(tmp_path / "data", people(30))).frame
+    folds = person_folds(frame, 5, seed=0)
+    held_out = [set(frame["person"].iloc[f.valid]) for f in folds]
+    assert len(set().union(*held_out)) == 30 and sum(map(len, held_out)) == 30
+    for fold in folds:  # every stratum is held out in every fold
+        assert frame.iloc[fold.valid].groupby(["gender", "age"]).ngroups == 6
+    with pytest.raises(ValueError, match=r"6 folds need at least 6 persons .* has 5: use at most 5 folds"):
+        person_folds(frame, 6)

@@ -52,7 +52,7 @@ report: $(STAMP) ## write runs/<study>/report.html (opens offline in any browser
 dashboard: $(STAMP) ## optuna-dashboard on STUDY's storage at 127.0.0.1 (PORT=8080)
 	$(BIN)/harness dashboard $(STUDY) --port $(PORT) $(ARGS)
 
-sync: $(STAMP) ## upload STUDY's offline W&B runs with `wandb sync` (run `.venv/bin/wandb login` first)
+sync: $(STAMP) ## upload STUDY's W&B runs that did not reach the server (`.venv/bin/python -m wandb login` first)
 	$(BIN)/harness sync $(STUDY) $(ARGS)
 
 check-data: $(STAMP) ## count persons, images and classes of STUDY's data and list every problem

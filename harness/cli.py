@@ -115,14 +115,20 @@ def print_top(cfg, frame, limit: int = 5) -> None:
         print("no trials yet")
         return
     columns = ["trial", "state", "objective", "objective_low", "objective_high", "tied_with_best", "val_f1",
-               "val_f1_bgswap", "eval_f1", "gap_f1", "best_epoch", "epochs", "duration_s"]
+               "val_f1_bgswap", "eval_f1", "gap_f1", "best_epoch", "epochs", "duration_s", "wandb"]
     params = [c for c in frame.columns if c.startswith("param_")]
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns + params].head(limit).to_string(index=False))
     print(INTERVAL_NOTE)
     best = frame.iloc[0]
-    print(f"\nbest trial {best['trial']}: files in {best['run_dir']}, W&B run {best['wandb_run_id']} "
-          f"(offline under {cfg.study_dir / 'wandb'}; `make sync` uploads)")
+    print(f"\nbest trial {best['trial']}: files in {best['run_dir']}, W&B run {best['wandb_run_id']}")
+    print(tracking_line(cfg, frame))
+
+
+def tracking_line(cfg, frame) -> str:
+    from harness.tracking import describe_states
+
+    return describe_states(frame, cfg)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -225,6 +231,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(frame[columns].to_string(index=False) if not frame.empty else "no trials yet")
     print(f"\nwritten to {cfg.study_dir / 'trials.csv'}")
     print(INTERVAL_NOTE)
+    if not frame.empty:
+        print(tracking_line(cfg, frame))
     return 0
 
 
@@ -252,20 +260,25 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    """Upload the study's offline W&B runs with `wandb sync` (after `wandb login`)."""
-    import subprocess
+    """Upload the study's W&B runs that did not reach the server (offline ones, and online ones cut off by
+    a lost connection) with `wandb sync`, through this interpreter (after `wandb login`)."""
+    from harness.tracking import pending_folders, run_folders, sync_runs
 
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
-    runs = sorted((cfg.study_dir / "wandb").glob("offline-run-*"))
-    if not runs:
-        raise ConfigError(f"no offline W&B runs under {cfg.study_dir / 'wandb'}; run the study first")
-    print(f"uploading {len(runs)} offline run folder(s) of study {cfg.name!r} to W&B project "
-          f"{cfg.tracking.project!r}", flush=True)
-    command = ["wandb", "sync", "--project", cfg.tracking.project, *map(str, runs)]
-    if cfg.tracking.entity:
-        command[2:2] = ["--entity", cfg.tracking.entity]
-    return subprocess.call(command)  # inherits WANDB_DATA_DIR as keep_wandb_files_in_study left it
+    if not run_folders(cfg.study_dir):
+        raise ConfigError(f"no W&B runs under {cfg.study_dir / 'wandb'}; run the study first")
+    pending = pending_folders(cfg.study_dir)
+    if not pending:
+        print(f"nothing to upload: every W&B run of study {cfg.name!r} is online or synced")
+        return 0
+    print(f"uploading {len(pending)} W&B run folder(s) of study {cfg.name!r} to project {cfg.tracking.project!r}; "
+          "folders of one run id (a resumed run's attempts) go oldest first into the same run", flush=True)
+    synced, failed = sync_runs(cfg)
+    print(f"synced {len(synced)} of {len(pending)} folder(s)")
+    for folder in failed:
+        print(f"  not synced: {folder} (see `{sys.executable} -m wandb sync {folder}` for the reason)")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash = verb("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage", with_storage)
     dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     dash.add_argument("--port", type=int, default=8080)
-    verb("sync", cmd_sync, "upload the study's offline W&B runs (after `wandb login`)")
+    verb("sync", cmd_sync, "upload the study's W&B runs that did not reach the server (after `python -m wandb login`)")
 
     synth = verbs.add_parser("make-synthetic", help="write a synthetic dataset in the competition layout")
     synth.add_argument("dir", help="output folder (must not exist or be empty)")

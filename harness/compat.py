@@ -133,6 +133,15 @@ def has_exit_record(path: Path) -> bool:
     return any(kind == "exit" for kind, _ in wandb_records(path, warn=False))
 
 
+def was_synced(folder: Path, run_id: str, since: float = 0.0) -> bool:
+    """Whether `wandb sync` finished uploading this run folder (its marker file), at or after `since`."""
+    marker = Path(folder) / f"run-{run_id}.wandb.synced"
+    try:
+        return marker.stat().st_mtime >= since - 1.0  # mtimes may be rounded to the second
+    except OSError:
+        return False
+
+
 def _run_folders(wandb_dir: Path, run_id: str) -> list[Path]:
     """Every folder holding this run's log, oldest first (a resumed run has one per attempt)."""
     pattern = re.compile(rf"^(?:offline-)?run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?$")

@@ -262,6 +262,11 @@ class TrackingConfig(_Frozen):
     project: str = "harness"
     entity: str | None = None
     mode: Literal["offline", "online", "disabled"] = "offline"
+    # An unreachable W&B server must cost seconds: how long one online start or finish may wait, and how
+    # long after a failed start the study's runs stay offline before one tries online again
+    init_timeout_s: float = Field(10.0, gt=0, le=600)
+    finish_timeout_s: float = Field(15.0, gt=0, le=3600)
+    retry_online_s: float = Field(300.0, ge=0, le=86_400)
 
 
 class EnsembleConfig(_Frozen):

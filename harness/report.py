@@ -50,7 +50,7 @@ from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder, find_t
 from harness.io import atomic_write_text
 from harness.remedies import read_remedies
 from harness.study import default_storage, load_existing_study, redact, scored_frame
-from harness.tracking import strip_secrets
+from harness.tracking import describe_states, strip_secrets
 
 REPORT_FILE = "report.html"
 AUDIT_ROWS = 24  # label-audit rows shown with thumbnails
@@ -346,7 +346,7 @@ def curves_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
         for col, (column, _) in enumerate(panels, start=1):
             if column not in metrics:
                 continue
-            fig.add_trace(go.Scatter(x=metrics["epoch"], y=metrics[column], mode="lines+markers", name=label,
+            fig.add_trace(go.Scatter(x=metrics["epoch"] + 1, y=metrics[column], mode="lines+markers", name=label,
                                      legendgroup=label, showlegend=col == 1,
                                      line={"color": palette[index % len(palette)]},
                                      hovertemplate=f"{label}<br>epoch %{{x}}<br>{column} %{{y:.4f}}<extra></extra>"),
@@ -451,10 +451,11 @@ def trials_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
         section.note("no trials yet")
         return section
     add_intervals(section, frame)
+    section.html(f'<p class="caption">{esc(describe_states(frame, cfg))}</p>')
     columns = ["trial", "state", "objective", "objective_low", "objective_high", "tied_with_best", "val_f1",
                "val_f1_bgswap", "eval_f1", "gap_f1", "gap_bgswap", "best_epoch", "epochs", "duration_s"]
-    columns += [c for c in frame.columns if c.startswith("param_")] + ["wandb_run_id", "reason"]
-    shown = frame[columns].astype(object)
+    columns += [c for c in frame.columns if c.startswith("param_")] + ["wandb_run_id", "wandb", "reason"]
+    shown = frame[[c for c in columns if c in frame]].astype(object)
     for name, spec in cfg.search.space.items():  # a conditional int param is float in the frame (NaN where inactive)
         if spec.type == "int" and f"param_{name}" in shown:
             shown[f"param_{name}"] = [int(v) if isinstance(v, float) and math.isfinite(v) else v

@@ -257,6 +257,7 @@ class Objective:
 
     def __init__(self, cfg: StudyConfig, data: PreparedData) -> None:
         self.cfg, self.data = cfg, data
+        self.tracked = ""  # how the last trial's W&B run went, for its console line
 
     def __call__(self, trial: optuna.Trial) -> float:
         from harness.tracking import run_id_for
@@ -278,7 +279,7 @@ class Objective:
             trial.set_user_attr("interrupted", True)  # Optuna records FAIL; the next run re-enqueues it
             raise
         store_result(trial, result)
-        print(f"trial {identity:4d} {result.summary()}", flush=True)
+        print(f"trial {identity:4d} {result.summary()}{self.tracked}", flush=True)
         if result.state == "pruned":
             raise optuna.TrialPruned(f"pruned after {result.epochs_run} epoch(s)")
         if result.state != "complete":
@@ -294,6 +295,8 @@ class Objective:
             result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir, on_resume=tracker.catch_up,
                                on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
             tracker.finish(result, *self._confusion(run_dir))
+        self.tracked = {"online": ", W&B online", "offline": ", W&B offline (`make sync` uploads)"}.get(
+            tracker.state, "")
         return result
 
     def _confusion(self, run_dir: Path) -> tuple[np.ndarray | None, list[str]]:
@@ -350,7 +353,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     tracker = _study_tracker(cfg, data) if track_study else None
     try:
         run_trials(study, Objective(cfg, data), target, cfg, timeout,
-                   on_change=(lambda s: tracker.update(scored_frame(cfg, s))) if tracker else None)
+                   on_change=(lambda s: tracker.update(scored_frame(cfg, s, intervals=False))) if tracker else None)
     finally:
         if tracker:
             tracker.update(scored_frame(cfg, study))
@@ -360,7 +363,10 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
 
 def open_search(cfg: StudyConfig, storage: str | None, progress: bool) -> tuple[optuna.Study, PreparedData]:
     """Before any compute the preflight, then the data (index, cache, foreground) and the study, created or resumed."""
+    from harness.tracking import start_probe
+
     check_study(cfg)  # every backbone the study can draw must be usable here
+    start_probe(cfg)  # whether W&B answers, found out while the data is prepared
     data = prepare_data(cfg.data, progress=progress)
     return open_study(cfg, storage, data.split.hash, data.summary()), data
 
@@ -417,7 +423,7 @@ def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeo
             states = [t.state for t in study.get_trials(deepcopy=False)]
             if states != seen and tracker:
                 seen = states
-                tracker.update(scored_frame(cfg, study))
+                tracker.update(scored_frame(cfg, study, intervals=False))
     finally:
         for process in processes:
             process.join()
@@ -505,7 +511,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                      "objective": t.value if t.values else nan, "val_f1": attrs.get("val_f1", nan),
                      "val_f1_bgswap": attrs.get("val_f1_bgswap", nan), "eval_f1": truth.get(str(identity), nan),
                      "gap_f1": attrs.get("gap_f1", nan), "gap_bgswap": attrs.get("gap_bgswap", nan),
-                     "best_epoch": attrs.get("best_epoch", -1), "epochs": attrs.get("epochs_run", 0),
+                     "best_epoch": attrs.get("best_epoch", -1) + 1,  # counted from 1 (0: none)
+                     "epochs": attrs.get("epochs_run", 0),
                      "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
                      **{f"param_{k}": v for k, v in t.params.items()},
                      "weights": attrs.get("weights", ""),
@@ -538,8 +545,15 @@ def status(cfg: StudyConfig, storage: str | None = None) -> pd.DataFrame:
     return frame
 
 
-def scored_frame(cfg: StudyConfig, study: optuna.Study) -> pd.DataFrame:
-    """trials_frame with each trial's person-bootstrap interval and whether it is tied with the best."""
+def scored_frame(cfg: StudyConfig, study: optuna.Study, intervals: bool = True) -> pd.DataFrame:
+    """trials_frame with each trial's person-bootstrap interval, whether it is tied with the best (unless
+    `intervals` is False: the study's W&B table while trials run skips them, they take a pass over every
+    trial's logits), and where its W&B run stands (`wandb`: online, offline = waiting for `make sync`,
+    synced; empty without a run)."""
+    from harness.tracking import run_states
     from harness.uncertainty import with_intervals
 
-    return with_intervals(cfg, trials_frame(study))
+    frame = with_intervals(cfg, trials_frame(study)) if intervals else trials_frame(study)
+    if "wandb_run_id" in frame:
+        frame["wandb"] = frame["wandb_run_id"].map(run_states(cfg.study_dir)).fillna("")
+    return frame

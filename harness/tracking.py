@@ -15,7 +15,10 @@ with the same id, which `wandb sync` and `read_offline_run` put back together).
 Tracking must never stop training: any W&B error (init, log, finish) becomes one
 warning on the "harness.tracking" logger, and the tracker turns into a no-op
 (`.active` is False). Keys that look like secrets are stripped from every config
-before W&B sees it.
+before W&B sees it. Nor may it stall or forget: an online run whose server does not
+answer starts offline with the same id, a study-wide `Outage` keeps later runs from
+waiting again, and each run folder's marker says whether `make sync` still has to
+upload it (`run_states`, `pending_folders`, `sync_runs`; see "Connectivity").
 
 `read_offline_run` (from harness.compat, which owns W&B's private file format) reads back what
 W&B itself wrote (the binary `run-<id>.wandb` transaction log), so tests can assert on the real
@@ -25,10 +28,13 @@ output rather than on a mirror.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.compat import has_exit_record, read_offline_run
+from harness.compat import has_exit_record, read_offline_run, was_synced
 from harness.io import json_ready
 
 __all__ = ["StudyTracker", "TrialTracker", "log_ensemble", "read_offline_run", "run_id_for", "study_run_id",
@@ -133,11 +139,21 @@ def _resolve_mode(configured: str) -> str:
     return os.environ.get("WANDB_MODE") or configured
 
 
-def _quiet_settings():
+def _quiet_settings(tracking=None):
+    """QUIET_SETTINGS plus the study's bounds on how long a start or a finish may wait for the server."""
     import wandb
 
+    wanted = dict(QUIET_SETTINGS)
+    if tracking is not None:
+        # base_url explicitly: wandb reads WANDB_BASE_URL once per process, the probe reads it every time
+        wanted.update(init_timeout=tracking.init_timeout_s, finish_timeout=tracking.finish_timeout_s,
+                      base_url=server_url())
     known = wandb.Settings.model_fields
-    return wandb.Settings(**{k: v for k, v in QUIET_SETTINGS.items() if k in known})
+    return wandb.Settings(**{k: v for k, v in wanted.items() if k in known})
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 def _quiet_wandb_logger() -> None:
@@ -180,33 +196,65 @@ def _confusion_chart(matrix: np.ndarray, class_names: list[str] | None, title: s
 
 
 class _Tracker:
-    """One W&B run that degrades to a no-op on the first W&B error."""
+    """One W&B run that degrades to a no-op on the first W&B error, and to an offline run with the same id
+    when the server does not answer (see "Connectivity" below)."""
 
     def __init__(self, cfg, run_id: str, name: str, job_type: str, config: Mapping[str, Any],
                  group: str | None = None):
         self.run_id = run_id
         self.run = None
         self.failed = False  # a W&B error happened (and was reported)
+        self.uploaded = False  # an online run whose every record reached the server
         self.dir = Path(cfg.study_dir).resolve()
-        mode = _resolve_mode(cfg.tracking.mode)
-        if mode == "disabled":
+        self.tracking = cfg.tracking
+        self.mode = _resolve_mode(cfg.tracking.mode)
+        if self.mode == "disabled":
             return
+        self._init_args = dict(
+            project=cfg.tracking.project, entity=cfg.tracking.entity, dir=str(self.dir), group=group or cfg.name,
+            job_type=job_type, name=name, id=run_id, resume="allow", config=json_ready(strip_secrets(config)))
+        # Created here so an unusable runs_dir fails loudly instead of wandb quietly falling back to a
+        # temporary folder.
         with self._guard("init"):
-            import wandb
-
-            _quiet_wandb_logger()
-
-            # Created here so an unusable runs_dir fails loudly instead of wandb quietly
-            # falling back to a temporary folder.
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(
-                project=cfg.tracking.project, entity=cfg.tracking.entity, mode=mode, dir=str(self.dir),
-                group=group or cfg.name, job_type=job_type, name=name, id=run_id, resume="allow",
-                config=json_ready(strip_secrets(config)), settings=_quiet_settings())
+            _quiet_wandb_logger()
+            if self.mode == "online":
+                self.mode = Outage(self.dir, cfg.tracking).mode()
+            self._open()
+
+    def _open(self) -> None:
+        """Start the run in self.mode; an online start that fails becomes an offline run with the same id."""
+        import wandb
+
+        try:
+            self.run = wandb.init(mode=self.mode, settings=_quiet_settings(self.tracking), **self._init_args)
+        except Exception as error:  # noqa: BLE001 - the server answered the probe, then failed the start
+            if self.mode != "online":
+                raise
+            Outage(self.dir, self.tracking).begin(f"{type(error).__name__}: {_first_line(error)}")
+            _free_run_ids()  # wandb keeps the failed run's id taken until its service restarts
+            self.mode = "offline"
+            self.run = wandb.init(mode=self.mode, settings=_quiet_settings(self.tracking), **self._init_args)
+        _LIVE.add(self)
+        write_marker(self._folder(), self.run_id, self.mode, uploaded=False)
+        self._configure()
+
+    def _configure(self) -> None:
+        """What a run needs once started (again): TrialTracker defines its metrics here."""
+
+    def _folder(self) -> Path:
+        return Path(self.run.settings.sync_file).parent
 
     @property
     def active(self) -> bool:
         return self.run is not None
+
+    @property
+    def state(self) -> str:
+        """"online" (everything reached the server), "offline" (its files wait for `make sync`), "" (no run)."""
+        if self.mode == "disabled" or self.failed:
+            return ""
+        return "online" if self.uploaded else "offline"
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -214,14 +262,14 @@ class _Tracker:
             yield
         except Exception as error:  # noqa: BLE001 - tracking must never stop training
             self.failed = True
-            first_line = (str(error).strip().splitlines() or [""])[0]
             log.warning("W&B %s failed for run %s under %s (%s: %s); tracking is off for this run, training goes on. "
                         "Check tracking.* in the study file and WANDB_MODE.", what, self.run_id, self.dir / "wandb",
-                        type(error).__name__, first_line)
+                        type(error).__name__, _first_line(error))
             self._abandon()
 
     def _abandon(self) -> None:
         run, self.run = self.run, None
+        _LIVE.discard(self)
         if run is not None:
             try:
                 run.finish(exit_code=1)
@@ -233,13 +281,26 @@ class _Tracker:
             return
         with self._guard("finish"):
             log_file = Path(self.run.settings.sync_file)
-            self.run.finish(exit_code=exit_code)
+            self.run.finish(exit_code=exit_code)  # bounded by tracking.finish_timeout_s when the server is gone
             # finish() returns before wandb-core has flushed the run's log to disk; wait, so that a
             # finished tracker means complete files (for readers, and for a worker killed next).
             if not _wait_for_exit_record(log_file, FLUSH_TIMEOUT_S):
                 log.warning("W&B had not written the end of run %s to %s after %.0f s; the file may be incomplete",
                             self.run_id, log_file, FLUSH_TIMEOUT_S)
+            if self.mode == "online":
+                self._confirm_upload(log_file.parent)
+        _LIVE.discard(self)
         self.run = None
+
+    def _confirm_upload(self, folder: Path) -> None:
+        """An online run counts as uploaded when the server still answers once it finished; if not, the
+        connection was lost during the run: its files keep everything, `make sync` sends it."""
+        if server_answers(self.tracking.init_timeout_s):
+            write_marker(folder, self.run_id, "online", uploaded=True)
+            self.uploaded = True
+            return
+        Outage(self.dir, self.tracking).begin(f"the connection was lost during run {self.run_id}; its history is "
+                                              f"kept in {folder}")
 
     def __enter__(self):
         return self
@@ -266,18 +327,20 @@ class TrialTracker(_Tracker):
             run_id, name = fold_run_id(cfg.name, config, index), f"trial-{config:04d}-fold-{index}"
             job_type, group = FOLD_JOB, f"{cfg.name}/promotion/trial-{config:04d}"
         super().__init__(cfg, run_id, name, job_type, {**_as_dict(params), **(extra_config or {})}, group=group)
-        if self.active:
-            with self._guard("define_metric"):
-                self.run.define_metric("epoch")
-                self.run.define_metric("*", step_metric="epoch")  # every chart's x axis is the epoch
-                for key in ("objective", "val/f1", "val/f1_bgswap"):
-                    self.run.define_metric(key, summary="max")
+
+    def _configure(self) -> None:
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")  # every chart's x axis is the epoch
+        for key in ("objective", "val/f1", "val/f1_bgswap"):
+            self.run.define_metric(key, summary="max")
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
-        """Log one epoch's metrics row as is (keys like "val/f1", "gap/f1", "epoch"); NaNs are left out."""
+        """Log one epoch's metrics row (keys like "val/f1", "gap/f1"); NaNs are left out. W&B's `epoch` counts
+        epochs trained, from 1, as the console and the pruner do (metrics.csv's `epoch` is the 0-based index)."""
         if not self.active:
             return
         clean = {str(k): v for k, v in ((k, json_ready(v)) for k, v in row.items()) if v is not None}
+        clean["epoch"] = int(row["epoch"]) + 1
         with self._guard(f"log of epoch {clean.get('epoch')}"):
             self.run.log(clean)
 
@@ -292,7 +355,7 @@ class TrialTracker(_Tracker):
             return
         if self.run.settings.mode == "offline":
             held = {h.get("epoch") for h in read_offline_run(self.dir / "wandb", self.run_id)["history"]}
-            missing = [row for row in rows if row["epoch"] not in held]
+            missing = [row for row in rows if int(row["epoch"]) + 1 not in held]
         else:
             missing = list(rows[-1:])
         for row in missing:
@@ -315,7 +378,7 @@ class TrialTracker(_Tracker):
             if state:
                 self.run.tags = (state,)
             if confusion is not None:
-                epoch = getattr(result, "best_epoch", None)
+                epoch = getattr(result, "best_epoch", -1) + 1  # counted from 1, as everywhere a person reads
                 self.run.log({"best/confusion": _confusion_chart(confusion, class_names,
                                                                  f"valid confusion, best epoch {epoch}")})
         self._close(exit_code=1 if state == "failed" else 0)
@@ -336,7 +399,7 @@ def _outcome_summary(result: Any) -> dict[str, Any]:
                         "best/val_f1": getattr(result, "best_f1", None),
                         "best/val_f1_bgswap": getattr(result, "best_f1_bgswap", None),
                         "best/gap_f1": getattr(result, "gap_f1", None),
-                        "best/gap_bgswap": getattr(result, "gap_bgswap", None), "best/epoch": best_epoch})
+                        "best/gap_bgswap": getattr(result, "gap_bgswap", None), "best/epoch": best_epoch + 1})
     return {k: v for k, v in ((k, json_ready(v)) for k, v in summary.items()) if v is not None}
 
 
@@ -399,6 +462,250 @@ def log_ensemble(cfg, members, metrics: Mapping[str, Any], confusion: np.ndarray
         tracker.run.tags = ("ensemble",)
     tracker._close(exit_code=0)
     return None if tracker.failed else tracker.run_id
+
+
+# ---------------------------------------------------------------------------- connectivity
+#
+# An unreachable server must cost a study nothing and lose nothing. Whether the server answers is asked in
+# the background (`Probe`, bounded by tracking.init_timeout_s), started when a study opens, so the answer is
+# normally in before the first run starts; a run starts online only once the server has answered, and
+# offline with its own id otherwise (no run ever waits for the network). No answer makes `Outage` remember
+# it study-wide (runs/<study>/wandb/outage.json, seen by every worker and rerun) until
+# tracking.retry_online_s has passed and the next start asks again. Each W&B run folder gets a marker
+# (`MARKER`): how the run was logged and whether everything reached the server; `make sync` uploads the
+# folders that did not and marks them synced.
+
+MARKER = "harness-run.json"
+OUTAGE_FILE = "outage.json"
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+SYNC_PROBE_S = 10.0  # how long `make sync` waits for the server's first answer
+PROBE_GRACE_S = 0.5  # how long a start waits for a probe begun just before it (a healthy server answers in ms)
+PROBE_FRESH_S = 60.0  # how long an answer stands for later starts
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # this process's open trackers
+_SAID: set[tuple[str, str]] = set()  # (study folder, message kind): what this process has said once
+
+
+def server_url() -> str:
+    return (os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+def server_answers(timeout_s: float) -> bool:
+    """Whether the W&B server answers an HTTP request within timeout_s (any status is an answer)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{server_url()}/graphql", data=b'{"query": "{ serverInfo { features } }"}',
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # refused, reset, timed out, no route, a malformed URL
+        return False
+    return True
+
+
+class Outage:
+    """The study-wide memory of a W&B outage (runs/<study>/wandb/outage.json)."""
+
+    def __init__(self, study_dir: Path, tracking) -> None:
+        self.path = Path(study_dir) / "wandb" / OUTAGE_FILE
+        self.key = str(study_dir)
+        self.tracking = tracking
+
+    def mode(self) -> str:
+        """"online" once the server has answered; "offline" while an outage holds, when it did not answer, or
+        while the answer is not in yet (the probe goes on and records an outage if it times out)."""
+        state = self._read()
+        if state and time.time() < state.get("retry_at", 0):
+            return "offline"
+        answer = Probe.answer(self)
+        if answer:
+            if state:
+                self.end()
+            return "online"
+        return "offline"
+
+    def settle(self, answered: bool) -> None:
+        """A probe's verdict: an outage begins when the server did not answer (a later answer ends it)."""
+        if not answered:
+            self.begin(f"no answer within {self.tracking.init_timeout_s:g} s")
+        elif self._read():
+            self.end()
+
+    def begin(self, reason: str) -> None:
+        from harness.io import atomic_write_text
+
+        now = time.time()
+        since = (self._read() or {}).get("since", now)
+        state = {"since": since, "retry_at": now + self.tracking.retry_online_s, "url": server_url(), "reason": reason}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(state))
+        if (self.key, "outage") not in _SAID:
+            _SAID.add((self.key, "outage"))
+            _SAID.discard((self.key, "back"))
+            log.warning("W&B at %s is unreachable (%s): this study's runs log offline under %s, with their own run "
+                        "ids; `make sync` uploads them. Online is tried again after %.0f s.", server_url(), reason,
+                        self.path.parent, self.tracking.retry_online_s)
+
+    def end(self) -> None:
+        self.path.unlink(missing_ok=True)
+        if (self.key, "back") not in _SAID:
+            _SAID.add((self.key, "back"))
+            _SAID.discard((self.key, "outage"))
+            log.warning("W&B at %s answers again: new runs log online (`make sync` uploads the offline ones)",
+                        server_url())
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+class Probe:
+    """Whether the W&B server answers, asked in a background thread: started early (`Probe.start`, when a
+    study opens), read by every run start without waiting for the network."""
+
+    _lock = threading.Lock()
+    _current: dict | None = None  # {"url", "started", "answer": None | bool, "finished"}
+
+    @classmethod
+    def start(cls, outage: Outage) -> dict:
+        """The probe in flight or freshly answered for this server, else a new one."""
+        now = time.time()
+        with cls._lock:
+            probe = cls._current
+            fresh = probe and probe["url"] == server_url() and (
+                probe["answer"] is None or now - probe["finished"] < PROBE_FRESH_S)
+            if fresh:
+                return probe
+            probe = cls._current = {"url": server_url(), "started": now, "answer": None, "finished": 0.0}
+
+        def ask() -> None:
+            answered = server_answers(outage.tracking.init_timeout_s)
+            probe.update(answer=answered, finished=time.time())
+            outage.settle(answered)
+
+        threading.Thread(target=ask, name="wandb-probe", daemon=True).start()
+        return probe
+
+    @classmethod
+    def answer(cls, outage: Outage) -> bool | None:
+        """The server's answer; a start waits for it at most PROBE_GRACE_S after the probe began."""
+        probe = cls.start(outage)
+        deadline = probe["started"] + PROBE_GRACE_S
+        while probe["answer"] is None and time.time() < deadline:
+            time.sleep(0.01)
+        return probe["answer"]
+
+
+def start_probe(cfg) -> None:
+    """Ask the W&B server in the background now, so that the study's first run finds the answer in."""
+    if _resolve_mode(cfg.tracking.mode) == "online":
+        Probe.start(Outage(Path(cfg.study_dir).resolve(), cfg.tracking))
+
+
+def _free_run_ids() -> None:
+    """After a failed online start wandb keeps its run id taken until its service restarts. Restarting it
+    (wandb.teardown) ends this process's other runs too: they go on offline with their own ids; what they
+    logged before stays in their folders, for `make sync`."""
+    import wandb
+
+    others = [tracker for tracker in list(_LIVE) if tracker.run is not None]
+    for tracker in others:
+        tracker.run = None
+    wandb.teardown()
+    for tracker in others:
+        tracker.mode = "offline"
+        with tracker._guard("restart offline"):
+            tracker._open()
+
+
+def write_marker(folder: Path, run_id: str, mode: str, uploaded: bool, synced: bool = False) -> None:
+    from harness.io import atomic_write_text
+
+    atomic_write_text(Path(folder) / MARKER, json.dumps({"run_id": run_id, "mode": mode, "uploaded": uploaded,
+                                                         "synced": synced}))
+
+
+def run_folders(study_dir: Path) -> list[tuple[Path, str, dict]]:
+    """Every W&B run folder of a study, oldest first: (folder, run id, its marker; a folder without one is
+    judged by its name: offline-run-* waits for an upload unless `wandb sync` marked it, run-* went online)."""
+    found = []
+    for folder in sorted((Path(study_dir) / "wandb").glob("*run-*")):
+        logs = sorted(folder.glob("run-*.wandb")) if folder.is_dir() else []
+        if not logs:
+            continue
+        run_id = logs[0].name.removeprefix("run-").removesuffix(".wandb")
+        try:
+            marker = json.loads((folder / MARKER).read_text())
+        except (OSError, ValueError):
+            offline = folder.name.startswith("offline-")
+            marker = {"mode": "offline" if offline else "online", "uploaded": not offline,
+                      "synced": offline and was_synced(folder, run_id)}
+        found.append((folder, run_id, marker))
+    return found
+
+
+def pending_folders(study_dir: Path) -> list[Path]:
+    """The run folders whose records have not all reached the server (oldest first)."""
+    return [folder for folder, _, marker in run_folders(study_dir) if not marker["uploaded"] and not marker["synced"]]
+
+
+def run_states(study_dir: Path) -> dict[str, str]:
+    """run id -> "online" (everything reached the server), "offline" (a folder waits for `make sync`) or
+    "synced" (`make sync` uploaded what did not go online)."""
+    states: dict[str, list[str]] = {}
+    for _, run_id, marker in run_folders(study_dir):
+        state = "synced" if marker["synced"] else "online" if marker["uploaded"] else "offline"
+        states.setdefault(run_id, []).append(state)
+    return {run_id: next(s for s in ("offline", "synced", "online") if s in found) for run_id, found in states.items()}
+
+
+def sync_runs(cfg) -> tuple[list[Path], list[Path]]:
+    """Upload the study's pending run folders with `python -m wandb sync` (the interpreter running the
+    harness: no `wandb` executable on PATH needed); (synced, failed). Folders of one run id go in one call,
+    oldest first, so a resumed run's attempts arrive in order; wandb sync's exit code says nothing, its
+    per-folder marker does."""
+    import subprocess
+    import sys
+
+    folders = pending_folders(cfg.study_dir)
+    if not folders:
+        return [], []
+    if not server_answers(SYNC_PROBE_S):  # wandb sync would retry for minutes
+        log.warning("W&B at %s does not answer; nothing was uploaded. Run `make sync` again once it does.",
+                    server_url())
+        return [], folders
+    command = [sys.executable, "-m", "wandb", "sync", "--include-online", "--no-skip-synced",
+               "--project", cfg.tracking.project, *(["--entity", cfg.tracking.entity] if cfg.tracking.entity else []),
+               *map(str, folders)]
+    started = time.time()
+    subprocess.call(command)
+    synced, failed = [], []
+    for folder, run_id, marker in run_folders(cfg.study_dir):
+        if folder not in folders:
+            continue
+        if was_synced(folder, run_id, since=started):
+            write_marker(folder, run_id, marker.get("mode", "offline"), uploaded=False, synced=True)
+            synced.append(folder)
+        else:
+            failed.append(folder)
+    return synced, failed
+
+
+def describe_states(trials, cfg) -> str:
+    """One line on where the trials' W&B runs stand (`trials` has `trial` and `wandb`, as study.scored_frame)."""
+    states = trials["wandb"].value_counts().to_dict() if "wandb" in trials else {}
+    if not any(states.get(s) for s in ("online", "offline", "synced")):
+        return f"W&B: no runs (tracking.mode {cfg.tracking.mode})"
+    offline = [str(t) for t in trials.loc[trials["wandb"] == "offline", "trial"]]
+    line = (f"W&B: {states.get('online', 0)} trial run(s) online, {states.get('offline', 0)} offline, "
+            f"{states.get('synced', 0)} synced")
+    if offline:
+        line += f"; offline ones ({', '.join(offline)}) wait under {cfg.study_dir / 'wandb'} for `make sync`"
+    return line
 
 
 def _wait_for_exit_record(path: Path, timeout_s: float) -> bool:

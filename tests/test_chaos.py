@@ -402,7 +402,7 @@ def wandb_history_problems(layout: Layout, frame: pd.DataFrame) -> tuple[list[st
         except FileNotFoundError as error:
             problems.append(f"trial {row.trial}: {error}")
             continue
-        logged = Counter(int(h["epoch"]) for h in run["history"] if "val/f1" in h)
+        logged = Counter(int(h["epoch"]) - 1 for h in run["history"] if "val/f1" in h)  # W&B counts from 1
         if sorted(logged) != list(range(row.epochs)) or set(logged.values()) - {1}:
             problems.append(f"trial {row.trial}: W&B holds epochs {dict(logged)} (epoch: times) for "
                             f"{row.epochs} epoch(s) trained")

@@ -77,7 +77,7 @@ def test_each_configuration_trains_on_each_fold_of_all_persons(promoted):
         run = read_offline_run(cfg.study_dir / "wandb", fold_run_id(cfg.name, config, 0))
         assert run["job_type"] == "fold" and run["group"] == f"{cfg.name}/promotion/trial-{config:04d}"
         epochs = sorted({int(h["epoch"]) for h in run["history"] if "val/f1" in h})
-        assert epochs == list(range(cfg.train.epochs))  # full epochs, no pruning
+        assert epochs == list(range(1, cfg.train.epochs + 1))  # full epochs, no pruning
 
 
 def test_summary_holds_honest_cv_f1_members_and_single_split_figures(promoted):

@@ -122,7 +122,7 @@ def check_wandb_history(cfg, frame):
     for row in frame.itertuples():
         run = read_offline_run(cfg.study_dir / "wandb", run_id_for(cfg.name, row.trial))
         epochs = sorted({int(h["epoch"]) for h in run["history"] if "val/f1" in h and "gap/f1" in h})
-        assert epochs == list(range(row.epochs)), (row.trial, epochs)
+        assert epochs == list(range(1, row.epochs + 1)), (row.trial, epochs)  # counted from 1
         assert run["group"] == cfg.name and run["job_type"] == "trial"
 
 

@@ -48,7 +48,8 @@ def result(state="complete", best_epoch=2, epochs_run=3, reason=None) -> TrialRe
 
 
 def by_epoch(history: list[dict]) -> dict[int, dict]:
-    return {row["epoch"]: row for row in history if "val/f1" in row}
+    """The history's epoch rows by metrics.csv's 0-based index (W&B counts epochs from 1)."""
+    return {row["epoch"] - 1: row for row in history if "val/f1" in row}
 
 
 def test_trial_run_is_written_and_read_back(study):
@@ -68,7 +69,7 @@ def test_trial_run_is_written_and_read_back(study):
         assert "val/f1_age" not in row  # NaN left out
     assert run["config"] == {**params, "split_hash": "abc123", "version": "0.1.0"}
     summary = run["summary"]
-    assert summary["best/val_f1"] == pytest.approx(0.4) and summary["best/epoch"] == 2
+    assert summary["best/val_f1"] == pytest.approx(0.4) and summary["best/epoch"] == 3
     assert summary["best/objective"] == pytest.approx(0.35)
     assert summary["state"] == "complete" and summary["epochs_run"] == 3
     assert summary["val/f1"] == {"max": pytest.approx(0.4)}  # define_metric(summary="max")
@@ -90,8 +91,8 @@ def test_retried_trial_continues_its_own_run(study):
     assert second.run_id == first.run_id
     run = read_offline_run(study.study_dir / "wandb", first.run_id)
     assert len(run["folders"]) == 2  # one offline folder per attempt, merged oldest first
-    assert [row["epoch"] for row in run["history"] if "val/f1" in row] == [0, 1, 2, 3, 4]
-    assert run["summary"]["state"] == "complete" and run["summary"]["best/epoch"] == 4
+    assert [row["epoch"] for row in run["history"] if "val/f1" in row] == [1, 2, 3, 4, 5]
+    assert run["summary"]["state"] == "complete" and run["summary"]["best/epoch"] == 5
     assert run["tags"] == ["complete"]
 
 
@@ -134,7 +135,7 @@ def test_a_failure_mid_run_turns_the_tracker_off(study, caplog):
     assert not tracker.active
     tracker.log_epoch(epoch_row(2))
     tracker.finish(result())
-    assert ["W&B log of epoch 1 failed" in r.getMessage() for r in caplog.records] == [True]
+    assert ["W&B log of epoch 2 failed" in r.getMessage() for r in caplog.records] == [True]  # counted from 1
 
 
 def test_an_escaping_exception_closes_the_run_as_failed(study):
@@ -216,7 +217,7 @@ def test_reader_follows_records_across_blocks(study):
     run = read_offline_run(study.study_dir / "wandb", tracker.run_id)
     assert run["config"]["notes"] == "n" * 70_000
     assert sorted(by_epoch(run["history"])) == list(range(300))
-    assert run["summary"]["best/epoch"] == 299
+    assert run["summary"]["best/epoch"] == 300
 
 
 def test_reader_names_a_missing_run(study):

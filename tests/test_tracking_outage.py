@@ -1,0 +1,177 @@
+"""W&B outages with real servers: a study never stalls on an unreachable server and loses no history.
+
+The servers are real sockets on 127.0.0.1: one that accepts and never answers (the deadline case), a
+closed port (the refused case) and a stand-in W&B HTTP server (tests/wandb_server.py) that the real
+wandb client starts runs on, streams history to and `wandb sync` uploads to; it is stopped mid-trial for
+the lost-connection case. What the runs kept is read back from W&B's own files, and what arrived from the
+server's records. Wall-time ratios against tracking disabled live in `make bench` (tracking_outage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from wandb_server import FAKE_API_KEY, BlackHole, FakeWandbServer, closed_port
+
+from conftest import REPO, harness_env
+from harness.report import write_report
+from harness.study import run_study, status
+from harness.tracking import (
+    OUTAGE_FILE,
+    TrialTracker,
+    pending_folders,
+    read_offline_run,
+    run_id_for,
+    run_states,
+    study_run_id,
+    sync_runs,
+)
+
+
+@pytest.fixture
+def wandb_home(tmp_path, monkeypatch):
+    """A W&B client with a key and folders of its own; the server URL is set by each test."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for name, value in {"WANDB_API_KEY": FAKE_API_KEY, "WANDB_CONFIG_DIR": tmp_path / "wandb-config",
+                        "WANDB_CACHE_DIR": tmp_path / "wandb-cache", "WANDB_DATA_DIR": tmp_path / "wandb-data",
+                        "WANDB_DISABLE_GIT": "true", "NETRC": tmp_path / "no-netrc"}.items():
+        monkeypatch.setenv(name, str(value))
+    return tmp_path
+
+
+def online_study(smoke_study, **overrides):
+    return smoke_study(**{"tracking.mode": "online", "tracking.init_timeout_s": 2, "tracking.finish_timeout_s": 3,
+                          "search.pruner.name": "none", **overrides})
+
+
+def assert_every_epoch_kept(cfg, frame) -> None:
+    """Every trial's W&B files hold each epoch it trained, counted from 1, exactly once."""
+    for row in frame.itertuples():
+        run = read_offline_run(cfg.study_dir / "wandb", run_id_for(cfg.name, int(row.trial)))
+        epochs = [int(h["epoch"]) for h in run["history"] if "val/f1" in h]
+        assert epochs == list(range(1, row.epochs + 1)), (row.trial, epochs)
+
+
+def outage_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "harness.tracking" and "unreachable" in r.getMessage()]
+
+
+@pytest.mark.parametrize("server", ["black hole", "refused"])
+def test_an_unreachable_server_is_asked_once_and_every_trial_logs_offline(smoke_study, wandb_home, monkeypatch,
+                                                                         caplog, server):
+    caplog.set_level(logging.WARNING, logger="harness.tracking")
+    cfg = online_study(smoke_study)
+    with BlackHole(lifetime_s=300) as hole:
+        url = hole.url if server == "black hole" else f"http://127.0.0.1:{closed_port()}"
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        study = run_study(cfg, progress=False)
+        asked = hole.accepted
+    frame = status(cfg)
+    assert len(frame) == cfg.search.trials
+    assert_every_epoch_kept(cfg, frame)
+    assert set(frame["wandb"]) == {"offline"}  # waiting for `make sync`
+    assert asked == (1 if server == "black hole" else 0)  # the breaker: one probe for the whole study
+    assert len(outage_warnings(caplog)) == 1
+    outage = json.loads((cfg.study_dir / "wandb" / OUTAGE_FILE).read_text())
+    assert outage["url"] == url and outage["retry_at"] > time.time()
+    assert run_states(cfg.study_dir)[study_run_id(cfg.name)] == "offline"  # the study's table too
+    page = write_report(cfg).read_text()
+    assert f"0 trial run(s) online, {cfg.search.trials} offline, 0 synced" in page
+    assert study.user_attrs  # the study itself went on as usual
+
+
+def test_after_the_back_off_one_start_tries_online_again_and_says_so(smoke_study, wandb_home, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="harness.tracking")
+    cfg = online_study(smoke_study, **{"tracking.retry_online_s": 0})
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    with TrialTracker(cfg, 0, {}, {}) as down:
+        assert down.mode == "offline"
+    with FakeWandbServer(lifetime_s=120) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        with TrialTracker(cfg, 1, {}, {}) as back:
+            back.log_epoch({"epoch": 0, "val/f1": 0.5})
+        assert back.mode == "online" and [h["epoch"] for h in server.history(back.run_id)] == [1]
+    assert not (cfg.study_dir / "wandb" / OUTAGE_FILE).exists()
+    messages = [r.getMessage() for r in caplog.records if r.name == "harness.tracking"]
+    assert len(outage_warnings(caplog)) == 1 and sum("answers again" in m for m in messages) == 1
+    assert run_states(cfg.study_dir) == {down.run_id: "offline", back.run_id: "online"}
+
+
+def stop_after_first_epoch(server: FakeWandbServer, metrics: Path) -> threading.Thread:
+    """Stop the server (refusing new connections, cutting open ones) once trial 0 has trained one epoch."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) > 1):
+            time.sleep(0.05)
+        server.stop()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_server_lost_mid_trial_loses_nothing_and_make_sync_uploads_it_all(smoke_study, wandb_home, monkeypatch,
+                                                                          tmp_path):
+    cfg = online_study(smoke_study, **{"train.epochs": 3})
+    server = FakeWandbServer(lifetime_s=300).start()
+    monkeypatch.setenv("WANDB_BASE_URL", server.url)
+    watcher = stop_after_first_epoch(server, cfg.trial_dir(0) / "metrics.csv")
+    run_study(cfg, progress=False)
+    watcher.join(5)
+    frame = status(cfg)
+    assert_every_epoch_kept(cfg, frame)
+    assert set(frame["wandb"]) == {"offline"}
+    trial0 = run_id_for(cfg.name, 0)
+    assert len([h for h in server.history(trial0) if "val/f1" in h]) < 3  # the server saw only a part of trial 0
+    assert pending_folders(cfg.study_dir)
+
+    with FakeWandbServer(lifetime_s=300) as again:  # the network is back: `make sync`, as a new user runs it
+        env = harness_env(WANDB_BASE_URL=again.url, PATH="/usr/bin:/bin")  # no venv on PATH
+        args = [str(REPO / "studies" / "default.yaml"), "--smoke", *[f"--set={k}={v}" for k, v in {
+            "name": cfg.name, "runs_dir": cfg.runs_dir, "data.root": cfg.data.root}.items()]]
+        done = subprocess.run([sys.executable, "-m", "harness.cli", "sync", *args], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        for row in frame.itertuples():
+            rows = [h for h in again.history(run_id_for(cfg.name, int(row.trial))) if "val/f1" in h]
+            assert [h["epoch"] for h in rows] == list(range(1, row.epochs + 1)), row.trial
+        assert study_run_id(cfg.name) in again.upserted_run_ids()
+    assert set(status(cfg)["wandb"]) == {"synced"} and not pending_folders(cfg.study_dir)
+    again = subprocess.run([sys.executable, "-m", "harness.cli", "sync", *args], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to upload" in again.stdout
+
+
+def test_a_resumed_offline_run_has_a_folder_per_attempt_and_sync_joins_them_in_order(smoke_study, wandb_home,
+                                                                                     monkeypatch):
+    cfg = smoke_study(**{"tracking.mode": "offline"})
+    for epochs in ((0, 1, 2), (3, 4)):  # a trial, killed and resumed: two offline-run-* folders, one id
+        with TrialTracker(cfg, 0, {}, {}) as tracker:
+            for epoch in epochs:
+                tracker.log_epoch({"epoch": epoch, "val/f1": epoch / 10})
+        time.sleep(1.1)  # W&B names folders by the second
+    assert len(pending_folders(cfg.study_dir)) == 2
+    with FakeWandbServer(lifetime_s=120) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        synced, failed = sync_runs(cfg)
+        assert len(synced) == 2 and not failed
+        assert [h["epoch"] for h in server.history(tracker.run_id) if "val/f1" in h] == [1, 2, 3, 4, 5]
+    assert run_states(cfg.study_dir) == {tracker.run_id: "synced"}
+
+
+def test_make_sync_names_the_folders_it_could_not_upload(smoke_study, wandb_home, monkeypatch):
+    cfg = smoke_study(**{"tracking.mode": "offline"})
+    with TrialTracker(cfg, 0, {}, {}) as tracker:
+        tracker.log_epoch({"epoch": 0, "val/f1": 0.1})
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    synced, failed = sync_runs(cfg)
+    assert not synced and failed == pending_folders(cfg.study_dir)
+    assert run_states(cfg.study_dir) == {tracker.run_id: "offline"}

@@ -120,15 +120,12 @@ def print_top(cfg, frame, limit: int = 5) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns + params].head(limit).to_string(index=False))
     print(INTERVAL_NOTE)
-    best = frame.iloc[0]
-    print(f"\nbest trial {best['trial']}: files in {best['run_dir']}, W&B run {best['wandb_run_id']}")
-    print(tracking_line(cfg, frame))
-
-
-def tracking_line(cfg, frame) -> str:
     from harness.tracking import describe_states
 
-    return describe_states(frame, cfg)
+    best = frame.iloc[0]
+    print(f"\nbest trial {best['trial']}: files in {best['run_dir']}, W&B run {best['wandb_run_id']}")
+    print(describe_states(frame, cfg))
+
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -223,6 +220,7 @@ def cmd_remedies(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from harness.study import status
+    from harness.tracking import describe_states
 
     cfg = load(args)
     frame = status(cfg, args.storage)
@@ -232,7 +230,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"\nwritten to {cfg.study_dir / 'trials.csv'}")
     print(INTERVAL_NOTE)
     if not frame.empty:
-        print(tracking_line(cfg, frame))
+        print(describe_states(frame, cfg))
     return 0
 
 

@@ -100,9 +100,7 @@ def axis_registries() -> dict:
 
 
 def _registered(param: str, value: Any) -> Any:
-    registry = axis_registries()[param]
-    if value not in registry:
-        raise ValueError(f"unknown {registry.kind} {value!r}; choose one of {registry.names()}")
+    axis_registries()[param].get(value)  # UnknownName (a ValueError) lists the choices
     return value
 
 
@@ -230,8 +228,7 @@ class SearchConfig(_Frozen):
     def _registered_objective(cls, value: str) -> str:
         from harness.metrics import OBJECTIVES
 
-        if value not in OBJECTIVES:
-            raise ValueError(f"unknown objective {value!r}; choose one of {OBJECTIVES.names()}")
+        OBJECTIVES.get(value)
         return value
 
     @model_validator(mode="after")
@@ -281,8 +278,7 @@ class EnsembleConfig(_Frozen):
     def _registered_method(cls, value: str) -> str:
         from harness.selection import METHODS
 
-        if value not in METHODS:
-            raise ValueError(f"unknown ensemble method {value!r}; choose one of {METHODS.names()}")
+        METHODS.get(value)
         return value
 
 

@@ -64,12 +64,14 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from harness.data.prepare import prepare_data
     from harness.preflight import check_study
     from harness.train import run_trial
 
     cfg = load(args)
     check_study(cfg)
-    result = run_trial(cfg)
+    data = prepare_data(cfg)  # a person-based measure where it does not apply is refused here, not as a failed trial
+    result = run_trial(cfg, data=data)
     print(f"{result.run_dir}: {result.summary()}")
     return 0 if result.state == "complete" else 1
 

@@ -291,6 +291,25 @@ class PromotionConfig(_Frozen):
     min_epochs: int | None = Field(None, ge=1)
 
 
+class ShortcutConfig(_Frozen):
+    """Where the person-based shortcut measures apply (harness.applicability) and the dataset-level
+    shortcut audit (harness.context_audit).
+
+    robust/f1, the background-swap probe, `bgswap_p`, `face_crop` and `remove_background` assume portraits:
+    a face in nearly every image and a person mask segmented from it. A study that uses any of them on data
+    where faces are found in fewer than `min_face_share` of the images, or person masks come from the
+    segmentation (not the template fallback) in fewer than `min_mask_share`, is refused before any training.
+    """
+
+    min_face_share: float = Field(0.8, ge=0.0, le=1.0)
+    min_mask_share: float = Field(0.7, ge=0.0, le=1.0)
+    face_sample: int = Field(64, ge=8, le=100_000)  # images checked for faces before the full foreground
+    # the context audit: can the labels be predicted from what lies outside the object alone?
+    audit: bool = True
+    audit_folds: int = Field(5, ge=2, le=20)
+    audit_permutations: int = Field(20, ge=5, le=1000)  # label shuffles that measure chance
+
+
 # --------------------------------------------------------------------------- study
 
 
@@ -305,6 +324,7 @@ class StudyConfig(_Frozen):
     tracking: TrackingConfig = TrackingConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     promotion: PromotionConfig = PromotionConfig()
+    shortcuts: ShortcutConfig = ShortcutConfig()
     smoke: dict[str, Any] | None = None  # overrides that shrink the study to CPU-seconds
 
     @model_validator(mode="after")

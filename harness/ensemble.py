@@ -34,7 +34,7 @@ import pandas as pd
 
 from harness.config import StudyConfig
 from harness.data.prepare import class_names
-from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder
+from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder, objective_files
 from harness.metrics import OBJECTIVES, confusion, per_class_f1
 from harness.selection import METHODS, Selection, Views, blend, blend_score, honest_scores, person_halves, strategies
 from harness.study import StudyError, load_existing_study, trials_frame
@@ -93,7 +93,7 @@ def load_candidates(cfg: StudyConfig, frame: pd.DataFrame, top_k: int | None = N
     if chosen.empty:
         raise EnsembleError(_no_candidates_message(cfg, frame))
     return [Candidate(int(row.trial), float(row.objective), float(row.val_f1), float(row.gap_f1),
-                      trial_folder_with(cfg, row.run_dir, int(row.trial), TrialFolder.VALID_FILES,
+                      trial_folder_with(cfg, row.run_dir, int(row.trial), objective_files(cfg),
                                         "the trial folder is missing or incomplete. "
                                         "Restore it, or leave the trial out by lowering ensemble.top_k"))
             for row in chosen.itertuples()]

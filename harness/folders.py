@@ -76,9 +76,14 @@ class TrialFolder:
     TRACEBACK = "traceback.txt"
 
     # what a reader needs to find in a folder
-    VALID_FILES = (VALID_LOGITS, BGSWAP_LOGITS, VALID_INDEX)  # the ensemble's inputs
+    VALID_FILES = (VALID_LOGITS, VALID_INDEX)  # the ensemble's inputs (bgswap too where the objective reads it)
     VIEW_FILES = {"valid": VALID_LOGITS, "bgswap": BGSWAP_LOGITS}  # log-probabilities of each evaluated view
     MODEL_FILES = (BEST, CONFIG)  # a model to predict with
+
+    @classmethod
+    def files_for(cls, views: tuple[str, ...]) -> tuple[str, ...]:
+        """The files a reader of these views' log-probabilities needs (the valid index and each view's file)."""
+        return tuple(dict.fromkeys((cls.VALID_LOGITS, *(cls.VIEW_FILES[view] for view in views), cls.VALID_INDEX)))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -171,6 +176,13 @@ class TrialFolder:
 
     def confusion(self) -> np.ndarray | None:
         return _load_array(self.file(self.CONFUSION))
+
+
+def objective_files(cfg: StudyConfig) -> tuple[str, ...]:
+    """The files of a trial folder the study's objective reads (valid, and the swapped view where it counts)."""
+    from harness.metrics import OBJECTIVES
+
+    return TrialFolder.files_for(OBJECTIVES.get(cfg.search.objective).views)
 
 
 def find_trial_folder(cfg: StudyConfig, stored: str | None, identity: int,

@@ -321,6 +321,17 @@ def _files(cache_dir: Path, key: str) -> dict[str, Path]:
     return {name: Path(f"{stem}.{name}.npy") for name in ("faces", "masks", "plates")} | {"json": Path(f"{stem}.json")}
 
 
+def has_foreground(cache, cache_dir: str | Path) -> bool:
+    """Whether the foreground of these very images by this method is already kept beside the cache."""
+    files = _files(Path(cache_dir), cache.key)
+    if not files["json"].is_file():
+        return False
+    try:
+        return json.loads(files["json"].read_text()).get("version") == FOREGROUND_VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def foreground(cache, cache_dir: str | Path) -> Foreground:
     """The foreground of a decoded cache (harness.data.cache.DecodedCache): loaded when its files exist for
     these very images and this method, else computed and written there (the .json last)."""

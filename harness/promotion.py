@@ -36,7 +36,7 @@ import pandas as pd
 from harness.config import Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
 from harness.data.split import person_folds, split_hash
-from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder
+from harness.folders import EnsembleFolder, PromotionFolder, objective_files
 from harness.io import json_ready
 from harness.metrics import OBJECTIVES, macro_f1
 from harness.selection import METHODS, blend, person_halves, rows_of
@@ -111,7 +111,7 @@ def open_promotion(cfg: StudyConfig, storage: str | None, progress: bool = True
     main = load_existing_study(cfg, storage)
     settings = {"folds": cfg.promotion.folds, "top_k": cfg.promotion.top_k, "min_epochs": min_epochs(cfg)}
     _refuse_changed_settings(cfg, _stored_settings(cfg, url), settings)  # before the data: the cheap check first
-    data = prepare_data(cfg.data, progress=progress)
+    data = prepare_data(cfg, progress=progress)
     try:
         folds = person_folds(data.frame, cfg.promotion.folds, seed=cfg.seed)
     except ValueError as error:
@@ -184,7 +184,7 @@ def trained_pairs(cfg: StudyConfig, companion: optuna.Study) -> set[tuple[int, i
     """The (configuration, fold) pairs with a complete trial whose fold folder still holds its predictions."""
     complete = {(int(t.user_attrs["config"]), int(t.user_attrs["fold"])) for t in companion.get_trials(deepcopy=False)
                 if t.state == optuna.trial.TrialState.COMPLETE and "config" in t.user_attrs}
-    return {pair for pair in complete if PromotionFolder.of(cfg).fold(*pair).has(TrialFolder.VALID_FILES)}
+    return {pair for pair in complete if PromotionFolder.of(cfg).fold(*pair).has(objective_files(cfg))}
 
 
 def _lost_pairs(cfg: StudyConfig, companion: optuna.Study) -> int:
@@ -192,7 +192,7 @@ def _lost_pairs(cfg: StudyConfig, companion: optuna.Study) -> int:
     complete = [t for t in companion.get_trials(deepcopy=False)
                 if t.state == optuna.trial.TrialState.COMPLETE and "config" in t.user_attrs]
     return sum(not PromotionFolder.of(cfg).fold(int(t.user_attrs["config"]), int(t.user_attrs["fold"]))
-               .has(TrialFolder.VALID_FILES) for t in complete)
+               .has(objective_files(cfg)) for t in complete)
 
 
 def restart(cfg: StudyConfig, storage: str | None) -> None:
@@ -303,7 +303,7 @@ def out_of_fold(cfg: StudyConfig, plan: Plan, data: PreparedData, views: tuple[s
     for m, config in enumerate(plan.configs):
         for fold in range(plan.folds):
             folder = PromotionFolder.of(cfg).fold(config, fold)
-            if not folder.has(TrialFolder.VALID_FILES):
+            if not folder.has(objective_files(cfg)):
                 raise PromotionError(f"{folder.path}: fold {fold} of trial {config} has no held-out predictions; "
                                      "run `harness promote` again to train it")
             rows = np.array([rows_of_image[image] for image in folder.valid_index()["image_id"]])
@@ -331,7 +331,7 @@ def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
         raise PromotionError(f"{len(missing)} fold run(s) are not trained (configuration, fold: "
                              f"{', '.join(f'{c}, {f}' for c, f in missing)}); run `harness promote` again")
     objective = OBJECTIVES.get(cfg.search.objective)
-    data = prepare_data(cfg.data, progress=False)
+    data = prepare_data(cfg, progress=False)
     oof = out_of_fold(cfg, plan, data, tuple(dict.fromkeys(("valid", *objective.views))))
     method, rounds = METHODS.get(cfg.ensemble.method), cfg.ensemble.rounds
     num_classes = oof.views["valid"].shape[2]

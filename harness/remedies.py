@@ -52,10 +52,16 @@ def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = Non
     unknown = [name for name in names if name not in REMEDIES]
     if unknown:
         raise ValueError(f"unknown remedies {unknown}; choose from {list(REMEDIES)}")
-    data = prepare_data(cfg.data, progress=False)
+    data = prepare_data(cfg, progress=False, refuse_foreground=False)
+    if data.foreground is None:  # nothing person-based applies: rank each run's epochs by val F1 alone
+        cfg = cfg.replace({"search.objective": "val/f1"})
     truth = _eval_truth(cfg)
     rows = []
     for name in names:
+        if data.foreground is None and needs_foreground(name):
+            rows.append(_not_applicable(name, data.applicability))
+            print(f"remedy {name:18s} does not apply: {rows[-1]['reason']}", flush=True)
+            continue
         runs = []
         for seed in range(cfg.seed, cfg.seed + seeds):
             params = cfg.params.replace(**REMEDIES[name])
@@ -85,6 +91,19 @@ def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = Non
     return table
 
 
+def needs_foreground(name: str) -> bool:
+    from harness.augment import PREPROCESSORS
+
+    remedy = REMEDIES[name]
+    return remedy["bgswap_p"] > 0 or PREPROCESSORS.get(remedy["preprocess"]).uses_foreground
+
+
+def _not_applicable(name: str, applicability) -> dict:
+    found = applicability.describe() if applicability is not None else "no face search: the data is not portraits"
+    return {"remedy": name, **REMEDIES[name], "runs": [], "applies": False,
+            "reason": f"needs faces and person masks; {found}"}
+
+
 def _eval_truth(cfg: StudyConfig):
     from harness.ensemble import EnsembleError
     from harness.predict import EvalImages
@@ -98,7 +117,7 @@ def _eval_truth(cfg: StudyConfig):
 
 
 def _summarise(name: str, runs: list[dict]) -> dict:
-    row = {"remedy": name, **REMEDIES[name], "runs": runs}
+    row = {"remedy": name, **REMEDIES[name], "runs": runs, "applies": True}
     for key in sorted({k for run in runs for k, v in run.items() if isinstance(v, float)}):
         values = [run[key] for run in runs if isinstance(run.get(key), float)]
         row[key] = float(np.mean(values)) if values else None
@@ -110,7 +129,8 @@ def remedies_table(table: dict) -> str:
     lines = [f"{'remedy':18s} " + " ".join(f"{c:>14s}" for c in columns)]
     for row in table["rows"]:
         cells = [f"{row[c]:>14.4f}" if isinstance(row.get(c), float) else f"{'-':>14s}" for c in columns]
-        lines.append(f"{row['remedy']:18s} " + " ".join(cells))
+        lines.append(f"{row['remedy']:18s} " + (" ".join(cells) if row.get("applies", True) else
+                                                 f"does not apply ({row['reason']})"))
     return "\n".join(lines + [table["note"]])
 
 

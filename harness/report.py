@@ -317,7 +317,7 @@ def truth_section(cfg: StudyConfig, frame: pd.DataFrame, remedies: dict | None) 
         section.html("<h3>Remedies for the background shortcut, at the same budget</h3>"
                      f"<p class='caption'>{esc(remedies.get('note', ''))}</p>" +
                      table(remedies["rows"], ["remedy", "preprocess", "bgswap_p", "val_f1", "val_f1_bgswap",
-                                              "eval_f1", "eval_f1_mask", "eval_f1_gender", "eval_f1_age"]))
+                                              "eval_f1", "eval_f1_mask", "eval_f1_gender", "eval_f1_age", "reason"]))
     return section
 
 
@@ -565,9 +565,30 @@ def data_section(summary: dict | None, source: str, problems: list[str]) -> Sect
     return section
 
 
+def shortcuts_section(study: optuna.Study) -> Section:
+    """Where the person-based measures apply and the context audit (the study attribute "shortcuts")."""
+    from harness.context_audit import TaskAudit, record_lines
+
+    section = Section("shortcuts", "Shortcuts")
+    record = study.user_attrs.get("shortcuts")
+    if record is None:
+        section.note("This study was created before shortcuts were audited: `harness check-data` shows them.")
+        return section
+    lines = record_lines(record)
+    section.html(f'<p class="caption">{esc(lines[0])}</p><p class="caption">{esc(lines[1])}</p>')
+    rows = [{**row, "share of whole": TaskAudit(**row).share} for row in record.get("audit") or []]
+    section.html("<h3>Can the labels be predicted from context alone?</h3>"
+                 "<p class='caption'>Out-of-fold macro F1 of a small classifier that sees only what lies outside "
+                 "the object (person-grouped folds), its person-bootstrap 95% interval, chance (labels shuffled) "
+                 "and the same classifier on the whole image; flagged where the context alone reads the label.</p>"
+                 + table(rows, ["view", "task", "region", "f1", "low", "high", "chance", "chance_high", "whole_f1",
+                                "share of whole", "flagged"]))
+    return section
+
+
 def settings_section(cfg: StudyConfig, study: optuna.Study, storage: str) -> Section:
     section = Section("settings", "Study settings")
-    attrs = {k: v for k, v in study.user_attrs.items() if k != "data_summary"}
+    attrs = {k: v for k, v in study.user_attrs.items() if k not in ("data_summary", "shortcuts")}
     section.html(key_values(strip_secrets({"storage": redact(storage), **attrs})))
     resolved = yaml.safe_dump(strip_secrets(cfg.model_dump(mode="json")), sort_keys=False)
     section.html(f"<h3>Resolved study file</h3><pre>{esc(resolved)}</pre>")
@@ -660,7 +681,7 @@ def write_report(cfg: StudyConfig, storage: str | None = None) -> Path:
     sections = [search_section(cfg, study, frame), truth_section(cfg, frame, read_remedies(cfg)),
                 curves_section(cfg, frame),
                 classes_section(cfg, frame, ensemble, summary), ensemble_section(ensemble),
-                promotion_section(cfg), trials_section(cfg, frame),
+                promotion_section(cfg), trials_section(cfg, frame), shortcuts_section(study),
                 data_section(summary, data_source, data_problems), settings_section(cfg, study, storage or default_storage(cfg))]
     page = render_page(cfg, frame, sections, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     path = cfg.study_dir / REPORT_FILE

@@ -367,8 +367,23 @@ def open_search(cfg: StudyConfig, storage: str | None, progress: bool) -> tuple[
 
     check_study(cfg)  # every backbone the study can draw must be usable here
     start_probe(cfg)  # whether W&B answers, found out while the data is prepared
-    data = prepare_data(cfg.data, progress=progress)
-    return open_study(cfg, storage, data.split.hash, data.summary()), data
+    data = prepare_data(cfg, progress=progress)  # refuses a person-based objective or remedy that does not apply
+    study = open_study(cfg, storage, data.split.hash, data.summary())
+    data.shortcuts = shortcuts_of(cfg, study, data)
+    return study, data
+
+
+def shortcuts_of(cfg: StudyConfig, study: optuna.Study, data: PreparedData) -> dict:
+    """The study's "shortcuts" attribute (harness.context_audit): measured once, when the study is new."""
+    from harness.context_audit import record_lines, shortcut_record
+
+    record = study.user_attrs.get("shortcuts")
+    if record is None:
+        record = shortcut_record(cfg, data)
+        study.set_user_attr("shortcuts", record)
+    for line in record_lines(record):
+        (log.warning if "CAN be predicted" in line or "SHORTCUT" in line else log.info)("%s", line)
+    return record
 
 
 def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: StudyConfig, timeout: float | None,
@@ -469,8 +484,10 @@ def heartbeat_trials_that_never_beat(study: optuna.Study, grace_s: float) -> Non
 def _study_tracker(cfg: StudyConfig, data: PreparedData):
     from harness.tracking import StudyTracker
 
-    return StudyTracker(cfg, {"split_hash": data.split.hash, "space_hash": cfg.search_space_hash(),
-                              "harness_version": harness.__version__, "target_trials": cfg.search.trials})
+    tracker = StudyTracker(cfg, {"split_hash": data.split.hash, "space_hash": cfg.search_space_hash(),
+                                 "harness_version": harness.__version__, "target_trials": cfg.search.trials})
+    tracker.log_shortcuts(data.shortcuts)
+    return tracker
 
 
 def _failed_on_their_own(study: optuna.Study) -> int:

@@ -422,6 +422,25 @@ class StudyTracker(_Tracker):
                 row["best/objective"] = best
             self.run.log(row)
 
+    def log_shortcuts(self, record: dict | None) -> None:
+        """The study's "shortcuts" record (harness.context_audit): the audit's rows as a table, the count of
+        flagged view/task pairs and whether the person-based probe applies, in the summary."""
+        if not self.active or not record:
+            return
+        import pandas as pd
+
+        with self._guard("the shortcut audit"):
+            row: dict[str, Any] = {}
+            if record.get("audit") is not None:
+                audit = pd.DataFrame(record["audit"])
+                row["shortcut_audit"] = _table(audit)
+                row["shortcut/flagged"] = int(audit["flagged"].sum())
+            found = record.get("foreground")
+            row["shortcut/probe_applies"] = bool(found and found.get("applies"))
+            if found:
+                row["shortcut/face_share"] = found["face_share"]
+            self.run.log(row)
+
     def finish(self) -> None:
         self._close(exit_code=0)
 

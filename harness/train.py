@@ -138,7 +138,8 @@ class Loaders:
     train: DataLoader
     generator: torch.Generator
     train_transform: Any
-    views: dict[str, EvalSet]  # "valid", "probe" (train persons, for the gap), "bgswap" (valid, other backgrounds)
+    # "valid", "probe" (train persons, for the gap), "bgswap" (valid, other backgrounds; only where a foreground is)
+    views: dict[str, EvalSet]
 
 
 def make_loaders(cfg: StudyConfig, params: Params, data: PreparedData, device: torch.device, seed: int) -> Loaders:
@@ -162,11 +163,11 @@ def make_loaders(cfg: StudyConfig, params: Params, data: PreparedData, device: t
         return EvalSet(preprocess(pixels, params.preprocess, fg, rows), labels[rows])
 
     valid = view(np.asarray(images[valid_rows]), valid_rows)
-    swapped = view(swapped_backgrounds(images, fg, valid_rows, persons, seed), valid_rows)
-    if np.array_equal(swapped.images, valid.images):  # the preprocessor took the background away again
-        swapped = valid
-    return Loaders(train=train, generator=generator, train_transform=train_tf,
-                   views={"valid": valid, "probe": view(np.asarray(images[probe]), probe), "bgswap": swapped})
+    views = {"valid": valid, "probe": view(np.asarray(images[probe]), probe)}
+    if fg is not None:  # the background-swap probe, where the person-based measures apply (harness.applicability)
+        swapped = view(swapped_backgrounds(images, fg, valid_rows, persons, seed), valid_rows)
+        views["bgswap"] = valid if np.array_equal(swapped.images, valid.images) else swapped  # background removed
+    return Loaders(train=train, generator=generator, train_transform=train_tf, views=views)
 
 
 def build_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
@@ -255,13 +256,14 @@ def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData, objec
         scores[name], losses[name] = predict_log_probs(model, view.images, view.labels, loss_fn, device)
     metrics = {name: classification_metrics(scores[name], view.labels, tasks=tasks)
                for name, view in loaders.views.items()}
-    valid, probe, swapped = metrics["valid"], metrics["probe"], metrics["bgswap"]
+    valid, probe = metrics["valid"], metrics["probe"]
+    swapped_f1 = metrics["bgswap"]["f1"] if "bgswap" in metrics else math.nan  # nan: the probe does not apply
     row = {"val/loss": losses["valid"], **{f"val/{k}": v for k, v in valid.items()},
            "train/f1_probe": probe["f1"], "gap/f1": probe["f1"] - valid["f1"],
-           "val/f1_bgswap": swapped["f1"], "gap/bgswap": valid["f1"] - swapped["f1"],
-           "objective": float(OBJECTIVES.get(objective)({"valid": valid["f1"], "bgswap": swapped["f1"]})),
+           "val/f1_bgswap": swapped_f1, "gap/bgswap": valid["f1"] - swapped_f1,
+           "objective": float(OBJECTIVES.get(objective)({"valid": valid["f1"], "bgswap": swapped_f1})),
            "probe_time": time.perf_counter() - start}
-    return row, {"valid": scores["valid"], "bgswap": scores["bgswap"]}
+    return row, {name: scores[name] for name in ("valid", "bgswap") if name in scores}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -350,7 +352,7 @@ def _as_params(cfg: StudyConfig, params: Params | dict | None) -> Params:
 def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_resume, stop_after_epochs, keep: str,
            result: TrialResult):
     folder.write_config(cfg.model_dump(mode="json"), params.model_dump(mode="json"))
-    data = data or prepare_data(cfg.data, progress=False)
+    data = data or prepare_data(cfg, progress=False)
     if HEADS.get(params.head).needs_tasks and not data.tasks:
         raise TrialError(f"head {params.head!r} needs the competition's mask/gender/age tasks; use 'multiclass'")
     device = pick_device(cfg.train.device)
@@ -363,7 +365,8 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
     loss_fn = build_loss(params.loss, params.head, data.num_classes, focal_gamma=params.focal_gamma,
                          label_smoothing=params.label_smoothing, task_weights=cfg.train.task_weights)
     loaders = make_loaders(cfg, params, data, device, cfg.seed)
-    result.foreground = data.foreground.counts(np.concatenate([data.rows("train"), data.rows("valid")]))
+    if data.foreground is not None:
+        result.foreground = data.foreground.counts(np.concatenate([data.rows("train"), data.rows("valid")]))
     optimizer = build_optimizer(model, params)
     steps = len(loaders.train) if not cfg.train.max_train_batches else min(len(loaders.train),
                                                                              cfg.train.max_train_batches)

@@ -77,7 +77,8 @@ def with_intervals(cfg, frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     for position, row in frame.iterrows():
         if row["state"] not in ("complete", "pruned"):
             continue
-        folder, _ = find_trial_folder(cfg, row.get("run_dir") or None, int(row["trial"]), TrialFolder.VALID_FILES)
+        folder, _ = find_trial_folder(cfg, row.get("run_dir") or None, int(row["trial"]),
+                                      TrialFolder.files_for(views))
         if folder is None:
             continue
         this_index = folder.valid_index()

@@ -225,7 +225,7 @@ def test_data_problem_is_named_and_nothing_is_lost(case, tmp_path, monkeypatch, 
     root = write_competition(tmp_path / "data", FOLDERS)
     path = study_file(tmp_path, root)
     cfg = load_study(path)
-    prepare_data(cfg.data, progress=False)  # a cache of the good data, built before anything broke
+    prepare_data(cfg, progress=False)  # a cache of the good data, built before anything broke
     cache_before = snapshot(cfg.data.cache_dir)
     names = case.breaks(root)
     data_before = snapshot(root)
@@ -235,11 +235,11 @@ def test_data_problem_is_named_and_nothing_is_lost(case, tmp_path, monkeypatch, 
     assert case.check_says.format(**names) in (err if code == 2 else out), out + err
 
     if case.study_error is None:
-        frame = prepare_data(cfg.data, progress=False).frame
+        frame = prepare_data(cfg, progress=False).frame
         assert len(frame) == len(FOLDERS) * 7 and not frame["path"].str.contains("/._").any()
     else:
         with pytest.raises(case.study_error) as raised:
-            prepare_data(cfg.data, progress=False)
+            prepare_data(cfg, progress=False)
         assert case.study_says.format(**names) in str(raised.value)
     assert_kept(data_before, root)  # the harness reports bad files; it never deletes or rewrites them
     assert_kept(cache_before, cfg.data.cache_dir)

@@ -573,7 +573,7 @@ def test_study_survives_sigkill_in_every_phase(tmp_path):
 def started_and_died(cfg, first_heartbeat: bool) -> None:
     """The storage a study process leaves when killed as trial 0 starts, before the objective stored
     anything: trial 0 RUNNING; its heartbeat thread had or had not beaten once."""
-    data = prepare_data(cfg.data, progress=False)
+    data = prepare_data(cfg, progress=False)
     study = open_study(cfg, None, data.split.hash, data.summary())
     trial = study.ask()  # trial 0: the study file's defaults
     if first_heartbeat:

@@ -74,10 +74,14 @@ def test_the_foreground_and_its_fallbacks_are_counted_and_measured_against_the_t
                       "synthetic: {people: 12, seed: 1}, image_size: {height: 112, width: 84}}\n")
     report, ok = check_data(cfg, progress=False)
     assert ok
-    line = next(line for line in report.splitlines() if line.startswith("foreground: "))
-    assert "foreground: 84 images; faces by blazeface_full_range " in line and "no face found in " in line
+    lines = report.splitlines()
+    head = next(line for line in lines if line.startswith("foreground ("))
+    assert "used by nothing in the study" in head and "the person-based probe and remedies apply" in head
+    line = next(line for line in lines if line.startswith("  84 images; faces by "))
+    assert "blazeface_full_range " in line and "no face found in " in line
     assert "person mask from the template (GrabCut failed) in " in line
-    found, iou = _figures(next(line for line in report.splitlines() if "against the synthetic truth" in line))
+    assert any(line.startswith("context audit: ") for line in lines)
+    found, iou = _figures(next(line for line in lines if "against the data's truth" in line))
     assert found >= 0.85 and iou >= 0.85  # measured 0.98 and 0.94 on the default data
 
 

@@ -69,7 +69,7 @@ def test_each_configuration_trains_on_each_fold_of_all_persons(promoted):
     assert len(configs) == cfg.promotion.top_k and configs[0] == best  # the best one, although its folder is gone
     assert pairs == sorted((c, f) for c in configs for f in range(cfg.promotion.folds))
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    persons = set(prepare_data(cfg.data, progress=False).frame["person"])
+    persons = set(prepare_data(cfg, progress=False).frame["person"])
     for config in configs:
         held_out = [set(PromotionFolder.of(cfg).fold(config, f).valid_index()["person"])
                     for f in range(cfg.promotion.folds)]
@@ -87,7 +87,7 @@ def test_summary_holds_honest_cv_f1_members_and_single_split_figures(promoted):
     assert stored["members"] and all(set(m) == {"trial", "weight"} and m["weight"] > 0 for m in stored["members"])
     low, high = stored["cv_f1_ci95"]
     assert 0 <= low <= high <= 1
-    data = prepare_data(cfg.data, progress=False)
+    data = prepare_data(cfg, progress=False)
     labels = dict(zip(data.frame["image_id"], data.frame["label"]))
     for member in stored["configs"]:
         truth, predicted = [], []

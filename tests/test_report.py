@@ -116,13 +116,17 @@ def test_report_of_a_smoke_study_draws_every_figure_offline(smoke_study, tmp_pat
     assert_all_figures_drawn(tmp_path, path, expected_figures(study, ensemble=False))
 
     # the data section counts the same persons and images as the study's split
-    data = prepare_data(cfg.data, progress=False)
+    data = prepare_data(cfg, progress=False)
     persons = {part: len(data.split.persons(data.frame, part)) for part in ("train", "valid")}
     assert cell("persons valid", persons["valid"]) in page and cell("persons train", persons["train"]) in page
     assert cell("images valid", len(data.split.valid)) in page and cell("split hash", data.split.hash) in page
     assert "the study was created with" not in page  # the split read now is the study's
     assert f"Study {cfg.name}</h1>" in page and "best robust/f1: 0." in page
     assert "no trial has an eval F1" in page  # the truth section, before the trials are scored on eval
+    shortcuts = page[page.index('<section id="shortcuts">'):]
+    shortcuts = shortcuts[:shortcuts.index("</section>")]
+    assert "the person-based probe and remedies apply" in shortcuts and "context audit: " in shortcuts
+    assert shortcuts.count("<tr><td>as loaded</td>") == 3  # mask, gender, age
 
     run_ensemble(cfg, log_to_wandb=False)
     page = write_report(cfg).read_text()

@@ -21,7 +21,7 @@ from harness.study import (
     suggest_params,
     trials_frame,
 )
-from harness.tracking import read_offline_run, run_id_for
+from harness.tracking import read_offline_run, run_id_for, study_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,14 @@ def test_study_runs_to_target_and_logs_every_trial(smoke_study):
                 "run_dir", "wandb_run_id", "weights", "foreground"} <= set(t.user_attrs)
         assert Path(t.user_attrs["run_dir"], "metrics.csv").is_file()
     check_wandb_history(cfg, frame)
+    shortcuts = study.user_attrs["shortcuts"]  # measured once, when the study was created
+    assert shortcuts["foreground"]["applies"] and shortcuts["foreground"]["users"][0] == "search.objective robust/f1"
+    assert [(row["view"], row["task"]) for row in shortcuts["audit"]][:3] == [
+        ("as loaded", "mask"), ("as loaded", "gender"), ("as loaded", "age")]
+    run = read_offline_run(cfg.study_dir / "wandb", study_run_id(cfg.name))
+    assert run["tables"]["shortcut_audit"]["columns"][:3] == ["view", "region", "task"]
+    assert run["summary"]["shortcut/probe_applies"] is True
+    assert len(run["tables"]["shortcut_audit"]["data"]) == len(shortcuts["audit"])
     assert len(run_study(cfg, progress=False).trials) == cfg.search.trials  # rerun: nothing more to do
     assert len(run_study(cfg, trials=cfg.search.trials + 1, progress=False).trials) == cfg.search.trials + 1
 
@@ -224,3 +232,6 @@ def test_every_study_file_runs_its_smoke_variant(smoke_study, path):
     frame = trials_frame(study)
     assert len(frame) == cfg.search.trials
     assert (frame["state"] == "complete").any(), frame[["trial", "state", "reason"]]
+    if cfg.data.format != "competition":  # nothing there needs portraits: no face searched, no probe
+        assert study.user_attrs["shortcuts"]["foreground"] is None
+        assert frame["val_f1_bgswap"].isna().all() and not list(cfg.study_dir.rglob("bgswap_logits.npy"))

@@ -25,7 +25,7 @@ def cfg(smoke_study):
 
 @pytest.fixture
 def data(cfg):
-    return prepare_data(cfg.data, progress=False)
+    return prepare_data(cfg, progress=False)
 
 
 def test_trial_writes_everything_a_reviewer_needs(cfg, data, tmp_path):

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from harness.bench.applicability import bench_applicability
 from harness.bench.common import DEFAULT_STUDY, Bench, load_average, machine, print_rows
 from harness.bench.ensemble import bench_ensemble
 from harness.bench.loader import bench_loader
@@ -37,7 +38,7 @@ GROUPS: dict[str, Callable[[Bench], list[dict]]] = {
     "loader": bench_loader, "trial": bench_trial, "overhead": bench_study_overhead, "ensemble": bench_ensemble,
     "report": bench_report, "workers": bench_workers, "search": bench_search, "real": bench_real,
     "shortcut": bench_shortcut, "remedies": bench_remedies, "promotion": bench_promotion,
-    "tracking": bench_tracking_outage}
+    "tracking": bench_tracking_outage, "applicability": bench_applicability}
 
 
 def write_bench_json(out: Path, report: dict) -> None:

@@ -68,7 +68,7 @@ def svm_honest_f1(cfg) -> tuple[float, float]:
     from harness.data.prepare import prepare_data
 
     started = time.perf_counter()
-    data = prepare_data(cfg.data, progress=False)
+    data = prepare_data(cfg, progress=False)
     pixels = np.asarray(data.cache.images, dtype=np.float32).mean(axis=3).reshape(len(data.cache.images), -1) / 255
     labels, train, valid = data.frame["label"].to_numpy(), data.rows("train"), data.rows("valid")
     search = GridSearchCV(SVC(), {"C": [1, 3, 10, 30], "gamma": ["scale"]}, cv=5).fit(pixels[train], labels[train])

@@ -77,7 +77,7 @@ def bench_search(bench: Bench) -> list[dict]:
     quick, out = bench.quick, bench.out
     pruned_cfg, unpruned_cfg = search_configs(bench)
     shutil.rmtree(out / "search", ignore_errors=True)
-    prepare_data(pruned_cfg.data, progress=False)  # data and cache exist before either clock starts
+    prepare_data(pruned_cfg, progress=False)  # data and cache exist before either clock starts
     outcome = {}
     for label, cfg in (("pruned", pruned_cfg), ("unpruned", unpruned_cfg)):
         started, load_before = time.perf_counter(), load_average()[0]
@@ -174,7 +174,7 @@ def workers_rows(cfg: StudyConfig, server: str, out: Path, size: str) -> list[di
     from harness.study import run_workers
 
     shutil.rmtree(out / "workers", ignore_errors=True)
-    prepare_data(cfg.data, progress=False)  # the cache exists before any clock starts
+    prepare_data(cfg, progress=False)  # the cache exists before any clock starts
     stamp = f"{os.getpid()}_{int(time.time())}"
     cpus = os.cpu_count() or 1
     default_threads = timed_single_process(cfg, server, out, f"default_{stamp}", threads=cpus)

@@ -83,7 +83,7 @@ def bench_trial(bench: Bench) -> list[dict]:
     from harness.train import pick_device, run_trial
 
     cfg = _bench_cfg(bench)
-    data = prepare_data(cfg.data, progress=False)
+    data = prepare_data(cfg, progress=False)
     run_dir = bench.out / "runs" / "trial"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh trial, not a resume of the last bench's
     result = run_trial(cfg, data=data, run_dir=run_dir)

@@ -71,7 +71,8 @@ def check_data(cfg: StudyConfig, progress: bool = True) -> tuple[str, bool]:
     except ValueError as error:
         problems.append(Problem("error", str(data.root), str(error)))
         parts = {"all": good}
-    lines += foreground_summary(cfg, cache)
+    lines += foreground_summary(cfg, cache, problems)
+    lines += audit_summary(cfg)
     lines += ["", "images per class:", class_table(frame, parts).to_string()]
     if frame.attrs["tasks"]:
         lines += ["", "images per task label:", task_table(parts).to_string()]
@@ -82,26 +83,61 @@ def check_data(cfg: StudyConfig, progress: bool = True) -> tuple[str, bool]:
     return "\n".join(lines), not errors
 
 
-def foreground_summary(cfg: StudyConfig, cache) -> list[str]:
-    """Where the faces and persons were found (harness.foreground), the fallbacks, and against the truth when
-    the data is synthetic: the face hit rate (IoU >= 0.4) and the person masks' IoU."""
-    from harness.data.synthetic import read_truth
-    from harness.foreground import box_iou, foreground, mask_iou
+def foreground_summary(cfg: StudyConfig, cache, problems: list[Problem]) -> list[str]:
+    """What the foreground step finds on this data (harness.applicability): faces, person masks and their
+    fallbacks, whether the person-based probe and remedies apply, and against the truth where the data ships
+    one (synthetic): the face hit rate (IoU >= 0.4) and the person masks' IoU. A study that needs them where
+    they do not apply is an error problem: `harness study` would refuse it."""
+    from harness.applicability import foreground_users, prepare_foreground, sample_faces
 
-    fg = foreground(cache, cfg.data.cache_dir)
+    users = foreground_users(cfg)
+    fg, found = prepare_foreground(cfg, cache, refuse=False)
+    if found is None:
+        sample = sample_faces(cache.images, cfg, users)
+        return ["", "foreground: not computed: nothing in the study uses faces or person masks and the data is not "
+                    f"in the portrait layout ({sample.describe()})"]
+    uses = f"used by {', '.join(users)}" if users else "used by nothing in the study (a probe shown beside the figures)"
+    lines = ["", f"foreground ({uses}): {found.describe()}"]
+    if found.users and not found.applies:
+        problems.append(Problem("error", "study file", found.refusal(cfg.name)))
+    if fg is None:
+        return lines
     counts = fg.counts()
     detectors = ", ".join(f"{name} {count}" for name, count in sorted(fg.stats["detectors"].items()))
-    lines = ["", f"foreground: {counts['images']} images; faces by {detectors}; no face found in {counts['no_face']} "
-                 f"(a portrait's usual face box stands in); person mask from the template (GrabCut failed) in "
-                 f"{counts['mask_fallback']}"]
-    truth = read_truth(cfg.data.root, cache.paths, *cache.images.shape[1:3])
-    if truth is not None:
-        boxes, masks = truth
-        hits = (box_iou(fg.faces, boxes) >= 0.4) & fg.found
-        iou = mask_iou(fg.masks, masks)
-        lines.append(f"  against the synthetic truth: face found {hits.mean():.3f} of images (IoU >= 0.4), "
-                     f"person mask IoU mean {iou.mean():.3f} (10th percentile {np.percentile(iou, 10):.3f})")
+    lines.append(f"  {counts['images']} images; faces by {detectors}; no face found in {counts['no_face']} (a "
+                 f"portrait's usual face box stands in); person mask from the template (GrabCut failed) in "
+                 f"{counts['mask_fallback']}")
+    lines += truth_lines(cfg.data.root, cache, fg)
     return lines
+
+
+def audit_summary(cfg: StudyConfig) -> list[str]:
+    """The context audit (harness.context_audit) of the data as the study would train on it."""
+    from harness.context_audit import audit_study_data, describe
+    from harness.data.prepare import prepare_data
+
+    if not cfg.shortcuts.audit:
+        return ["", "context audit: off (shortcuts.audit: false)"]
+    try:
+        data = prepare_data(cfg, progress=False, refuse_foreground=False)
+    except (DataError, ValueError) as error:
+        return ["", f"context audit: not run, the data cannot be prepared ({str(error).splitlines()[0]})"]
+    return [""] + describe(audit_study_data(cfg, data))
+
+
+def truth_lines(root, cache, fg) -> list[str]:
+    """The face hit rate and mask IoU against the truth a generated dataset ships (truth/), if it has one."""
+    from harness.data.synthetic import read_truth
+    from harness.foreground import box_iou, mask_iou
+
+    truth = read_truth(root, cache.paths, *cache.images.shape[1:3])
+    if truth is None:
+        return []
+    boxes, masks = truth
+    hits = (box_iou(fg.faces, boxes) >= 0.4) & fg.found
+    iou = mask_iou(fg.masks, masks)
+    return [f"  against the data's truth: face found {hits.mean():.3f} of images (IoU >= 0.4), "
+            f"person mask IoU mean {iou.mean():.3f} (10th percentile {np.percentile(iou, 10):.3f})"]
 
 
 def _eval_summary(cfg: StudyConfig, problems: list[Problem]) -> list[str]:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.config import DataConfig
+from harness.config import DataConfig, StudyConfig
 from harness.data.cache import DecodedCache, build_cache
 from harness.data.labels import NUM_CLASSES, class_name
 from harness.data.readers import DataIndex, read_train
 from harness.data.split import Split, split_by_person
-from harness.foreground import Foreground, foreground
+from harness.foreground import Foreground
 
 log = logging.getLogger(__name__)
 SPEC_DEFAULTS = {"label_noise": 0.0}  # synthetic.json keys added later, at the value data made before had
@@ -26,7 +26,11 @@ class PreparedData:
     frame: pd.DataFrame  # the train index, rows in cache order
     split: Split
     cache: DecodedCache
-    foreground: Foreground  # each cached image's face box, person mask and background plate
+    # each cached image's face box, person mask and background plate; None where the study uses none of them
+    # and the data is not portraits, or where they do not apply (harness.applicability)
+    foreground: Foreground | None
+    applicability: object = None  # harness.applicability.Applicability: what the foreground step found; None: not run
+    shortcuts: dict | None = None  # the study's "shortcuts" record (harness.context_audit), once the study is open
 
     @property
     def num_classes(self) -> int:
@@ -101,8 +105,14 @@ def read_checked(data: DataConfig) -> DataIndex:
     return index
 
 
-def prepare_data(data: DataConfig, progress: bool = True) -> PreparedData:
-    """Index, split and cache the train data. With `on_bad_image: fail`, build_cache raises on a bad image."""
+def prepare_data(cfg: StudyConfig, progress: bool = True, refuse_foreground: bool = True) -> PreparedData:
+    """Index, split and cache the train data, and find faces and persons where the study uses them and they
+    apply (raises harness.applicability.NotApplicable where they are needed and do not, unless
+    `refuse_foreground` is False: then the foreground is None there). With
+    `on_bad_image: fail`, build_cache raises on a bad image."""
+    from harness.applicability import prepare_foreground
+
+    data = cfg.data
     frame = read_checked(data).frame
     cache = build_cache(list(frame["path"]), data.image_size.height, data.image_size.width, Path(data.cache_dir),
                         resize=data.resize, workers=data.cache_workers, on_bad_image=data.on_bad_image,
@@ -114,7 +124,7 @@ def prepare_data(data: DataConfig, progress: bool = True) -> PreparedData:
         frame = frame[keep].reset_index(drop=True).copy()
     frame = _in_cache_order(frame, cache)
     split = split_by_person(frame, data.valid_fraction, data.split_seed)
-    return PreparedData(frame, split, cache, foreground(cache, data.cache_dir))
+    return PreparedData(frame, split, cache, *prepare_foreground(cfg, cache, refuse_foreground))
 
 
 def _in_cache_order(frame: pd.DataFrame, cache: DecodedCache) -> pd.DataFrame:

@@ -290,7 +290,8 @@ def read_image_folder(root: Path) -> DataIndex:
             if is_junk(file):
                 problems.append(Problem("warning", str(file), "junk file skipped"))
             elif file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append(_plain_row(file, group=str(file.relative_to(root)), label=label, problems=problems))
+                relative = str(file.relative_to(root))
+                rows.append(_plain_row(file, group=relative, image_id=relative, label=label, problems=problems))
     return DataIndex(_finish(rows, len(classes), False, classes), problems)
 
 
@@ -308,14 +309,16 @@ def read_csv_index(root: Path, csv_name: Path) -> DataIndex:
         if not file.is_file():
             problems.append(Problem("error", f"{csv_path}:{line}", f"image {row['path']!r} not found"))
             continue
-        rows.append(_plain_row(file, group=row.get("group") or row["path"], label=label_of[row["label"]], problems=problems))
+        rows.append(_plain_row(file, group=row.get("group") or row["path"], image_id=row["path"],
+                               label=label_of[row["label"]], problems=problems))
     return DataIndex(_finish(rows, len(names), False, names), problems)
 
 
-def _plain_row(file: Path, group: str, label: int, problems: list[Problem]) -> dict:
+def _plain_row(file: Path, group: str, image_id: str, label: int, problems: list[Problem]) -> dict:
+    """One image of an image-folder or CSV dataset; `image_id` names the image (a group may hold several)."""
     if file.stat().st_size == 0:
         problems.append(Problem("error", str(file), "zero-byte image"))
-    return dict(path=str(file.resolve()), person=group, image_id=group, mask=-1, gender=-1, age=-1,
+    return dict(path=str(file.resolve()), person=group, image_id=image_id, mask=-1, gender=-1, age=-1,
                 age_years=-1, label=label)
 
 

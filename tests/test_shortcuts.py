@@ -1,0 +1,148 @@
+"""Shortcut measures that know where they apply: the portrait-only probe and remedies are refused on data
+without faces, before any compute and without touching a study; the context audit flags labels that the
+background predicts and stays quiet where it does not, on data with no person at all."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from conftest import harness_env
+from harness.applicability import foreground_users
+from harness.config import load_study, parse_study
+from harness.context_audit import audit_views, corner_region
+from harness.data.prepare import prepare_data
+from harness.remedies import run_remedies
+from harness.study import default_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digits_as_user(tmp_path: Path, name: str = "copied", **extra) -> Path:
+    """studies/default.yaml copied onto scikit-learn's digits, as a user would: the data pointed elsewhere,
+    multihead and the portrait crops removed, robust/f1 and the swap probability kept."""
+    cfg = load_study(ROOT / "studies" / "default.yaml", overrides={
+        "name": name, "runs_dir": str(tmp_path / "runs"), "data.format": "imagefolder", "data.synthetic": None,
+        "data.sample": "digits", "data.root": str(tmp_path.parent / "digits-shared"),
+        "data.cache_dir": str(tmp_path.parent / "digits-cache"), "data.image_size": {"height": 32, "width": 32},
+        "search.space.head.choices": ["multiclass"], "params.preprocess": "none",
+        "search.space.preprocess.choices": ["none", "center_crop"], "tracking.mode": "disabled", **extra})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def test_the_default_study_on_digits_is_refused_before_any_compute_naming_the_share_and_the_fix(tmp_path):
+    study_file = digits_as_user(tmp_path)
+    cfg = load_study(study_file)
+    assert foreground_users(cfg) == ["search.objective robust/f1", "search.space.bgswap_p"]
+    storage = default_storage(cfg)
+    cfg.study_dir.mkdir(parents=True)
+    existing = optuna.create_study(study_name="someone-elses", storage=storage)
+    existing.set_user_attr("kept", True)
+    database = Path(storage.removeprefix("sqlite:///"))
+    before = hashlib.sha256(database.read_bytes()).hexdigest()
+    result = subprocess.run([sys.executable, "-m", "harness.cli", "study", str(study_file)], capture_output=True,
+                            text=True, env=harness_env(), timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "faces found in 0% of a sample of 64 of 1797 images (needs >= 80%)" in result.stderr
+    assert "search.objective robust/f1, search.space.bgswap_p" in result.stderr
+    assert "to fix: set `search.objective: val/f1`" in result.stderr and "Traceback" not in result.stderr
+    assert not (cfg.study_dir / "trials").exists()
+    assert hashlib.sha256(database.read_bytes()).hexdigest() == before
+    assert optuna.get_all_study_names(storage) == ["someone-elses"]
+
+
+def test_a_study_that_uses_no_person_measure_skips_the_foreground_and_the_probe(tmp_path):
+    cfg = load_study(digits_as_user(tmp_path, "plain", **{"search.objective": "val/f1", "params.bgswap_p": 0.0}))
+    cfg = cfg.replace({"search.space": {k: v.model_dump(mode="json") for k, v in cfg.search.space.items()
+                                        if k != "bgswap_p"}})
+    assert foreground_users(cfg) == []
+    data = prepare_data(cfg, progress=False)
+    assert data.foreground is None and data.applicability is None
+    assert not list(Path(cfg.data.cache_dir).glob("*.fg*.json"))  # no face or mask was searched for
+
+
+def test_remedies_that_need_faces_are_reported_as_not_applying(tmp_path):
+    cfg = load_study(digits_as_user(tmp_path, "remedies"))
+    table = run_remedies(cfg, names=["face_crop", "remove_background", "bgswap_aug"])
+    assert [row["applies"] for row in table["rows"]] == [False, False, False]
+    assert all("faces found in 0%" in row["reason"] for row in table["rows"])
+    assert not (cfg.study_dir / "remedies").exists()
+
+
+def test_a_person_objective_on_portraits_still_applies(smoke_study):
+    cfg = smoke_study()
+    users = foreground_users(cfg)
+    assert users == ["search.objective robust/f1", "search.space.bgswap_p", "params.preprocess remove_background",
+                     "search.space.preprocess face_crop"]
+    data = prepare_data(cfg, progress=False)
+    assert data.foreground is not None and data.applicability.applies
+    assert data.applicability.face_share >= 0.8
+
+
+# ------------------------------------------------------------------------------ the audit
+
+
+def context_dataset(count: int, trap: bool, seed: int = 0):
+    """Two classes told apart by a bright or dark square in the middle; the background's hue follows the
+    class in `trap` data and is random otherwise. Three images per group."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(rng.integers(0, 2, count // 3), 3)
+    groups = np.repeat(np.arange(count // 3), 3).astype(str)
+    hues = np.where(rng.random(len(labels)) < 0.9, labels, rng.integers(0, 2, len(labels))) if trap else \
+        rng.integers(0, 2, len(labels))
+    images = rng.integers(0, 60, (len(labels), 32, 32, 3)).astype(np.uint8)
+    images[..., 0] += (hues * 120).astype(np.uint8)[:, None, None]  # the background: reddish or bluish
+    images[..., 2] += ((1 - hues) * 120).astype(np.uint8)[:, None, None]
+    images[:, 10:22, 10:22] = np.where(labels == 1, 230, 20)[:, None, None, None]  # the object
+    frame = pd.DataFrame({"person": groups, "label": labels})
+    frame.attrs.update(tasks=False)
+    return images, frame
+
+
+def test_the_audit_flags_a_background_that_follows_the_label_and_not_one_that_does_not():
+    images, frame = context_dataset(240, trap=True)
+    trapped = audit_views(images, frame, None, ["none", "center_crop"], folds=4, permutations=8)
+    assert [(item.view, item.region, item.task) for item in trapped] == [("as loaded", "corners", "label"),
+                                                                        ("center_crop", "corners", "label")]
+    assert all(item.flagged for item in trapped)
+    assert trapped[0].f1 > 0.8 and trapped[0].low > trapped[0].chance_high
+    images, frame = context_dataset(240, trap=False)
+    free = audit_views(images, frame, None, ["none"], folds=4, permutations=8)
+    assert not free[0].flagged and free[0].whole_f1 > 0.9  # the object is there; the context says nothing
+
+
+def test_the_audit_stays_quiet_where_the_object_itself_reaches_the_corners(tmp_path):
+    cfg = parse_study(f"name: d\ndata: {{format: imagefolder, sample: digits, root: {tmp_path / 'digits'}, "
+                      f"cache_dir: {tmp_path / 'cache'}, image_size: {{height: 32, width: 32}}}}\n")
+    data = prepare_data(cfg, progress=False)
+    rows = np.arange(0, len(data.frame), 3)  # a third of the scans keeps the test short
+    frame = data.frame.iloc[rows].reset_index(drop=True)
+    frame.attrs.update(data.frame.attrs)
+    found = audit_views(np.asarray(data.cache.images)[rows], frame, None, ["none"], folds=4, permutations=8)
+    assert found[0].f1 > found[0].chance_high  # the corners hold a little of each digit's strokes...
+    assert not found[0].flagged and found[0].share < 0.5  # ...far less than the whole scan: no shortcut
+
+
+def test_corner_patches_are_the_corners():
+    region = corner_region(32, 32)
+    assert region[0, 0] and region[-1, -1] and region[0, -1] and region[-1, 0]
+    assert not region[16, 16] and not region[0, 16] and region.sum() == 4 * 2 * 2
+
+
+@pytest.mark.parametrize("name", ["default", "mask", "digits"])
+def test_every_study_file_states_what_needs_portraits(name):
+    cfg = load_study(ROOT / "studies" / f"{name}.yaml")
+    users = foreground_users(cfg)
+    if cfg.data.format == "competition":
+        assert users and cfg.shortcuts.min_face_share > 0
+    else:
+        assert users == []

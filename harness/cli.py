@@ -123,6 +123,10 @@ def print_top(cfg, frame, limit: int = 5) -> None:
         print(frame[columns + params].head(limit).to_string(index=False))
     print(INTERVAL_NOTE)
     from harness.tracking import describe_states
+    from harness.uncertainty import winner_certainty
+
+    if "objective_low" in frame and (certainty := winner_certainty(frame)):
+        print(certainty)
 
     best = frame.iloc[0]
     print(f"\nbest trial {best['trial']}: files in {best['run_dir']}, W&B run {best['wandb_run_id']}")
@@ -135,10 +139,18 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
+    warm = None
+    if args.warm_start:  # refused before any data is prepared where the spaces differ
+        from harness.study import load_existing_study
+        from harness.warm_start import best_params, check_same_space
+
+        other = load_study(args.warm_start, smoke=args.smoke)
+        check_same_space(cfg, other)
+        warm = (other.name, best_params(other.name, load_existing_study(other, args.storage), args.warm_start_top))
     if args.workers > 1:
-        run_workers(cfg, args.workers, trials=args.trials, timeout=args.timeout, storage=args.storage)
+        run_workers(cfg, args.workers, trials=args.trials, timeout=args.timeout, storage=args.storage, warm_start=warm)
     else:
-        run_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage)
+        run_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage, warm_start=warm)
     score_on_eval(cfg, args.storage)
     frame = status(cfg, args.storage)
     print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {cfg.study_dir / 'trials.csv'}")
@@ -310,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--trials", type=int, help="target number of finished trials (raises the file's)")
     study.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     study.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    study.add_argument("--warm-start", metavar="OTHER_STUDY", help="another study file of the same search space: "
+                       "its best configurations are trained first (once per study)")
+    study.add_argument("--warm-start-top", type=int, default=3, metavar="K",
+                       help="how many of the other study's best configurations (default 3)")
     verb("status", cmd_status, "table of trials sorted by val F1 (also runs/<study>/trials.csv)", with_storage)
     verb("ensemble", cmd_ensemble, "promote the best trials to a greedy ensemble with an honest score", with_storage)
     predict = verb("predict", cmd_predict, "predict the eval images: runs/<study>/submission.csv", with_storage)

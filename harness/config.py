@@ -164,6 +164,9 @@ class CategoricalParam(_Param):
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1)
 
+    def contains(self, value: Any) -> bool:
+        return value in self.choices
+
 
 class IntParam(_Param):
     type: Literal["int"]
@@ -171,6 +174,9 @@ class IntParam(_Param):
     high: int
     step: int = Field(1, ge=1)
     log: bool = False
+
+    def contains(self, value: Any) -> bool:
+        return self.low <= value <= self.high
 
     @model_validator(mode="after")
     def _range(self) -> IntParam:
@@ -185,6 +191,9 @@ class FloatParam(_Param):
     high: float
     log: bool = False
     step: float | None = Field(None, gt=0.0)
+
+    def contains(self, value: Any) -> bool:
+        return self.low <= value <= self.high
 
     @model_validator(mode="after")
     def _range(self) -> FloatParam:
@@ -211,6 +220,9 @@ class PrunerConfig(_Frozen):
     n_startup_trials: int = Field(3, ge=0)  # median: trials that complete before it prunes anything
     n_warmup_steps: int = Field(1, ge=0)  # epochs a trial trains before it can be stopped (SH/hyperband: min_resource)
     reduction_factor: int = Field(3, ge=2)  # successive_halving/hyperband: 1/this of a rung's trials go on
+    # stop a trial only on evidence (harness.pruners.EvidencePruner): where the pruner says stop AND the upper
+    # end of the trial's 95% person-bootstrap interval at that epoch is below the value it needed to go on
+    evidence: bool = False
 
 
 class SearchConfig(_Frozen):
@@ -220,6 +232,9 @@ class SearchConfig(_Frozen):
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     space: dict[str, SearchParam] = Field(default_factory=dict)
+    # known recipes, enqueued after trial 0 when the study is created: each a partial params mapping (the rest
+    # are the study file's defaults), e.g. the best configuration of an earlier study of the same data
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
     heartbeat_s: int = Field(10, ge=1)  # a trial with no heartbeat for 3x this long is stale and retried
     max_failed: int = Field(10, ge=1)  # stop the study after this many failed trials (it is probably broken)
 
@@ -342,6 +357,25 @@ class StudyConfig(_Frozen):
                 if HEADS.get(value).needs_tasks:
                     raise ValueError(f"{key}: head {value!r} needs the competition's mask/gender/age tasks, but "
                                      f"data.format is {self.data.format!r}; choose one of {usable}")
+        return self
+
+    @model_validator(mode="after")
+    def _recipes_inside_the_space(self) -> StudyConfig:
+        """An enqueued recipe names params that exist, with values valid for them and inside the searched space."""
+        for index, recipe in enumerate(self.search.enqueue):
+            where = f"search.enqueue.{index}"
+            unknown = sorted(set(recipe) - set(Params.model_fields))
+            if unknown:
+                raise ValueError(f"{where}: unknown parameter(s) {unknown}; searchable ones are "
+                                 f"{sorted(Params.model_fields)}")
+            try:
+                self.params.replace(**recipe)
+            except ValidationError as error:
+                raise ValueError(f"{where}: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}") from None
+            for name, value in recipe.items():
+                spec = self.search.space.get(name)
+                if spec is not None and not spec.contains(value):
+                    raise ValueError(f"{where}.{name}: {value!r} lies outside search.space.{name}")
         return self
 
     @model_validator(mode="after")

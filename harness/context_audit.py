@@ -43,6 +43,7 @@ MIN_SHARE = 0.5
 COLOUR_LEVELS = 4
 ORIENTATIONS = 8
 MIN_CONTEXT = 0.01  # a view with less of its pixels left in the context region is not audited
+BLANKED = "the remedy leaves nothing of the context region"
 CHUNK = 256  # images per feature batch (bounds memory)
 
 
@@ -66,6 +67,8 @@ class TaskAudit:
         return (self.f1 - self.chance) / max(self.whole_f1 - self.chance, 1e-9)
 
     def line(self) -> str:
+        if self.region == BLANKED:
+            return f"{self.view:18s} {self.task:7s} not audited: {BLANKED}"
         verdict = "SHORTCUT: the context predicts it" if self.flagged else "no shortcut found"
         return (f"{self.view:18s} {self.task:7s} F1 from {self.region} {self.f1:.3f} [{self.low:.3f}, {self.high:.3f}] "
                 f"vs chance {self.chance:.3f} (shuffled up to {self.chance_high:.3f}), whole image {self.whole_f1:.3f}: "
@@ -220,11 +223,17 @@ def audit_views(images: np.ndarray, frame, fg, methods: list[str], folds: int = 
         # without a person the context is the corners of what the model sees; with one, the outside of the person
         # moved as the remedy moved the pixels
         remedied = region if fg is None else remedied_region(region, method, fg)
-        if remedied.mean() < MIN_CONTEXT:
-            continue  # nothing of the context is left (the background removed): nothing to read it from
+        if remedied.mean() < MIN_CONTEXT:  # the background removed: nothing left to read it from
+            views.append((method, BLANKED, None, None))
+            continue
         views.append((method, region_name, preprocess(np.asarray(images), method, fg), remedied))
     found = []
     for view, region_name, pixels, region in views:
+        if pixels is None:
+            nan = float("nan")
+            found += [TaskAudit(view, region_name, task, int(labels.max()) + 1, nan, nan, nan, nan, nan, nan, False)
+                      for task, labels in tasks.items()]
+            continue
         features = context_features(pixels, region)
         whole = context_features(pixels, np.ones((height, width), bool))
         for task, labels in tasks.items():
@@ -261,9 +270,10 @@ def as_records(found: list[TaskAudit]) -> list[dict]:
 
 def describe(found: list[TaskAudit]) -> list[str]:
     flagged = [item for item in found if item.flagged]
-    head = (f"context audit: the labels CAN be predicted from context alone ({len(flagged)} of {len(found)} "
+    audited = sum(item.region != BLANKED for item in found)
+    head = (f"context audit: the labels CAN be predicted from context alone ({len(flagged)} of {audited} "
             "view/task pairs): a model may learn where photos were taken instead of what they show"
-            if flagged else f"context audit: no label is predictable from context alone ({len(found)} view/task "
+            if flagged else f"context audit: no label is predictable from context alone ({audited} view/task "
                             "pairs checked)")
     return [head] + [f"  {item.line()}" for item in found]
 

@@ -482,8 +482,11 @@ def add_intervals(section: Section, frame: pd.DataFrame) -> None:
             error_y={"type": "data", "symmetric": False, "array": part["objective_high"] - part["objective"],
                      "arrayminus": part["objective"] - part["objective_low"]}))
     fig.update_layout(xaxis_title="trial", yaxis_title="objective on valid", height=360, margin={"t": 30})
+    from harness.uncertainty import winner_certainty
+
     section.figure("intervals", fig, "95% person-bootstrap intervals (persons resampled, their images weighted); "
-                                     "tied: the paired interval of the difference from the best holds 0")
+                                     "tied: the paired interval of the difference from the best holds 0. "
+                                     + (winner_certainty(frame) or ""))
 
 
 def promotion_section(cfg: StudyConfig) -> Section:

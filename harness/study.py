@@ -156,16 +156,25 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    """The study's pruner; with `search.pruner.evidence`, wrapped so that it stops a trial only on evidence
+    (harness.pruners.EvidencePruner)."""
+    from harness.pruners import EvidencePruner
+
     spec, epochs = cfg.search.pruner, cfg.train.epochs
+    resource = max(1, spec.n_warmup_steps)
+    if spec.name == "none":
+        return optuna.pruners.NopPruner()
     if spec.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
-    if spec.name == "successive_halving":  # asynchronous: a trial is compared with every trial at its rung
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, spec.n_warmup_steps),
-                                                      reduction_factor=spec.reduction_factor)
-    if spec.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, spec.n_warmup_steps), max_resource=epochs,
-                                              reduction_factor=spec.reduction_factor)
-    return optuna.pruners.NopPruner()
+        pruner, keep = optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials,
+                                                   n_warmup_steps=spec.n_warmup_steps), 0.5
+    elif spec.name == "successive_halving":  # asynchronous: a trial is compared with every trial at its rung
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=resource, reduction_factor=spec.reduction_factor)
+    else:
+        pruner = optuna.pruners.HyperbandPruner(min_resource=resource, max_resource=epochs,
+                                                reduction_factor=spec.reduction_factor)
+    if spec.name != "median":
+        keep = 1 / spec.reduction_factor  # the share of a rung's trials that goes on
+    return EvidencePruner(pruner, keep) if spec.evidence else pruner
 
 
 # ---------------------------------------------------------------------- search space
@@ -186,9 +195,10 @@ def suggest_params(trial: optuna.Trial, cfg: StudyConfig) -> Params:
     return Params.model_validate(values)
 
 
-def default_trial_params(cfg: StudyConfig) -> dict:
-    """The study file's defaults restricted to the active searched params: trial 0."""
-    values = cfg.params.model_dump()
+def default_trial_params(cfg: StudyConfig, recipe: dict | None = None) -> dict:
+    """The study file's defaults (with a recipe's params over them) restricted to the active searched params:
+    trial 0, or an enqueued recipe."""
+    values = cfg.params.replace(**(recipe or {})).model_dump()
     active = {}
     for name, spec in cfg.search.space.items():
         if spec.active(values):
@@ -214,6 +224,9 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
     if "split_hash" not in stored:
         if not any(t.user_attrs.get("reference") for t in study.trials):
             study.enqueue_trial(default_trial_params(cfg), user_attrs={"reference": True})
+        for index, recipe in enumerate(cfg.search.enqueue):  # known recipes right after it
+            if not any(t.user_attrs.get("recipe") == index for t in study.trials):
+                study.enqueue_trial(default_trial_params(cfg, recipe), user_attrs={"recipe": index})
         stored_attrs = {"space_hash": expected["space_hash"], "harness_version": harness.__version__}
         if data_summary is not None:  # persons, images, class counts: the report shows them
             stored_attrs["data_summary"] = data_summary
@@ -338,7 +351,8 @@ def store_result(trial: optuna.Trial, result: TrialResult) -> None:
 
 
 def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None = None,
-              storage: str | None = None, progress: bool = True, track_study: bool = True) -> optuna.Study:
+              storage: str | None = None, progress: bool = True, track_study: bool = True,
+              warm_start: tuple[str, list[dict]] | None = None) -> optuna.Study:
     """Run (or resume) the study until `trials` (default: the study file's) trials have finished.
 
     `track_study=False` leaves the study's own W&B run to someone else (`run_workers`' parent):
@@ -348,7 +362,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     if not cfg.search.space and target > 1:
         log.warning("search.space is empty: only trial 0 (the study file's defaults) can run; the target is 1")
         target = 1
-    study, data = open_search(cfg, storage, progress)
+    study, data = open_search(cfg, storage, progress, warm_start)
     requeue_interrupted(study)
     tracker = _study_tracker(cfg, data) if track_study else None
     try:
@@ -361,14 +375,19 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     return study
 
 
-def open_search(cfg: StudyConfig, storage: str | None, progress: bool) -> tuple[optuna.Study, PreparedData]:
-    """Before any compute the preflight, then the data (index, cache, foreground) and the study, created or resumed."""
+def open_search(cfg: StudyConfig, storage: str | None, progress: bool,
+                warm_start: tuple[str, list[dict]] | None = None) -> tuple[optuna.Study, PreparedData]:
+    """Before any compute the preflight, then the data (index, cache, foreground) and the study, created or resumed;
+    `warm_start` (another study's name and its best configurations, harness.warm_start) enqueued once."""
     from harness.tracking import start_probe
+    from harness.warm_start import enqueue_warm_start
 
     check_study(cfg)  # every backbone the study can draw must be usable here
     start_probe(cfg)  # whether W&B answers, found out while the data is prepared
     data = prepare_data(cfg, progress=progress)  # refuses a person-based objective or remedy that does not apply
     study = open_study(cfg, storage, data.split.hash, data.summary())
+    if warm_start is not None and enqueue_warm_start(study, *warm_start):
+        log.info("warm start: %d configuration(s) of study %r enqueued", len(warm_start[1]), warm_start[0])
     data.shortcuts = shortcuts_of(cfg, study, data)
     return study, data
 
@@ -414,7 +433,7 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: Study
 
 def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeout: float | None = None,
                 storage: str | None = None, progress: bool = True, run: Callable | None = None,
-                prepare: Callable | None = None) -> optuna.Study:
+                prepare: Callable | None = None, warm_start: tuple[str, list[dict]] | None = None) -> optuna.Study:
     """K worker processes on one machine, each running `run` (default: `run_study`) on the same storage.
 
     The parent first runs `prepare(cfg, storage, progress) -> (study, tracker factory or None)` (default: the
@@ -422,7 +441,8 @@ def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeo
     enqueue trials twice. Each worker takes its own trials; heartbeats let a surviving worker retry the trial
     of one that died. The parent keeps the study's W&B run, refreshed whenever a trial changes state.
     """
-    run, prepare = run or run_study, prepare or _prepare_search
+    run = run or run_study
+    prepare = prepare or (lambda *args: _prepare_search(*args, warm_start=warm_start))
     study, make_tracker = prepare(cfg, storage, progress)
     context = multiprocessing.get_context("spawn")  # no inherited thread pools or open DB connections
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -452,8 +472,9 @@ def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeo
     return study
 
 
-def _prepare_search(cfg: StudyConfig, storage: str | None, progress: bool):
-    study, data = open_search(cfg, storage, progress)
+def _prepare_search(cfg: StudyConfig, storage: str | None, progress: bool,
+                    warm_start: tuple[str, list[dict]] | None = None):
+    study, data = open_search(cfg, storage, progress, warm_start)
     return study, lambda: _study_tracker(cfg, data)
 
 

@@ -178,8 +178,14 @@ def build_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optim
 
 def report_to_pruner(trial, row: dict) -> None:
     """The objective at step = epochs trained so far (1, 2, ...): the resource that Optuna's pruners count,
-    so `min_resource: 1` of successive halving can stop a trial after its first epoch."""
-    trial.report(row["objective"], int(row["epoch"]) + 1)
+    so `min_resource: 1` of successive halving can stop a trial after its first epoch. The upper end of its
+    interval, where the epoch has one, goes beside it for the evidence pruner (harness.pruners)."""
+    from harness.pruners import HIGH_ATTR
+
+    step = int(row["epoch"]) + 1
+    if math.isfinite(row.get("objective_high", math.nan)):
+        trial.set_user_attr(HIGH_ATTR.format(step=step), float(row["objective_high"]))
+    trial.report(row["objective"], step)
 
 
 def forward_loss(model, x: torch.Tensor, y: torch.Tensor, loss_fn, mixed: bool) -> torch.Tensor:
@@ -242,9 +248,11 @@ def predict_log_probs(model, images: np.ndarray, labels: np.ndarray, loss_fn, de
     return torch.cat(outputs).numpy(), total_loss / max(1, len(images))
 
 
-def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData, objective: str) -> tuple[dict, dict]:
-    """Valid metrics, the train-probe gap, valid F1 on swapped backgrounds and the objective; also the
-    log-probabilities of the views the objective and the ensemble use (valid, bgswap)."""
+def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData, objective: str,
+             interval: bool = False) -> tuple[dict, dict]:
+    """Valid metrics, the train-probe gap, valid F1 on swapped backgrounds and the objective (with its 95%
+    person-bootstrap interval when `interval`); also the log-probabilities of the views the objective and the
+    ensemble use (valid, bgswap)."""
     tasks = data.tasks
     start = time.perf_counter()
     scores, losses = {}, {}
@@ -263,7 +271,19 @@ def evaluate(model, loaders: Loaders, loss_fn, device, data: PreparedData, objec
            "val/f1_bgswap": swapped_f1, "gap/bgswap": valid["f1"] - swapped_f1,
            "objective": float(OBJECTIVES.get(objective)({"valid": valid["f1"], "bgswap": swapped_f1})),
            "probe_time": time.perf_counter() - start}
+    if interval:
+        row["objective_low"], row["objective_high"] = objective_interval(scores, data, objective)
     return row, {name: scores[name] for name in ("valid", "bgswap") if name in scores}
+
+
+def objective_interval(scores: dict[str, np.ndarray], data: PreparedData, objective: str) -> tuple[float, float]:
+    """The 95% person-bootstrap interval of the objective of this epoch's valid predictions."""
+    from harness.uncertainty import interval, objective_samples, person_weights
+
+    persons = data.frame["person"].to_numpy()[data.rows("valid")]
+    views = {view: scores[view].argmax(axis=1)[None] for view in OBJECTIVES.get(objective).views}
+    samples = objective_samples(views, data.labels("valid"), person_weights(persons), objective, data.num_classes)
+    return interval(samples[0])
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -399,7 +419,8 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
         loaders.train_transform.reseed(epoch_seed)
         train_loss, images, seconds = train_one_epoch(model, policy.frozen_modules(model, epoch), loaders.train,
                                                       loss_fn, optimizer, scheduler, scaler, device, cfg, epoch)
-        metrics, view_scores = evaluate(model, loaders, loss_fn, device, data, cfg.search.objective)
+        metrics, view_scores = evaluate(model, loaders, loss_fn, device, data, cfg.search.objective,
+                                        interval=cfg.search.pruner.evidence)
         row = {"epoch": epoch, "train/loss": train_loss, **metrics, "lr": optimizer.param_groups[1]["lr"],
                "lr_backbone": optimizer.param_groups[0]["lr"], "epoch_time": seconds, "images_per_s": images / seconds}
         rows.append(row)

@@ -107,3 +107,28 @@ def _beside_objective(frame: pd.DataFrame) -> pd.DataFrame:
     columns = [c for c in frame.columns if c not in added]
     at = columns.index("objective") + 1 if "objective" in columns else len(columns)
     return frame[columns[:at] + added + columns[at:]]
+
+
+def winner_certainty(frame: pd.DataFrame) -> str | None:
+    """How sure a study is of its winner, in words, from `with_intervals`' frame: the winner's interval against
+    the runner-up's, how many trials cannot be told apart from it, and how long ago it was found; None with
+    fewer than two trials with an interval."""
+    ranked = frame[frame["objective_low"].notna()].sort_values(["objective", "trial"], ascending=[False, True])
+    if len(ranked) < 2:
+        return None
+    best, second = ranked.iloc[0], ranked.iloc[1]
+
+    def shown(row) -> str:
+        return f"trial {int(row['trial'])} at {row['objective']:.4f} [{row['objective_low']:.4f}, " \
+               f"{row['objective_high']:.4f}]"
+
+    tied = int(ranked["tied_with_best"].iloc[1:].fillna(False).astype(bool).sum())
+    finished = frame[frame["state"].isin(["complete", "pruned"])]
+    after = int((finished["trial"] > best["trial"]).sum())
+    text = f"Winner: {shown(best)}; runner-up: {shown(second)}. "
+    if tied:
+        text += (f"{tied} trial(s) cannot be told apart from the winner on these valid persons (the paired "
+                 "interval of the difference holds 0): another seed, more trials or more epochs could change it.")
+    else:
+        text += "No other trial is within the winner's noise: the valid persons separate it from the rest."
+    return text + f" {after} of the {len(finished)} finished trials came after the winner and did not beat it."

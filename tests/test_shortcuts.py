@@ -31,7 +31,8 @@ def digits_as_user(tmp_path: Path, name: str = "copied", **extra) -> Path:
         "data.sample": "digits", "data.root": str(tmp_path.parent / "digits-shared"),
         "data.cache_dir": str(tmp_path.parent / "digits-cache"), "data.image_size": {"height": 32, "width": 32},
         "search.space.head.choices": ["multiclass"], "params.preprocess": "none",
-        "search.space.preprocess.choices": ["none", "center_crop"], "tracking.mode": "disabled", **extra})
+        "search.space.preprocess.choices": ["none", "center_crop"], "search.enqueue": [], "tracking.mode": "disabled",
+        **extra})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path
@@ -146,3 +147,26 @@ def test_every_study_file_states_what_needs_portraits(name):
         assert users and cfg.shortcuts.min_face_share > 0
     else:
         assert users == []
+
+
+def test_the_real_photo_trap_puts_labels_on_backgrounds_in_train_only(tmp_path):
+    import pandas as pd
+
+    from harness.data.realphoto import TRAPPED, make_realphoto
+
+    trapped, free = tmp_path / "trap", tmp_path / "free"
+    assert make_realphoto(trapped, trap_strength=1.0, size=48) == 800
+    make_realphoto(free, trap_strength=0.0, size=48)
+    truth = {name: pd.read_csv(root / "truth.csv") for name, root in (("trap", trapped), ("free", free))}
+    for table in truth.values():
+        table["split"] = table["path"].str.split("/").str[1]
+        table["label"] = np.where(table["face"], "face", "non_face")
+        table["follows"] = [kind in TRAPPED[label] for kind, label in zip(table["background"], table["label"])]
+    trap, twin = truth["trap"], truth["free"]
+    assert trap.loc[trap["split"] == "train", "follows"].all()  # every train background follows its label
+    assert 0.3 < trap.loc[trap["split"] == "eval", "follows"].mean() < 0.7  # eval backgrounds are random
+    assert 0.3 < twin.loc[twin["split"] == "train", "follows"].mean() < 0.7
+    assert (trap[["path", "x0", "y0", "x1", "y1"]] == twin[["path", "x0", "y0", "x1", "y1"]]).all().all()  # same poses
+    train = pd.read_csv(trapped / "train.csv")
+    assert len(train) == 560 and train["group"].nunique() == 140 and set(train["label"]) == {"face", "non_face"}
+    assert not set(train["group"]) & set(pd.read_csv(trapped / "eval.csv")["group"])  # no subject on both sides

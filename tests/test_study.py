@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import harness_env, smoke_study_args, wait_for
+from harness.context_audit import BLANKED
 from harness.study import (
     StudyError,
     default_storage,
@@ -171,6 +172,8 @@ def test_study_runs_to_target_and_logs_every_trial(smoke_study):
     assert shortcuts["foreground"]["applies"] and shortcuts["foreground"]["users"][0] == "search.objective robust/f1"
     assert [(row["view"], row["task"]) for row in shortcuts["audit"]][:3] == [
         ("as loaded", "mask"), ("as loaded", "gender"), ("as loaded", "age")]
+    removed = [row for row in shortcuts["audit"] if row["view"] == "remove_background"]
+    assert len(removed) == 3 and all(row["region"] == BLANKED and not row["flagged"] for row in removed)
     run = read_offline_run(cfg.study_dir / "wandb", study_run_id(cfg.name))
     assert run["tables"]["shortcut_audit"]["columns"][:3] == ["view", "region", "task"]
     assert run["summary"]["shortcut/probe_applies"] is True

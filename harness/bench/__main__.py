@@ -30,6 +30,7 @@ from harness.bench.promotion import bench_promotion
 from harness.bench.real import bench_real
 from harness.bench.report import bench_report
 from harness.bench.shortcut import bench_remedies, bench_shortcut
+from harness.bench.spread import bench_spread
 from harness.bench.study import bench_search, bench_workers
 from harness.bench.trial import bench_study_overhead, bench_trial
 from harness.io import atomic_write_text
@@ -38,7 +39,7 @@ GROUPS: dict[str, Callable[[Bench], list[dict]]] = {
     "loader": bench_loader, "trial": bench_trial, "overhead": bench_study_overhead, "ensemble": bench_ensemble,
     "report": bench_report, "workers": bench_workers, "search": bench_search, "real": bench_real,
     "shortcut": bench_shortcut, "remedies": bench_remedies, "promotion": bench_promotion,
-    "tracking": bench_tracking_outage, "applicability": bench_applicability}
+    "tracking": bench_tracking_outage, "applicability": bench_applicability, "spread": bench_spread}
 
 
 def write_bench_json(out: Path, report: dict) -> None:

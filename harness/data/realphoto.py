@@ -96,12 +96,15 @@ def make_realphoto(root: Path, trap_strength: float = 0.9, seed: int = 0, size: 
     try:
         for index, (subject, label) in enumerate(zip(subjects, labels, strict=True)):
             split = "eval" if index in held else "train"
-            draw = np.random.default_rng([seed, index])  # the same poses and crops whatever the trap strength
-            kind_draw, trapped = draw.integers(len(BACKGROUNDS)), draw.random() < trap_strength
-            kind = draw.choice(TRAPPED[label]) if split == "train" and trapped else BACKGROUNDS[kind_draw]
+            # separate streams: the same kind draw, poses and crops whatever the trap strength
+            draw, pose = np.random.default_rng([seed, index, 0]), np.random.default_rng([seed, index, 1])
+            random_kind, trapped_kind, trapped = (BACKGROUNDS[draw.integers(len(BACKGROUNDS))],
+                                                  TRAPPED[label][draw.integers(2)], draw.random() < trap_strength)
+            kind = trapped_kind if split == "train" and trapped else random_kind
+            crops = np.random.default_rng([seed, index, 2])
             for k in range(GROUP_IMAGES):
                 name = f"{split}/{index:03d}-{k}.png"
-                image, mask, box = _paste(_background(str(kind), size, draw), subject, subject_share, draw)
+                image, mask, box = _paste(_background(kind, size, crops), subject, subject_share, pose)
                 for folder, pixels in (("images", image[..., ::-1]), ("truth", mask)):
                     (partial / folder / split).mkdir(parents=True, exist_ok=True)
                     cv2.imwrite(str(partial / folder / name), pixels)

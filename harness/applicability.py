@@ -31,13 +31,23 @@ from harness.preflight import PreflightError
 log = logging.getLogger(__name__)
 
 
+NOT_COMPUTED = ("not computed: nothing in the study uses faces or person masks and the data is not in the "
+                "portrait layout")
+
+
 class NotApplicable(PreflightError):
     """A study whose objective or remedies need portraits, on data where faces or person masks are not found."""
 
 
+def reads_foreground(preprocess: str, bgswap_p: float) -> bool:
+    """Whether training with this preprocessor and swap probability needs the foreground."""
+    from harness.augment import PREPROCESSORS
+
+    return bgswap_p > 0 or PREPROCESSORS.get(preprocess).uses_foreground
+
+
 def foreground_users(cfg: StudyConfig) -> list[str]:
     """What in the study reads the foreground, named as the study file names it (empty: nothing)."""
-    from harness.augment import PREPROCESSORS
     from harness.metrics import OBJECTIVES
 
     users = []
@@ -48,11 +58,11 @@ def foreground_users(cfg: StudyConfig) -> list[str]:
     swap = cfg.search.space.get("bgswap_p")
     if swap is not None and (swap.type != "categorical" or any(value > 0 for value in swap.choices)):
         users.append("search.space.bgswap_p")
-    if PREPROCESSORS.get(cfg.params.preprocess).uses_foreground:
+    if reads_foreground(cfg.params.preprocess, 0.0):
         users.append(f"params.preprocess {cfg.params.preprocess}")
     space = cfg.search.space.get("preprocess")
     for choice in space.choices if space is not None and space.type == "categorical" else []:
-        if choice != cfg.params.preprocess and PREPROCESSORS.get(choice).uses_foreground:
+        if choice != cfg.params.preprocess and reads_foreground(choice, 0.0):
             users.append(f"search.space.preprocess {choice}")
     return users
 

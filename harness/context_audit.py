@@ -44,6 +44,7 @@ COLOUR_LEVELS = 4
 ORIENTATIONS = 8
 MIN_CONTEXT = 0.01  # a view with less of its pixels left in the context region is not audited
 BLANKED = "the remedy leaves nothing of the context region"
+AUDIT_OFF = "context audit: off (shortcuts.audit: false)"
 CHUNK = 256  # images per feature batch (bounds memory)
 
 
@@ -288,13 +289,15 @@ def shortcut_record(cfg, data) -> dict:
 
 def record_lines(record: dict) -> list[str]:
     """The console / report lines of a study's "shortcuts" record."""
-    from harness.applicability import Applicability
+    from harness.applicability import NOT_COMPUTED, Applicability
 
     found = record.get("foreground")
     lines = ["foreground: " + (Applicability(**{k: v for k, v in found.items() if k != "applies"}).describe()
-                               if found else "not computed: nothing in the study uses faces or person masks and "
-                                             "the data is not in the portrait layout")]
+                               if found else NOT_COMPUTED)]
     audit = record.get("audit")
-    lines += describe([TaskAudit(**row) for row in audit]) if audit is not None else \
-        ["context audit: off (shortcuts.audit: false)"]
-    return lines
+    return lines + (describe([TaskAudit(**row) for row in audit]) if audit is not None else [AUDIT_OFF])
+
+
+def record_flags(record: dict) -> bool:
+    """Whether a "shortcuts" record flags any view/task pair."""
+    return any(row["flagged"] for row in record.get("audit") or [])

@@ -76,7 +76,6 @@ class TrialFolder:
     TRACEBACK = "traceback.txt"
 
     # what a reader needs to find in a folder
-    VALID_FILES = (VALID_LOGITS, VALID_INDEX)  # the ensemble's inputs (bgswap too where the objective reads it)
     VIEW_FILES = {"valid": VALID_LOGITS, "bgswap": BGSWAP_LOGITS}  # log-probabilities of each evaluated view
     MODEL_FILES = (BEST, CONFIG)  # a model to predict with
 

@@ -323,13 +323,7 @@ def _files(cache_dir: Path, key: str) -> dict[str, Path]:
 
 def has_foreground(cache, cache_dir: str | Path) -> bool:
     """Whether the foreground of these very images by this method is already kept beside the cache."""
-    files = _files(Path(cache_dir), cache.key)
-    if not files["json"].is_file():
-        return False
-    try:
-        return json.loads(files["json"].read_text()).get("version") == FOREGROUND_VERSION
-    except (OSError, ValueError):
-        return False
+    return _load(_files(Path(cache_dir), cache.key), cache.images.shape) is not None  # masks and plates map lazily
 
 
 def foreground(cache, cache_dir: str | Path) -> Foreground:

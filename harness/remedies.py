@@ -43,6 +43,7 @@ def remedies_dir(cfg: StudyConfig) -> Path:
 
 def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = None) -> dict:
     """Train and score every remedy (or `names`) with `seeds` seeds; write and return the table."""
+    from harness.applicability import reads_foreground
     from harness.data.prepare import prepare_data
     from harness.folders import TrialFolder
     from harness.predict import load_member_model, member_probabilities
@@ -58,7 +59,7 @@ def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = Non
     truth = _eval_truth(cfg)
     rows = []
     for name in names:
-        if data.foreground is None and needs_foreground(name):
+        if data.foreground is None and reads_foreground(**REMEDIES[name]):
             rows.append(_not_applicable(name, data.applicability))
             print(f"remedy {name:18s} does not apply: {rows[-1]['reason']}", flush=True)
             continue
@@ -91,15 +92,10 @@ def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = Non
     return table
 
 
-def needs_foreground(name: str) -> bool:
-    from harness.augment import PREPROCESSORS
-
-    remedy = REMEDIES[name]
-    return remedy["bgswap_p"] > 0 or PREPROCESSORS.get(remedy["preprocess"]).uses_foreground
-
-
 def _not_applicable(name: str, applicability) -> dict:
-    found = applicability.describe() if applicability is not None else "no face search: the data is not portraits"
+    from harness.applicability import NOT_COMPUTED
+
+    found = applicability.describe() if applicability is not None else f"no face search: {NOT_COMPUTED}"
     return {"remedy": name, **REMEDIES[name], "runs": [], "applies": False,
             "reason": f"needs faces and person masks; {found}"}
 

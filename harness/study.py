@@ -162,19 +162,21 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
 
     spec, epochs = cfg.search.pruner, cfg.train.epochs
     resource = max(1, spec.n_warmup_steps)
-    if spec.name == "none":
-        return optuna.pruners.NopPruner()
+
+    def on_evidence(pruner: optuna.pruners.BasePruner, keep: float) -> optuna.pruners.BasePruner:
+        return EvidencePruner(pruner, keep) if spec.evidence else pruner
+
     if spec.name == "median":
-        pruner, keep = optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials,
-                                                   n_warmup_steps=spec.n_warmup_steps), 0.5
-    elif spec.name == "successive_halving":  # asynchronous: a trial is compared with every trial at its rung
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=resource, reduction_factor=spec.reduction_factor)
-    else:
-        pruner = optuna.pruners.HyperbandPruner(min_resource=resource, max_resource=epochs,
-                                                reduction_factor=spec.reduction_factor)
-    if spec.name != "median":
-        keep = 1 / spec.reduction_factor  # the share of a rung's trials that goes on
-    return EvidencePruner(pruner, keep) if spec.evidence else pruner
+        return on_evidence(optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials,
+                                                       n_warmup_steps=spec.n_warmup_steps), 0.5)
+    rung_share = 1 / spec.reduction_factor  # the share of a rung's trials that goes on
+    if spec.name == "successive_halving":  # asynchronous: a trial is compared with every trial at its rung
+        return on_evidence(optuna.pruners.SuccessiveHalvingPruner(min_resource=resource,
+                                                                  reduction_factor=spec.reduction_factor), rung_share)
+    if spec.name == "hyperband":
+        return on_evidence(optuna.pruners.HyperbandPruner(min_resource=resource, max_resource=epochs,
+                                                          reduction_factor=spec.reduction_factor), rung_share)
+    return optuna.pruners.NopPruner()
 
 
 # ---------------------------------------------------------------------- search space
@@ -394,14 +396,15 @@ def open_search(cfg: StudyConfig, storage: str | None, progress: bool,
 
 def shortcuts_of(cfg: StudyConfig, study: optuna.Study, data: PreparedData) -> dict:
     """The study's "shortcuts" attribute (harness.context_audit): measured once, when the study is new."""
-    from harness.context_audit import record_lines, shortcut_record
+    from harness.context_audit import record_flags, record_lines, shortcut_record
 
     record = study.user_attrs.get("shortcuts")
     if record is None:
         record = shortcut_record(cfg, data)
         study.set_user_attr("shortcuts", record)
+    say = log.warning if record_flags(record) else log.info
     for line in record_lines(record):
-        (log.warning if "CAN be predicted" in line or "SHORTCUT" in line else log.info)("%s", line)
+        say("%s", line)
     return record
 
 

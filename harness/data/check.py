@@ -12,7 +12,7 @@ from PIL import Image
 from harness.config import StudyConfig
 from harness.data.cache import build_cache
 from harness.data.labels import TASKS, decode
-from harness.data.prepare import ensure_dataset
+from harness.data.prepare import ensure_dataset, in_cache_order
 from harness.data.readers import DataError, Problem, read_eval, read_train
 from harness.data.split import split_by_person
 
@@ -71,8 +71,8 @@ def check_data(cfg: StudyConfig, progress: bool = True) -> tuple[str, bool]:
     except ValueError as error:
         problems.append(Problem("error", str(data.root), str(error)))
         parts = {"all": good}
-    lines += foreground_summary(cfg, cache, problems)
-    lines += audit_summary(cfg)
+    found, fg = foreground_summary(cfg, cache, problems)
+    lines += found + audit_summary(cfg, in_cache_order(good, cache), cache, fg)
     lines += ["", "images per class:", class_table(frame, parts).to_string()]
     if frame.attrs["tasks"]:
         lines += ["", "images per task label:", task_table(parts).to_string()]
@@ -83,46 +83,46 @@ def check_data(cfg: StudyConfig, progress: bool = True) -> tuple[str, bool]:
     return "\n".join(lines), not errors
 
 
-def foreground_summary(cfg: StudyConfig, cache, problems: list[Problem]) -> list[str]:
+def foreground_summary(cfg: StudyConfig, cache, problems: list[Problem]) -> tuple[list[str], object]:
     """What the foreground step finds on this data (harness.applicability): faces, person masks and their
     fallbacks, whether the person-based probe and remedies apply, and against the truth where the data ships
     one (synthetic): the face hit rate (IoU >= 0.4) and the person masks' IoU. A study that needs them where
-    they do not apply is an error problem: `harness study` would refuse it."""
-    from harness.applicability import foreground_users, prepare_foreground, sample_faces
+    they do not apply is an error problem: `harness study` would refuse it. Returns the lines and the
+    foreground (None where it is not computed or does not apply)."""
+    from harness.applicability import NOT_COMPUTED, foreground_users, prepare_foreground, sample_faces
 
     users = foreground_users(cfg)
     fg, found = prepare_foreground(cfg, cache, refuse=False)
     if found is None:
-        sample = sample_faces(cache.images, cfg, users)
-        return ["", "foreground: not computed: nothing in the study uses faces or person masks and the data is not "
-                    f"in the portrait layout ({sample.describe()})"]
+        return ["", f"foreground: {NOT_COMPUTED} ({sample_faces(cache.images, cfg, users).describe()})"], None
     uses = f"used by {', '.join(users)}" if users else "used by nothing in the study (a probe shown beside the figures)"
     lines = ["", f"foreground ({uses}): {found.describe()}"]
     if found.users and not found.applies:
         problems.append(Problem("error", "study file", found.refusal(cfg.name)))
     if fg is None:
-        return lines
+        return lines, None
     counts = fg.counts()
     detectors = ", ".join(f"{name} {count}" for name, count in sorted(fg.stats["detectors"].items()))
     lines.append(f"  {counts['images']} images; faces by {detectors}; no face found in {counts['no_face']} (a "
                  f"portrait's usual face box stands in); person mask from the template (GrabCut failed) in "
                  f"{counts['mask_fallback']}")
     lines += truth_lines(cfg.data.root, cache, fg)
-    return lines
+    return lines, fg
 
 
-def audit_summary(cfg: StudyConfig) -> list[str]:
-    """The context audit (harness.context_audit) of the data as the study would train on it."""
-    from harness.context_audit import audit_study_data, describe
-    from harness.data.prepare import prepare_data
+def audit_summary(cfg: StudyConfig, frame: pd.DataFrame, cache, fg) -> list[str]:
+    """The context audit (harness.context_audit) of the readable images (`frame` in `cache` order) with the
+    foreground found for them (or None)."""
+    from harness.context_audit import AUDIT_OFF, audit_views, describe, study_methods
 
     if not cfg.shortcuts.audit:
-        return ["", "context audit: off (shortcuts.audit: false)"]
+        return ["", AUDIT_OFF]
     try:
-        data = prepare_data(cfg, progress=False, refuse_foreground=False)
-    except (DataError, ValueError) as error:
-        return ["", f"context audit: not run, the data cannot be prepared ({str(error).splitlines()[0]})"]
-    return [""] + describe(audit_study_data(cfg, data))
+        found = audit_views(cache.images, frame, fg, study_methods(cfg), cfg.shortcuts.audit_folds,
+                            cfg.shortcuts.audit_permutations, seed=cfg.seed)
+    except ValueError as error:
+        return ["", f"context audit: not run ({str(error).splitlines()[0]})"]
+    return [""] + describe(found)
 
 
 def truth_lines(root, cache, fg) -> list[str]:

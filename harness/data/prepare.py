@@ -122,12 +122,12 @@ def prepare_data(cfg: StudyConfig, progress: bool = True, refuse_foreground: boo
             log.warning("excluded unreadable image %s: %s", path, reason)
         keep = frame["path"].isin(set(cache.paths))
         frame = frame[keep].reset_index(drop=True).copy()
-    frame = _in_cache_order(frame, cache)
+    frame = in_cache_order(frame, cache)
     split = split_by_person(frame, data.valid_fraction, data.split_seed)
     return PreparedData(frame, split, cache, *prepare_foreground(cfg, cache, refuse_foreground))
 
 
-def _in_cache_order(frame: pd.DataFrame, cache: DecodedCache) -> pd.DataFrame:
+def in_cache_order(frame: pd.DataFrame, cache: DecodedCache) -> pd.DataFrame:
     """Reorder rows so that row i of the index is row i of the cache."""
     attrs = dict(frame.attrs)
     order = np.argsort([cache.row_of(p) for p in frame["path"]], kind="stable")

@@ -6,9 +6,10 @@ STUDY  ?= studies/default.yaml
 ARGS   ?=
 STAMP  := $(VENV)/.installed
 PORT   ?= 8080
+IMAGES ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install study resume status promote corrections ensemble submit remedies report dashboard sync check-data weights train test bench lint clean
+.PHONY: help install study resume status promote corrections ensemble submit predict export remedies report dashboard sync check-data weights train test bench lint clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -42,6 +43,12 @@ ensemble: $(STAMP) ## choose an ensemble of STUDY's best trials on valid (make s
 
 submit: $(STAMP) ## predict the eval images with the promoted fold models (else the ensemble): runs/<study>/submission.csv (ARGS="--tta hflip")
 	$(BIN)/harness predict $(STUDY) $(ARGS)
+
+predict: $(STAMP) ## predict every image under IMAGES=DIR with STUDY's promoted models: runs/<study>/predictions.csv
+	$(BIN)/harness predict $(STUDY) --images $(IMAGES) $(ARGS)
+
+export: $(STAMP) ## write STUDY's promoted models as one file plain PyTorch loads: runs/<study>/model.pt2
+	$(BIN)/harness export $(STUDY) $(ARGS)
 
 remedies: $(STAMP) ## train STUDY's defaults once per background remedy, score on valid, swapped backgrounds, eval (ARGS="--seeds 3")
 	$(BIN)/harness remedies $(STUDY) $(ARGS)

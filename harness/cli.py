@@ -167,12 +167,14 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def score_on_eval(cfg, storage: str | None) -> None:
-    """Where eval/gt.csv exists (the synthetic data), each trial's eval F1 goes beside its objective."""
+    """Where the held-out set's truth is known (eval/gt.csv of the synthetic data, a labelled data.test), each
+    trial's eval F1 goes beside its objective."""
+    from harness.data.readers import truth_source
     from harness.predict import score_trials_on_eval
 
     if score_trials_on_eval(cfg, storage):
-        print("eval_f1: each trial's best epoch on the eval images against eval/gt.csv (shown only: "
-              "nothing is selected by it)")
+        print(f"eval_f1: each trial's best epoch on the held-out images against {truth_source(cfg.data)} (shown "
+              "only: nothing is selected by it)")
 
 
 def keep_wandb_files_in_study(cfg) -> None:
@@ -191,12 +193,26 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from harness.predict import predict_submission
+    from harness.predict import predict_images, predict_submission
 
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
-    predict_submission(cfg, tta=None if args.tta == "none" else args.tta, trial=args.trial, storage=args.storage,
-                       progress=True, source=args.source)
+    if args.images:
+        predict_images(cfg, Path(args.images), Path(args.out) if args.out else None, tta=args.tta, trial=args.trial,
+                       storage=args.storage, source=args.source)
+        return 0
+    if args.out:
+        raise ConfigError("--out goes with --images DIR; the held-out set's predictions go to runs/<study>/")
+    predict_submission(cfg, tta=args.tta, trial=args.trial, storage=args.storage, progress=True, source=args.source)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from harness.export import export_model
+
+    cfg = load(args)
+    export_model(cfg, Path(args.out) if args.out else None, tta=args.tta, trial=args.trial, storage=args.storage,
+                 source=args.source)
     return 0
 
 
@@ -245,6 +261,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(INTERVAL_NOTE)
     if not frame.empty:
         print(describe_states(frame, cfg))
+    from harness.predict import describe_held_out
+
+    if line := describe_held_out(cfg):
+        print(line)
     return 0
 
 
@@ -328,12 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how many of the other study's best configurations (default 3)")
     verb("status", cmd_status, "table of trials sorted by val F1 (also runs/<study>/trials.csv)", with_storage)
     verb("ensemble", cmd_ensemble, "promote the best trials to a greedy ensemble with an honest score", with_storage)
-    predict = verb("predict", cmd_predict, "predict the eval images: runs/<study>/submission.csv", with_storage)
-    predict.add_argument("--tta", choices=["none", "hflip"], default="none", help="test-time augmentation")
-    predict.add_argument("--trial", type=int, help="predict with this single trial instead of the ensemble")
-    predict.add_argument("--from", dest="source", choices=["auto", "promotion", "ensemble"], default="auto",
-                         help="whose members: the promotion's fold models (auto: once `harness promote` has run) "
-                              "or the single-split ensemble's")
+    predict = verb("predict", cmd_predict, "predict the held-out set (runs/<study>/submission.csv, or "
+                   "test_predictions.csv for data.test), or any folder with --images DIR", with_storage)
+    predict.add_argument("--images", metavar="DIR", help="predict every image under DIR (recursively): a CSV of "
+                         "file, predicted class and probabilities")
+    predict.add_argument("--out", help="with --images: the CSV to write (default runs/<study>/predictions.csv)")
+    export = verb("export", cmd_export, "write the promoted ensemble as one file plain PyTorch loads (torch.export) "
+                  "(runs/<study>/model.pt2)", with_storage)
+    export.add_argument("--out", help="file to write (default runs/<study>/model.pt2)")
+    for command in (predict, export):
+        command.add_argument("--tta", choices=["none", "hflip"], default="none", help="test-time augmentation")
+        command.add_argument("--trial", type=int, help="this single trial instead of the ensemble")
+        command.add_argument("--from", dest="source", choices=["auto", "promotion", "ensemble"], default="auto",
+                             help="whose members: the promotion's fold models (auto: once `harness promote` has "
+                                  "run) or the single-split ensemble's")
     promote = verb("promote", cmd_promote, "retrain the top configurations on person-grouped folds; out-of-fold "
                    "ensemble, CV F1 with intervals, label audit: runs/<study>/promotion/", with_storage)
     promote.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")

@@ -52,6 +52,31 @@ class SyntheticData(_Frozen):
     label_noise: float = Field(0.0, ge=0.0, le=0.5)
 
 
+class HeldOutConfig(_Frozen):
+    """A held-out test set for image-folder and CSV data: predicted and scored like the competition's eval set
+    (`harness predict`), never trained on and never used to choose anything. One of:
+
+    fraction   hold out this share of the labelled groups (whole groups: a group is never split)
+    root       a folder of its own: <root>/<class>/<image> (labelled by the folder, which must be one of the
+               training classes) or images directly in <root> (unlabelled)
+    root + csv a CSV under root with columns path[,label] (an empty label: unknown)
+    """
+
+    fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    seed: int = 0  # fraction: which groups are held out
+    root: Path | None = None
+    csv: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HeldOutConfig:
+        if (self.fraction is None) == (self.root is None):
+            raise ValueError("give either `fraction` (hold out a share of the labelled data) or `root` (a folder "
+                             "of test images, with `csv` for a CSV index), not both and not neither")
+        if self.csv is not None and self.root is None:
+            raise ValueError("`csv` names a file under `root`; set root too")
+        return self
+
+
 class DataConfig(_Frozen):
     format: Literal["competition", "imagefolder", "csv"] = "competition"
     root: Path = Path("data")
@@ -67,6 +92,7 @@ class DataConfig(_Frozen):
     on_bad_image: Literal["fail", "exclude"] = "fail"
     cache_dir: Path = Path("runs/cache")
     cache_workers: int = Field(0, ge=0, le=256)  # 0: one per CPU core
+    test: HeldOutConfig | None = None  # image-folder / CSV data: the held-out test set (competition: eval/)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -75,6 +101,9 @@ class DataConfig(_Frozen):
             raise ValueError(f"age_bounds must be two ages with 0 < low < high < 150, got {list(self.age_bounds)}")
         if self.format == "csv" and self.csv is None:
             raise ValueError("format 'csv' needs `csv:`, the index file (columns path,label[,group]) relative to root")
+        if self.format == "competition" and self.test is not None:
+            raise ValueError("test: the competition layout's test set is its eval/ folder (eval/info.csv, and "
+                             "eval/gt.csv to score it); remove `test:` or use format imagefolder / csv")
         if self.sample is not None:
             from harness.data.samples import SAMPLES
 

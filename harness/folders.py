@@ -236,6 +236,14 @@ class EnsembleFolder:
         _write_json(path, content)
         return path
 
+    def held_out_scores(self) -> dict | None:
+        """What the last prediction of the held-out set scored (eval_metrics.json), or None."""
+        path = self.eval_metrics_file()
+        try:
+            return _read_json(path) if path.is_file() else None
+        except (json.JSONDecodeError, OSError):
+            return None
+
     def has_members(self) -> bool:
         return self.file(self.MEMBERS).is_file()
 

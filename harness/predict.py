@@ -1,13 +1,17 @@
-"""`harness predict STUDY.yaml`: the promoted members on the eval images -> runs/<study>/submission.csv.
+"""`harness predict STUDY.yaml`: the promoted members on the held-out set, or on any folder of images.
 
-    predict_submission(cfg)            the ensemble's members (runs/<study>/ensemble/members.json)
+    predict_submission(cfg)            the promotion's fold models, else the ensemble's members, on the held-out
+                                       set: the competition's eval/ -> runs/<study>/submission.csv (info.csv
+                                       order), or data.test -> runs/<study>/test_predictions.csv
     predict_submission(cfg, trial=N)   one trial alone
+    predict_images(cfg, DIR)           every image under DIR -> a CSV of file, predicted class, probabilities
 
-Each member's best checkpoint runs over the eval images through the decoded cache, preprocessed
-as that member was trained (its own crop), with optional test-time augmentation (hflip); the
-members' probabilities are averaged with their ensemble weights. The submission keeps
-eval/info.csv's order. When eval/gt.csv exists (the synthetic data ships one) the submission and
-each member are scored against it: eval_metrics.json beside the ensemble.
+Each member's best checkpoint runs over the images through the decoded cache, preprocessed as that
+member was trained (its own crop), with optional test-time augmentation (hflip); the members'
+probabilities are averaged with their ensemble weights. Where the held-out set's labels are known
+(eval/gt.csv, which the synthetic data ships; a labelled test set) the prediction and each member are
+scored against them: eval_metrics.json beside the ensemble (macro and per-class F1, confusion). Shown
+only: nothing is chosen by it.
 """
 
 from __future__ import annotations
@@ -18,17 +22,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from harness.augment import PREPROCESSORS, normalize_batch, preprocess
 from harness.config import Params, StudyConfig
 from harness.data.cache import build_cache
 from harness.data.prepare import class_names
-from harness.data.readers import read_eval
+from harness.data.readers import IMAGE_SUFFIXES, DataError, is_junk, read_eval, truth_source
 from harness.ensemble import EnsembleError, trial_folder_with
 from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder
 from harness.foreground import foreground
 from harness.io import atomic_write_text
-from harness.metrics import confusion, macro_f1
+from harness.metrics import confusion, macro_f1, per_class_f1
 from harness.model import build_model, eval_logits
 from harness.selection import blend
 from harness.study import load_existing_study, trials_frame
@@ -116,11 +121,12 @@ def load_member_model(folder: TrialFolder, params: Params, cfg: StudyConfig) -> 
 @torch.no_grad()
 def member_probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device | str = "cpu",
                          tta: str | None = None, rows: np.ndarray | None = None,
-                         batch_size: int = EVAL_BATCH) -> np.ndarray:
+                         batch_size: int = EVAL_BATCH, on_batch=None) -> np.ndarray:
     """(len(rows), C) class probabilities of one model over uint8 images (N, H, W, 3), in `rows` order.
 
     The images get the eval transform, as valid did in training (see `normalize_batch`). tta="hflip"
     averages each image's probabilities with those of its mirror image (flipped along the width).
+    `on_batch(n)` is told each batch's size (a progress bar).
     """
     device = torch.device(device)
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
@@ -132,6 +138,8 @@ def member_probabilities(model: torch.nn.Module, images: np.ndarray, device: tor
         if tta == "hflip":
             probs = (probs + _probabilities(model, torch.flip(x, dims=[3]), device)) / 2
         outputs.append(probs.cpu())
+        if on_batch is not None:
+            on_batch(len(x))
     return torch.cat(outputs).numpy()
 
 
@@ -139,100 +147,237 @@ def _probabilities(model: torch.nn.Module, x: torch.Tensor, device: torch.device
     return model.class_log_probs(eval_logits(model, x, device)).exp()
 
 
-class EvalImages:
-    """The eval images through the decoded cache, with each preprocess method's crops made once."""
+class ImageSet:
+    """Images to predict, through the decoded cache, with each preprocess method's crops made once.
 
-    def __init__(self, cfg: StudyConfig, progress: bool = False) -> None:
-        index = read_eval(cfg.data)
-        if index is None:
-            raise EnsembleError(f"{Path(cfg.data.root) / 'eval' / 'info.csv'} not found: prediction needs the "
-                                "competition's eval set (eval/info.csv and eval/images/)")
-        self.frame = index.raise_on_errors()  # info.csv order, the submission's order
+    `frame` is a reader's index (its `path` column; its order is the output's order). With on_bad_image
+    "exclude" an unreadable file is left out (`excluded`) and `frame` keeps the readable rows."""
+
+    def __init__(self, cfg: StudyConfig, frame: pd.DataFrame, progress: bool = False,
+                 on_bad_image: str = "fail") -> None:
         size = cfg.data.image_size
-        self.size = (size.height, size.width)
         self.cache_dir = Path(cfg.data.cache_dir)
-        self.cache = build_cache(list(self.frame["path"]), size.height, size.width, self.cache_dir,
-                                 resize=cfg.data.resize, workers=cfg.data.cache_workers, on_bad_image="fail",
+        self.cache = build_cache(list(frame["path"]), size.height, size.width, self.cache_dir,
+                                 resize=cfg.data.resize, workers=cfg.data.cache_workers, on_bad_image=on_bad_image,
                                  progress=progress)
+        self.excluded = list(self.cache.excluded)
+        if self.excluded:
+            attrs = dict(frame.attrs)
+            frame = frame[frame["path"].isin(set(self.cache.paths))].reset_index(drop=True)
+            frame.attrs.update(attrs)
+        self.frame = frame
         self.rows = np.array([self.cache.row_of(path) for path in self.frame["path"]])
         self._preprocessed: dict[str, np.ndarray] = {}
 
     def for_preprocess(self, method: str) -> tuple[np.ndarray, np.ndarray]:
-        """(images, rows in info.csv order) as a member trained with `method` saw them; the faces and person
-        masks of the eval images are found once (beside their decoded cache) when the method needs them."""
+        """(images, rows in the frame's order) as a member trained with `method` saw them; the faces and person
+        masks of the images are found once (beside their decoded cache) when the method needs them."""
         if method not in self._preprocessed:
             fg = foreground(self.cache, self.cache_dir) if PREPROCESSORS.get(method).uses_foreground else None
             self._preprocessed[method] = preprocess(self.cache.images, method, fg)
         return self._preprocessed[method], self.rows
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.frame.attrs["class_names"])
+
+
+class EvalImages(ImageSet):
+    """The held-out set: the competition's eval images (info.csv order), or data.test for other layouts."""
+
+    def __init__(self, cfg: StudyConfig, progress: bool = False) -> None:
+        index = read_eval(cfg.data)
+        if index is None:
+            raise EnsembleError(NO_HELD_OUT.format(root=Path(cfg.data.root)))
+        self.competition = cfg.data.format == "competition"
+        super().__init__(cfg, index.raise_on_errors(), progress)
+
+
+NO_HELD_OUT = ("no held-out set to predict: the competition layout needs {root}/eval/info.csv and eval/images/; "
+               "image-folder and CSV data name one in the study file (data.test: fraction or root). Any folder "
+               "of images: `harness predict STUDY.yaml --images DIR`")
+
+
+def ensemble_probabilities(cfg: StudyConfig, members: list[Member], images: ImageSet, tta: str | None,
+                           progress: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The members' weighted average of class probabilities over `images` (frame order), and each member's."""
+    device = pick_device(cfg.train.device)
+    member_probs = {}
+    with tqdm(total=len(members) * len(images.rows), desc=f"predicting ({len(members)} model(s))", unit="img",
+              disable=not progress) as bar:
+        for member in members:
+            params = member_params(member.folder, cfg)
+            model = load_member_model(member.folder, params, cfg)
+            images_of_member, rows = images.for_preprocess(params.preprocess)
+            member_probs[member.name] = member_probabilities(model, images_of_member, device, tta, rows,
+                                                             on_batch=bar.update)
+            del model
+    weights = np.array([m.weight for m in members], dtype=np.float64)
+    probs = blend(np.stack([member_probs[m.name] for m in members]).astype(np.float64), weights)
+    return probs, member_probs
+
+
+def checked_tta(tta: str | None) -> str | None:
+    if tta not in TTA_CHOICES:
+        raise EnsembleError(f"--tta {tta!r}: choose one of {[c for c in TTA_CHOICES if c]}")
+    return None if tta == "none" else tta
+
 
 def predict_submission(cfg: StudyConfig, tta: str | None = None, trial: int | None = None,
                        storage: str | None = None, progress: bool = False, log_to_wandb: bool = True,
                        source: str = "auto") -> dict:
-    """Write the submission (the promotion's or the ensemble's members, or one trial with `trial`; see
-    `load_members`); score it when eval/gt.csv exists."""
-    if tta not in TTA_CHOICES:
-        raise EnsembleError(f"--tta {tta!r}: choose one of {[c for c in TTA_CHOICES if c]}")
-    tta = None if tta == "none" else tta
+    """Predict the held-out set with the promotion's or the ensemble's members, or one trial with `trial` (see
+    `load_members`): the competition's submission.csv, or test_predictions.csv for a data.test set; scored
+    where its labels are known (eval/gt.csv, the test set's labels)."""
+    tta = checked_tta(tta)
     members, scores_folder = load_members(cfg, trial, storage, source)
     images = EvalImages(cfg, progress)
-    device = pick_device(cfg.train.device)
-    member_probs = {}
-    for member in members:
-        params = member_params(member.folder, cfg)
-        model = load_member_model(member.folder, params, cfg)
-        images_of_member, rows = images.for_preprocess(params.preprocess)
-        member_probs[member.name] = member_probabilities(model, images_of_member, device, tta, rows)
-        del model
-    weights = np.array([m.weight for m in members], dtype=np.float64)
-    probs = blend(np.stack([member_probs[m.name] for m in members]).astype(np.float64), weights)
+    probs, member_probs = ensemble_probabilities(cfg, members, images, tta, progress)
     answers = probs.argmax(axis=1)
-    path = cfg.study_dir / ("submission.csv" if trial is None else f"submission-trial-{trial}.csv")
-    submission = pd.DataFrame({"ImageID": images.frame["image_id"].to_numpy(), "ans": answers})
-    atomic_write_text(path, submission.to_csv(index=False))
-    print(f"wrote {path}: {len(submission)} rows, {len(members)} member model(s), tta {tta or 'none'}")
-    result = {"submission": str(path), "rows": len(submission), "members": {m.name: m.weight for m in members},
+    suffix = "" if trial is None else f"-trial-{trial}"
+    if images.competition:
+        path = cfg.study_dir / f"submission{suffix}.csv"
+        table = pd.DataFrame({"ImageID": images.frame["image_id"].to_numpy(), "ans": answers})
+    else:
+        path = cfg.study_dir / f"test_predictions{suffix}.csv"
+        table = predictions_table(images.frame["image_id"], probs, images.class_names, images.frame["label"])
+    atomic_write_text(path, table.to_csv(index=False))
+    print(f"wrote {path}: {len(table)} rows, {len(members)} member model(s), tta {tta or 'none'}")
+    result = {"submission": str(path), "rows": len(table), "members": {m.name: m.weight for m in members},
               "tta": tta, "probs": probs, "member_probs": member_probs}
     labels = images.frame["label"].to_numpy()
     if (labels >= 0).any():
         result.update(_score_eval(cfg, storage, members, member_probs, answers, labels, tta, trial, log_to_wandb,
-                                  scores_folder))
+                                  scores_folder, images.class_names))
     return result
 
 
+def predictions_table(files: pd.Series, probs: np.ndarray, names: list[str],
+                      labels: pd.Series | None = None) -> pd.DataFrame:
+    """One row per image: file, predicted class name, (its known label,) one probability column per class."""
+    table = pd.DataFrame({"file": files.to_numpy(), "predicted": np.asarray(names, dtype=object)[probs.argmax(axis=1)]})
+    if labels is not None:
+        table["label"] = [names[i] if i >= 0 else "" for i in labels.to_numpy()]
+    for index, name in enumerate(names):
+        table[f"p_{name}"] = probs[:, index]
+    return table
+
+
+def list_images(directory: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Every image file under `directory` (recursively, sorted) as an index frame, and the files skipped
+    (hidden ones silently, others as 'path: why')."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"--images {directory}: not a folder; give a folder of images (searched recursively)")
+    found, skipped = [], []
+    for file in sorted(directory.rglob("*")):
+        if not file.is_file() or any(is_junk(Path(part)) for part in file.relative_to(directory).parts):
+            continue
+        if file.suffix.lower() in IMAGE_SUFFIXES:
+            found.append({"path": str(file.resolve()), "image_id": str(file.relative_to(directory))})
+        else:
+            skipped.append(f"{file}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if not found:
+        raise DataError(f"--images {directory}: no image files found ({', '.join(sorted(IMAGE_SUFFIXES))}, "
+                        f"searched recursively; {len(skipped)} other file(s))")
+    return pd.DataFrame(found), skipped
+
+
+def predict_images(cfg: StudyConfig, directory: Path, out: Path | None = None, tta: str | None = None,
+                   trial: int | None = None, storage: str | None = None, source: str = "auto",
+                   progress: bool = True) -> dict:
+    """Predict every image under `directory` with the promoted members (see `load_members`): a CSV of file,
+    predicted class name and per-class probabilities (default runs/<study>/predictions.csv). Unreadable and
+    non-image files are listed and skipped; the rest are predicted."""
+    tta = checked_tta(tta)
+    members, _ = load_members(cfg, trial, storage, source)
+    frame, skipped = list_images(directory)
+    frame.attrs["class_names"] = member_class_names(cfg, members[0].folder, storage)
+    images = ImageSet(cfg, frame, progress, on_bad_image="exclude")
+    skipped += [f"{path}: {reason}" for path, reason in images.excluded]
+    if skipped:
+        shown = "\n".join(f"  {line}" for line in skipped[:SHOWN_SKIPPED])
+        more = f"\n  ... and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
+        print(f"skipped {len(skipped)} file(s):\n{shown}{more}")
+    if images.frame.empty:
+        raise DataError(f"--images {directory}: none of its {len(skipped)} image file(s) could be read")
+    probs, _ = ensemble_probabilities(cfg, members, images, tta, progress)
+    path = Path(out) if out is not None else cfg.study_dir / "predictions.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = predictions_table(images.frame["image_id"], probs, images.class_names)
+    atomic_write_text(path, table.to_csv(index=False))
+    print(f"wrote {path}: {len(table)} image(s), {len(members)} member model(s), tta {tta or 'none'}")
+    return {"predictions": str(path), "rows": len(table), "skipped": skipped, "probs": probs}
+
+
+SHOWN_SKIPPED = 5
+
+
+def member_class_names(cfg: StudyConfig, folder: TrialFolder, storage: str | None = None) -> list[str]:
+    """The class names the members learned: the study's data summary (stored when it started)."""
+    summary = load_existing_study(cfg, storage).user_attrs.get("data_summary")
+    return class_names(summary, folder.num_classes())
+
+
 def _score_eval(cfg, storage, members: list[Member], member_probs: dict, answers: np.ndarray, labels: np.ndarray,
-                tta: str | None, trial: int | None, log_to_wandb: bool, folder: EnsembleFolder) -> dict:
-    """Eval macro F1 (eval/gt.csv) of the ensemble and of each member; where background reliance shows."""
+                tta: str | None, trial: int | None, log_to_wandb: bool, folder: EnsembleFolder,
+                names: list[str]) -> dict:
+    """Macro and per-class F1 on the held-out set (eval/gt.csv, the test set's labels) of the ensemble and of
+    each member, and its confusion; where background reliance shows."""
     known = labels >= 0
     num_classes = next(iter(member_probs.values())).shape[1]
     f1 = macro_f1(answers[known], labels[known], num_classes)
+    matrix = confusion(answers[known], labels[known], num_classes)
     member_f1 = {m.name: macro_f1(member_probs[m.name].argmax(axis=1)[known], labels[known], num_classes)
                  for m in members}
     scores = {"eval_f1": f1, "member_eval_f1": member_f1, "n_eval": int(len(labels)), "n_scored": int(known.sum()),
               "tta": tta}
-    content = {**scores, "member_eval_f1": {str(k): v for k, v in member_f1.items()},
+    content = {**scores, "member_eval_f1": {str(k): v for k, v in member_f1.items()}, "class_names": names,
+               "per_class_f1": per_class_f1(answers[known], labels[known], num_classes).tolist(),
+               "confusion": matrix.tolist(),
                "members": [{"trial": m.trial, "fold": m.fold, "weight": m.weight, "eval_f1": member_f1[m.name]}
                            for m in members]}
     folder.write_eval_metrics(content, trial)
     what = "ensemble" if trial is None else f"trial {trial}"
-    print(f"eval macro F1 (eval/gt.csv, {int(known.sum())} images, tta {tta or 'none'}): {what} {f1:.4f}")
+    print(f"eval macro F1 ({truth_source(cfg.data)}, {int(known.sum())} images, tta {tta or 'none'}): {what} {f1:.4f}")
     if trial is None:
         for m in members:
             print(f"  {m.name:>12} (weight {m.weight}): {member_f1[m.name]:.4f}")
         if log_to_wandb:
-            names = class_names(load_existing_study(cfg, storage).user_attrs.get("data_summary"), num_classes)
-            _log_eval_to_wandb(cfg, members, scores, confusion(answers[known], labels[known], num_classes), names)
+            _log_eval_to_wandb(cfg, members, scores, matrix, names, content["per_class_f1"])
     return scores
 
 
-def _log_eval_to_wandb(cfg, members: list[Member], scores: dict, matrix: np.ndarray, names: list[str]) -> None:
+def _log_eval_to_wandb(cfg, members: list[Member], scores: dict, matrix: np.ndarray, names: list[str],
+                       class_f1: list[float]) -> None:
     from harness.tracking import log_ensemble
 
     frame = pd.DataFrame([{"member": m.name, "weight": m.weight, "eval_f1": scores["member_eval_f1"][m.name]}
                           for m in members])
     flat = {"eval/f1": scores["eval_f1"], "eval/n_images": scores["n_scored"], "eval/tta": scores["tta"] or "none",
-            **{f"eval/member_{m.name}_f1": scores["member_eval_f1"][m.name] for m in members}}
+            **{f"eval/member_{m.name}_f1": scores["member_eval_f1"][m.name] for m in members},
+            **{f"eval/f1_class_{name}": value for name, value in zip(names, class_f1, strict=True)}}
     log_ensemble(cfg, frame, flat, matrix, names)
+
+
+def held_out_scores(cfg: StudyConfig) -> tuple[str, dict] | None:
+    """("promotion" | "ensemble", eval_metrics.json) of the last scored prediction of the held-out set: the
+    promotion's where it has one, else the single-split ensemble's; None where nothing was scored."""
+    for name, folder in (("promotion", PromotionFolder.of(cfg)), ("ensemble", EnsembleFolder.of(cfg))):
+        scores = folder.held_out_scores()
+        if scores is not None:
+            return name, scores
+    return None
+
+
+def describe_held_out(cfg: StudyConfig) -> str | None:
+    """One line for `make status`: the held-out prediction's score, shown only."""
+    found = held_out_scores(cfg)
+    if found is None:
+        return None
+    source, scores = found
+    return (f"held-out set ({truth_source(cfg.data)}, {scores['n_scored']} images): macro F1 {scores['eval_f1']:.4f} "
+            f"of the {source}'s prediction (tta {scores.get('tta') or 'none'}); shown only, nothing is chosen by it")
 
 
 def score_trials_on_eval(cfg: StudyConfig, storage: str | None = None, progress: bool = False) -> dict[str, float]:

@@ -4,12 +4,15 @@
 train`) and in `harness check-data`. It refuses, with one message listing every problem:
   - a backbone name timm does not know;
   - a backbone without ImageNet weights here while the study trains pretrained backbones, unless the
-    study file opts into training it from scratch (`train.missing_weights: from_scratch`).
+    study file opts into training it from scratch (`train.missing_weights: from_scratch`);
+  - a test set of its own (data.test.root) that cannot be read or names classes the data does not have.
 Registered names (heads, losses, freeze policies, preprocessors) and heads the data format cannot use
 are refused earlier, when the study file loads (harness.config).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from harness.config import ConfigError, StudyConfig
 from harness.model import check_backbone_name
@@ -58,7 +61,22 @@ def preflight_problems(cfg: StudyConfig) -> list[str]:
                             "online machine; or remove those backbones from params.backbone / "
                             "search.space.backbone.choices; or set `train.missing_weights: from_scratch` to train them "
                             "from random init on purpose")
-    return problems
+    return problems + test_set_problems(cfg)
+
+
+def test_set_problems(cfg: StudyConfig) -> list[str]:
+    """What is wrong with a test folder or CSV of its own (data.test.root): found before any training, not
+    when the finished study comes to score it."""
+    from harness.data.readers import DataError, read_eval
+
+    test = cfg.data.test
+    if test is None or test.root is None or not Path(cfg.data.root).exists():
+        return []
+    try:
+        index = read_eval(cfg.data)
+    except DataError as error:
+        return [f"data.test: {error}"]
+    return [f"data.test: {problem}" for problem in index.errors]
 
 
 def check_study(cfg: StudyConfig) -> None:

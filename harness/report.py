@@ -282,12 +282,16 @@ def truth_section(cfg: StudyConfig, frame: pd.DataFrame, remedies: dict | None) 
     import plotly.graph_objects as go
     from scipy.stats import spearmanr
 
-    section = Section("truth", "Valid against the truth (eval/gt.csv)")
+    from harness.data.readers import truth_source
+
+    truth = truth_source(cfg.data)
+    section = Section("truth", f"Valid against the truth ({truth})")
     scored = frame[np.isfinite(frame["eval_f1"].astype(float)) & np.isfinite(frame["objective"].astype(float))] \
         if not frame.empty else frame
     if scored.empty:
-        section.note("no trial has an eval F1: only data with eval/gt.csv (the synthetic data has one) is scored "
-                     "against the truth, after `harness study`")
+        section.note("no trial has an eval F1: only a held-out set with known labels (the competition's "
+                     "eval/gt.csv, which the synthetic data has; a labelled data.test) is scored against the truth, "
+                     "after `harness study`")
     else:
         params = searched_params(cfg, frame)
         fig = go.Figure()
@@ -299,7 +303,7 @@ def truth_section(cfg: StudyConfig, frame: pd.DataFrame, remedies: dict | None) 
         low = float(min(scored["eval_f1"].min(), scored[["objective", "val_f1"]].min().min(), 0.0))
         fig.add_trace(go.Scatter(x=[low, 1], y=[low, 1], mode="lines", name="= eval F1",
                                  line={"dash": "dot", "color": "#888"}, hoverinfo="skip"))
-        fig.update_layout(title="what the study ranks by, against the truth", xaxis_title="eval F1 (eval/gt.csv)",
+        fig.update_layout(title="what the study ranks by, against the truth", xaxis_title=f"eval F1 ({truth})",
                           yaxis_title="score on valid", height=480)
         complete = scored[scored["state"] == "complete"]
         facts = []
@@ -516,6 +520,34 @@ def promotion_section(cfg: StudyConfig) -> Section:
     return section
 
 
+def held_out_section(cfg: StudyConfig, summary: dict | None) -> Section:
+    """The last scored prediction of the held-out set (`harness predict`): macro and per-class F1, confusion."""
+    from harness.data.readers import truth_source
+    from harness.predict import held_out_scores
+
+    section = Section("held_out", "Held-out set")
+    found = held_out_scores(cfg)
+    if found is None:
+        section.note("no scored prediction of a held-out set yet: `harness predict STUDY.yaml` scores the "
+                     "competition's eval/ against eval/gt.csv, or a labelled data.test set")
+        return section
+    source, scores = found
+    section.html(key_values({"macro F1": fmt(scores["eval_f1"]), "images scored": scores["n_scored"],
+                             "predicted by": source, "truth": truth_source(cfg.data), "tta": scores.get("tta") or "none"})
+                 + "<p class='caption'>Shown only: nothing in the study is ranked, pruned or promoted by it.</p>")
+    members = scores.get("members") or []
+    if members:
+        section.html("<h3>Members</h3>" + table([{k: m.get(k) for k in ("trial", "fold", "weight", "eval_f1")}
+                                                 for m in members]))
+    if scores.get("per_class_f1") is not None:
+        names = scores.get("class_names") or class_names(summary, len(scores["per_class_f1"]))
+        section.figure("held_out_per_class", per_class_heatmap([np.asarray(scores["per_class_f1"])],
+                                                                ["held-out"], names))
+        section.figure("held_out_confusion", confusion_heatmap(np.asarray(scores["confusion"]), names,
+                                                               "confusion on the held-out set"))
+    return section
+
+
 def audit_gallery(rows: pd.DataFrame, total: int) -> str:
     cards = []
     for row in rows.itertuples():
@@ -684,7 +716,8 @@ def write_report(cfg: StudyConfig, storage: str | None = None) -> Path:
     sections = [search_section(cfg, study, frame), truth_section(cfg, frame, read_remedies(cfg)),
                 curves_section(cfg, frame),
                 classes_section(cfg, frame, ensemble, summary), ensemble_section(ensemble),
-                promotion_section(cfg), trials_section(cfg, frame), shortcuts_section(study),
+                promotion_section(cfg), held_out_section(cfg, summary), trials_section(cfg, frame),
+                shortcuts_section(study),
                 data_section(summary, data_source, data_problems), settings_section(cfg, study, storage or default_storage(cfg))]
     page = render_page(cfg, frame, sections, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     path = cfg.study_dir / REPORT_FILE

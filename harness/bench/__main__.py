@@ -26,6 +26,7 @@ from harness.bench.common import DEFAULT_STUDY, Bench, load_average, machine, pr
 from harness.bench.ensemble import bench_ensemble
 from harness.bench.loader import bench_loader
 from harness.bench.outage import bench_tracking_outage
+from harness.bench.own_data import bench_own_data
 from harness.bench.promotion import bench_promotion
 from harness.bench.real import bench_real
 from harness.bench.report import bench_report
@@ -39,7 +40,8 @@ GROUPS: dict[str, Callable[[Bench], list[dict]]] = {
     "loader": bench_loader, "trial": bench_trial, "overhead": bench_study_overhead, "ensemble": bench_ensemble,
     "report": bench_report, "workers": bench_workers, "search": bench_search, "real": bench_real,
     "shortcut": bench_shortcut, "remedies": bench_remedies, "promotion": bench_promotion,
-    "tracking": bench_tracking_outage, "applicability": bench_applicability, "spread": bench_spread}
+    "tracking": bench_tracking_outage, "applicability": bench_applicability, "spread": bench_spread,
+    "own_data": bench_own_data}
 
 
 def write_bench_json(out: Path, report: dict) -> None:

@@ -150,9 +150,13 @@ def _eval_summary(cfg: StudyConfig, problems: list[Problem]) -> list[str]:
         return []
     problems += index.problems
     known = index.frame["label"] >= 0
-    scored = f", {int(known.sum())} with ground truth (eval/gt.csv)" if known.any() else ""
-    lines = ["", f"eval: {len(index.frame)} images{scored}"]
-    if known.any():
+    competition = cfg.data.format == "competition"
+    truth = "eval/gt.csv" if competition else "labelled"
+    scored = f", {int(known.sum())} with ground truth ({truth})" if known.any() else ""
+    lines = ["", f"{'eval' if competition else 'test (data.test)'}: {len(index.frame)} images{scored}"]
+    if known.any() and not competition:
+        lines.append(class_table(index.frame, {"test": index.frame[known]}).to_string())
+    elif known.any():
         mask, gender, age = decode(index.frame.loc[known, "label"].to_numpy())
         lines.append(f"  eval mask/gender/age counts: {Counter(mask.tolist())} {Counter(gender.tolist())} "
                      f"{Counter(age.tolist())}")

@@ -20,10 +20,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harness.config import DataConfig
 from harness.data.labels import GENDER_NAMES, GENDER_OF_WORD, MASK_OF_STEM, NUM_CLASSES, age_group, class_name, encode
+from harness.data.split import split_by_person
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 TRAIN_CSV_COLUMNS = ["id", "gender", "race", "age", "path"]
@@ -322,11 +324,87 @@ def _plain_row(file: Path, group: str, image_id: str, label: int, problems: list
                 age_years=-1, label=label)
 
 
+# ------------------------------------------------------------------ a held-out test set
+
+
+def read_test_folder(root: Path, class_names: list[str]) -> DataIndex:
+    """A test folder: <root>/<class>/<image> labelled by its class folder, images directly in root unlabelled."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: test folder not found (data.test.root); point it at a folder of test images")
+    problems: list[Problem] = []
+    rows, unknown = [], set()
+    for file in sorted(root.rglob("*")):
+        if not file.is_file():
+            continue
+        relative = file.relative_to(root)
+        if any(is_junk(Path(part)) for part in relative.parts):
+            problems.append(Problem("warning", str(file), "junk file skipped"))
+        elif file.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append(Problem("warning", str(file), f"not an image file ({sorted(IMAGE_SUFFIXES)}); skipped"))
+        elif len(relative.parts) == 1:
+            rows.append(_plain_row(file, group=str(relative), image_id=str(relative), label=-1, problems=problems))
+        elif relative.parts[0] not in class_names:
+            unknown.add(relative.parts[0])
+        else:
+            rows.append(_plain_row(file, group=str(relative), image_id=str(relative),
+                                   label=class_names.index(relative.parts[0]), problems=problems))
+    _refuse_unknown(root, unknown, class_names)
+    if not rows:
+        raise DataError(f"{root}: no test images found ({sorted(IMAGE_SUFFIXES)} files, in class folders or "
+                        "directly in the folder)")
+    return DataIndex(_finish(rows, len(class_names), False, list(class_names)), problems)
+
+
+def read_test_csv(root: Path, csv_name: Path, class_names: list[str]) -> DataIndex:
+    """A test CSV under root: columns path[,label]; an empty or missing label is unknown (not scored)."""
+    root = Path(root)
+    csv_path = root / csv_name
+    table = _read_csv(csv_path, ["path"])
+    problems: list[Problem] = []
+    rows, unknown = [], set()
+    for line, row in enumerate(table.to_dict("records"), start=2):
+        label = row.get("label", "")
+        if label and label not in class_names:
+            unknown.add(label)
+            continue
+        file = inside_root(root, row["path"], csv_path)
+        if not file.is_file():
+            problems.append(Problem("error", f"{csv_path}:{line}", f"image {row['path']!r} not found"))
+            continue
+        rows.append(_plain_row(file, group=row["path"], image_id=row["path"],
+                               label=class_names.index(label) if label else -1, problems=problems))
+    _refuse_unknown(csv_path, unknown, class_names)
+    if not rows and not problems:
+        raise DataError(f"{csv_path}: lists no test images")
+    return DataIndex(_finish(rows, len(class_names), False, list(class_names)), problems)
+
+
+def _refuse_unknown(source: Path, unknown: set[str], class_names: list[str]) -> None:
+    if unknown:
+        raise DataError(f"{source}: test class(es) {sorted(unknown)} are not among the training classes "
+                        f"{list(class_names)}; a test set is scored against the classes the models learned, so "
+                        "rename or remove them")
+
+
+def held_out_rows(frame: pd.DataFrame, test) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out test rows) of the labelled index under data.test.fraction: whole groups,
+    stratified as the valid split is."""
+    split = split_by_person(frame, test.fraction, test.seed)
+    return split.train, split.valid
+
+
+def _rows(frame: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    attrs = dict(frame.attrs)
+    part = frame.iloc[rows].reset_index(drop=True)
+    part.attrs.update(attrs)
+    return part
+
+
 # ------------------------------------------------------------------------ entry
 
 
-def read_train(data: DataConfig) -> DataIndex:
-    """The training index for a study's data section."""
+def _read_labelled(data: DataConfig) -> DataIndex:
     if data.format == "competition":
         return read_competition_train(data.root, data.age_bounds, _under_root(data, data.corrections))
     if data.format == "imagefolder":
@@ -334,11 +412,38 @@ def read_train(data: DataConfig) -> DataIndex:
     return read_csv_index(data.root, data.csv)
 
 
+def read_train(data: DataConfig) -> DataIndex:
+    """The training index for a study's data section (the labelled data less a held-out test fraction)."""
+    index = _read_labelled(data)
+    if data.test is not None and data.test.fraction is not None:
+        kept, _ = held_out_rows(index.frame, data.test)
+        index = DataIndex(_rows(index.frame, kept), index.problems)
+    return index
+
+
 def read_eval(data: DataConfig) -> DataIndex | None:
-    """The competition eval index (None for layouts without an eval set)."""
-    if data.format != "competition" or not (Path(data.root) / "eval" / "info.csv").is_file():
+    """The held-out set predictions are written for and scored on: the competition's eval/ (info.csv order,
+    labels from eval/gt.csv where it exists), or data.test for other layouts; None where there is none."""
+    if data.format == "competition":
+        if not (Path(data.root) / "eval" / "info.csv").is_file():
+            return None
+        return read_competition_eval(data.root)
+    test = data.test
+    if test is None:
         return None
-    return read_competition_eval(data.root)
+    if test.fraction is not None:
+        index = _read_labelled(data)
+        _, held_out = held_out_rows(index.frame, test)
+        return DataIndex(_rows(index.frame, held_out))  # its problems are the training index's, reported there
+    names = list(read_train(data).frame.attrs["class_names"])
+    if test.csv is not None:
+        return read_test_csv(test.root, test.csv, names)
+    return read_test_folder(test.root, names)
+
+
+def truth_source(data: DataConfig) -> str:
+    """Where the held-out set's labels come from, in words."""
+    return "eval/gt.csv" if data.format == "competition" else "the test set's labels (data.test)"
 
 
 def _under_root(data: DataConfig, path: Path | None) -> Path | None:

@@ -354,6 +354,27 @@ class ShortcutConfig(_Frozen):
     audit_permutations: int = Field(20, ge=5, le=1000)  # label shuffles that measure chance
 
 
+class StoreConfig(_Frozen):
+    """Where trial files go besides the local runs folder, for studies run on several machines (harness.store)."""
+
+    url: str | None = None  # s3://BUCKET[/PREFIX], or a shared folder every machine mounts (/path, file:///path)
+    endpoint_url: str | None = None  # an S3-compatible server other than AWS (MinIO, Ceph, rclone serve s3)
+    region: str | None = None
+
+    @field_validator("url", "endpoint_url", "region")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None  # `--set store.url=$UNSET` from a launch script means no store
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(s3://[^/]+|file:///|/)", value):
+            raise ValueError(f"{value!r}: use s3://BUCKET[/PREFIX] or an absolute shared folder (/path or "
+                             "file:///path)")
+        return value
+
+
 # --------------------------------------------------------------------------- study
 
 
@@ -369,6 +390,7 @@ class StudyConfig(_Frozen):
     ensemble: EnsembleConfig = EnsembleConfig()
     promotion: PromotionConfig = PromotionConfig()
     shortcuts: ShortcutConfig = ShortcutConfig()
+    store: StoreConfig = StoreConfig()
     smoke: dict[str, Any] | None = None  # overrides that shrink the study to CPU-seconds
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from harness.data.cache import build_cache
 from harness.data.prepare import class_names
 from harness.data.readers import IMAGE_SUFFIXES, DataError, is_junk, read_eval, truth_source
 from harness.ensemble import EnsembleError, trial_folder_with
-from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder
+from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder, fetch_folder
 from harness.foreground import foreground
 from harness.io import atomic_write_text
 from harness.metrics import confusion, macro_f1, per_class_f1
@@ -72,7 +72,8 @@ def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None
     if summary is not None:
         members = [Member(int(m["trial"]), int(m["weight"]), promoted.fold(int(m["trial"]), fold), fold)
                    for m in summary["members"] for fold in range(summary["folds"])]
-        missing = [m.name for m in members if not m.folder.has(TrialFolder.MODEL_FILES)]
+        missing = [m.name for m in members if not m.folder.has(TrialFolder.MODEL_FILES)
+                   and fetch_folder(cfg, m.folder.path, TrialFolder.MODEL_FILES) is None]
         if missing:
             raise EnsembleError(f"the promotion's fold models {missing} are missing under {promoted.path}; run "
                                 "`harness promote` again")

@@ -5,7 +5,8 @@ train`) and in `harness check-data`. It refuses, with one message listing every 
   - a backbone name timm does not know;
   - a backbone without ImageNet weights here while the study trains pretrained backbones, unless the
     study file opts into training it from scratch (`train.missing_weights: from_scratch`);
-  - a test set of its own (data.test.root) that cannot be read or names classes the data does not have.
+  - a test set of its own (data.test.root) that cannot be read or names classes the data does not have;
+  - a store for trial files (store.url) that cannot be written and read back.
 Registered names (heads, losses, freeze policies, preprocessors) and heads the data format cannot use
 are refused earlier, when the study file loads (harness.config).
 """
@@ -81,7 +82,13 @@ def test_set_problems(cfg: StudyConfig) -> list[str]:
 
 def check_study(cfg: StudyConfig) -> None:
     """Raise PreflightError listing every problem; nothing has been written or computed when it does."""
+    from harness.store import StoreError, check_store
+
     problems = preflight_problems(cfg)
+    try:
+        check_store(cfg)
+    except StoreError as error:
+        problems.append(str(error))
     if problems:
         listed = "\n".join(f"  {problem}" for problem in problems)
         raise PreflightError(f"study {cfg.name!r} cannot run as written on this machine:\n{listed}")

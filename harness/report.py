@@ -458,7 +458,7 @@ def trials_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
     section.html(f'<p class="caption">{esc(describe_states(frame, cfg))}</p>')
     columns = ["trial", "state", "objective", "objective_low", "objective_high", "tied_with_best", "val_f1",
                "val_f1_bgswap", "eval_f1", "gap_f1", "gap_bgswap", "best_epoch", "epochs", "duration_s"]
-    columns += [c for c in frame.columns if c.startswith("param_")] + ["wandb_run_id", "wandb", "reason"]
+    columns += [c for c in frame.columns if c.startswith("param_")] + ["machine", "stored", "wandb_run_id", "wandb", "reason"]
     shown = frame[[c for c in columns if c in frame]].astype(object)
     for name, spec in cfg.search.space.items():  # a conditional int param is float in the frame (NaN where inactive)
         if spec.type == "int" and f"param_{name}" in shown:

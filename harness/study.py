@@ -43,6 +43,7 @@ from harness.data.prepare import PreparedData, prepare_data
 from harness.folders import TrialFolder
 from harness.io import remove_dead_temporaries
 from harness.preflight import check_study
+from harness.store import machine_name
 from harness.train import TrialResult, run_trial
 
 log = logging.getLogger("harness.study")
@@ -254,6 +255,18 @@ def count_states(study: optuna.Study) -> dict[str, int]:
     return {state.name.lower(): states.count(state) for state in TrialState if states.count(state)}
 
 
+def device_label(cfg: StudyConfig) -> str:
+    """Where this process trains: "cpu", or "cuda" with the GPUs it was given (CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    from harness.train import pick_device
+
+    if pick_device(cfg.train.device).type != "cuda":
+        return "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"cuda (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else f"cuda ({torch.cuda.device_count()} GPU(s))"
+
+
 def trial_identity(trial: optuna.trial.BaseTrial) -> int:
     """The trial number that owns the folder and W&B run: the original one for a retried trial.
 
@@ -284,6 +297,8 @@ class Objective:
         trial.set_user_attr("identity", identity)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("wandb_run_id", run_id_for(cfg.name, identity))
+        trial.set_user_attr("machine", machine_name())  # who ran it (a retry on another machine says so)
+        trial.set_user_attr("device", device_label(cfg))
         params = suggest_params(trial, cfg)
         extra = {"fixed": cfg.model_dump(mode="json", exclude={"params", "search", "smoke"}),
                  "split_hash": self.data.split.hash, "harness_version": harness.__version__, "trial": identity}
@@ -449,7 +464,8 @@ def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeo
     study, make_tracker = prepare(cfg, storage, progress)
     context = multiprocessing.get_context("spawn")  # no inherited thread pools or open DB connections
     threads = max(1, (os.cpu_count() or 1) // workers)
-    processes = [context.Process(target=_worker, args=(run, cfg, trials, timeout, storage, threads),
+    gpus = worker_gpus(workers)
+    processes = [context.Process(target=_worker, args=(run, cfg, trials, timeout, storage, threads, gpus[i]),
                                  name=f"worker-{i}") for i in range(workers)]
     for process in processes:
         process.start()
@@ -481,8 +497,22 @@ def _prepare_search(cfg: StudyConfig, storage: str | None, progress: bool,
     return study, lambda: _study_tracker(cfg, data)
 
 
+def worker_gpus(workers: int) -> list[str | None]:
+    """Each worker's CUDA_VISIBLE_DEVICES: one GPU each, round robin, on a machine with several (of those this
+    process may see); None (inherit) with fewer than two."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return [None] * workers
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return [devices[i % len(devices)] for i in range(workers)]
+
+
 def _worker(run: Callable, cfg: StudyConfig, trials: int | None, timeout: float | None, storage: str | None,
-            threads: int) -> None:
+            threads: int, gpu: str | None = None) -> None:
+    if gpu is not None:  # before this process touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     import torch
 
     torch.set_num_threads(threads)
@@ -558,6 +588,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                      **{f"param_{k}": v for k, v in t.params.items()},
                      "weights": attrs.get("weights", ""),
                      "wandb_run_id": attrs.get("wandb_run_id", ""), "run_dir": attrs.get("run_dir", ""),
+                     "machine": attrs.get("machine", ""),
                      "reason": attrs.get("reason", "")})
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -597,4 +628,8 @@ def scored_frame(cfg: StudyConfig, study: optuna.Study, intervals: bool = True) 
     frame = with_intervals(cfg, trials_frame(study)) if intervals else trials_frame(study)
     if "wandb_run_id" in frame:
         frame["wandb"] = frame["wandb_run_id"].map(run_states(cfg.study_dir)).fillna("")
+    if cfg.store.url is not None and not frame.empty:
+        from harness.store import stored_state
+
+        frame["stored"] = [stored_state(cfg, cfg.trial_dir(int(identity))) for identity in frame["trial"]]
     return frame

@@ -19,6 +19,7 @@ result with state "failed" and its reason, never an exception for the caller.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -43,6 +44,9 @@ from harness.foreground import BackgroundSwap, ItemPrepare, swapped_backgrounds
 from harness.heads import HEADS, build_loss
 from harness.metrics import OBJECTIVES, classification_metrics, confusion, per_class_f1
 from harness.model import FREEZE_POLICIES, apply_freeze, build_model, eval_logits
+from harness.store import folder_store
+
+log = logging.getLogger(__name__)
 
 EVAL_BATCH = 256
 
@@ -346,6 +350,11 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     folder.prepare()  # half-written checkpoints of a killed attempt go
     result = TrialResult(state="failed", run_dir=str(folder.path), params=params.model_dump())
     started = time.perf_counter()
+    mirror = folder_store(cfg, folder.path)
+    if mirror is not None:
+        # a trial another machine started (a stale retry): continue from the store's last.pt, not from scratch
+        _pull_quietly(mirror, folder)
+        on_epoch = _pushing(mirror, folder, on_epoch)
     try:
         result = _train(cfg, params, trial, data, folder, on_epoch, on_resume, stop_after_epochs, keep, result)
     except torch.OutOfMemoryError as error:
@@ -360,7 +369,27 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
             pass  # e.g. the disk is full: the reason in result.json is what matters
     result.seconds += time.perf_counter() - started
     folder.write_result(asdict(result))
+    if mirror is not None:
+        mirror.push_quietly(folder.path)
     return result
+
+
+def _pull_quietly(mirror, folder: TrialFolder) -> None:
+    try:
+        mirror.pull(folder.path, replace_differing=True)
+    except Exception as error:  # noqa: BLE001 - a store out of reach or a corrupt copy: go on from what is here
+        log.warning("store %s: could not fetch %s (%s: %s); the trial goes on from its local files", mirror.url,
+                    mirror.prefix, type(error).__name__, error)
+
+
+def _pushing(mirror, folder: TrialFolder, on_epoch: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """`on_epoch` after the epoch's files went to the store (called once last.pt and metrics.csv are written)."""
+    def push_then(row: dict) -> None:
+        mirror.push_quietly(folder.path)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    return push_then
 
 
 def _as_params(cfg: StudyConfig, params: Params | dict | None) -> Params:

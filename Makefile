@@ -29,7 +29,7 @@ study: $(STAMP) ## run STUDY (default: studies/default.yaml) until its target; r
 
 resume: study ## the same command as study: continue where a crashed or stopped study left off
 
-status: $(STAMP) ## table of STUDY's trials sorted by val F1 (also runs/<study>/trials.csv)
+status: $(STAMP) ## table of STUDY's trials sorted by the objective (also runs/<study>/trials.csv)
 	$(BIN)/harness status $(STUDY) $(ARGS)
 
 promote: $(STAMP) ## retrain STUDY's top configurations on person-grouped folds, audit labels (ARGS="--workers 2")

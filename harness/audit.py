@@ -10,7 +10,8 @@ person) are what cleanlab needs. For the competition each task is audited at its
 Other data has one task, "label", per image. cleanlab's `find_label_issues` flags the issues and its
 self-confidence label-quality score ranks them (lowest first: most suspicious). runs/<study>/promotion/
 label_issues.csv has `target` (a person folder or an image path under train/images, as data.corrections
-takes it), `task`, `given`, `suggested`, `score`, `image` (a file to look at) and an empty `accept` column;
+takes it), `task`, `given`, `suggested`, `score`, `image` (a file to look at), `method` (how it was flagged)
+and an empty `accept` column;
 `harness corrections STUDY.yaml` turns the accepted rows into a data.corrections file.
 """
 
@@ -29,7 +30,7 @@ from harness.io import atomic_write_text
 from harness.study import StudyError
 
 log = logging.getLogger("harness.audit")
-COLUMNS = ["target", "task", "given", "suggested", "score", "image", "accept"]
+COLUMNS = ["target", "task", "given", "suggested", "score", "image", "method", "accept"]
 TASK_NAMES = {"mask": MASK_NAMES, "gender": GENDER_NAMES, "age": AGE_NAMES}
 PERSON_TASKS = ("gender", "age")
 
@@ -44,25 +45,37 @@ def task_probs(probs: np.ndarray) -> dict[str, np.ndarray]:
     return {"mask": joint.sum(axis=(2, 3)), "gender": joint.sum(axis=(1, 3)), "age": joint.sum(axis=(1, 2))}
 
 
-def _issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indices cleanlab flags, most suspicious first; every item's self-confidence score)."""
+CLEANLAB = "cleanlab find_label_issues"
+
+
+def _issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(indices flagged, most suspicious first; every item's self-confidence score; how they were flagged).
+
+    cleanlab estimates the noise rates per given class, and refuses classes no item is given; the audit
+    runs it on the classes present (their probabilities renormalised), which is the same question asked of
+    the labels that exist. Should it still refuse, the items are ranked by the score alone, and the
+    method says so (summary, report, the `method` column of label_issues.csv)."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    scores = get_label_quality_scores(labels, probs, method="self_confidence")
+    present = np.unique(labels)
+    compact = np.searchsorted(present, labels)
+    probs = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
+    scores = get_label_quality_scores(compact, probs, method="self_confidence")
     try:
-        flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
-    except ValueError as error:  # e.g. a class no item is given: rank by the score alone
-        log.warning("cleanlab could not estimate the noise rates (%s); ranking by self-confidence only", error)
+        flagged = find_label_issues(compact, probs, return_indices_ranked_by="self_confidence")
+        method = CLEANLAB
+    except ValueError as error:
+        method = f"self-confidence below 0.5 (cleanlab could not estimate the noise rates: {error})"
+        log.warning("label audit: %s", method)
         flagged = np.argsort(scores)[scores[np.argsort(scores)] < 0.5]
-    return np.asarray(flagged, dtype=np.int64), scores
+    return np.asarray(flagged, dtype=np.int64), scores, method
 
 
 def _rows(task: str, targets, images, labels, probs, names) -> list[dict]:
-    flagged, scores = _issues(np.asarray(labels), np.asarray(probs))
+    flagged, scores, method = _issues(np.asarray(labels), np.asarray(probs))
     return [{"target": targets[i], "task": task, "given": names[labels[i]], "suggested": names[int(np.argmax(probs[i]))],
-             "score": float(scores[i]), "image": images[i], "accept": ""} for i in flagged]
+             "score": float(scores[i]), "image": images[i], "method": method, "accept": ""} for i in flagged]
 
 
 def audit_labels(probs: np.ndarray, frame: pd.DataFrame, tasks: bool, folder: PromotionFolder) -> dict:
@@ -85,7 +98,9 @@ def audit_labels(probs: np.ndarray, frame: pd.DataFrame, tasks: bool, folder: Pr
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("score", kind="stable")
     path = folder.file(folder.LABEL_ISSUES)
     atomic_write_text(path, table.to_csv(index=False))
-    return {"file": str(path), "rows": len(table), "by_task": table["task"].value_counts().to_dict()}
+    methods = sorted(set(table["method"])) or [CLEANLAB]
+    return {"file": str(path), "rows": len(table), "by_task": table["task"].value_counts().to_dict(),
+            "method": "; ".join(methods)}
 
 
 def read_issues(folder: PromotionFolder) -> pd.DataFrame | None:

@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "its best configurations are trained first (once per study)")
     study.add_argument("--warm-start-top", type=int, default=3, metavar="K",
                        help="how many of the other study's best configurations (default 3)")
-    verb("status", cmd_status, "table of trials sorted by val F1 (also runs/<study>/trials.csv)", with_storage)
+    verb("status", cmd_status, "table of trials sorted by the objective (also runs/<study>/trials.csv)", with_storage)
     verb("ensemble", cmd_ensemble, "promote the best trials to a greedy ensemble with an honest score", with_storage)
     predict = verb("predict", cmd_predict, "predict the held-out set (runs/<study>/submission.csv, or "
                    "test_predictions.csv for data.test), or any folder with --images DIR", with_storage)

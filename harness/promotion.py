@@ -378,5 +378,6 @@ def summary_table(summary: dict) -> str:
                      f"[{m_low:.4f}, {m_high:.4f}]; single split: objective {single['objective']:.4f}, "
                      f"val F1 {single['val_f1']:.4f} ({single['state']}, {single['epochs']} epochs)")
     issues = summary["label_issues"]
-    lines.append(f"  label audit: {issues['rows']} suspicious label(s) in {issues['file']}")
+    lines.append(f"  label audit: {issues['rows']} suspicious label(s) in {issues['file']} "
+                 f"({issues.get('method', 'cleanlab find_label_issues')})")
     return "\n".join(lines)

@@ -222,11 +222,17 @@ def search_section(cfg: StudyConfig, study: optuna.Study, frame: pd.DataFrame) -
     return section
 
 
+# fANOVA fits a random forest to (params -> objective) of the complete trials; on fewer trials than this the
+# forest splits on whatever separates a handful of points, and its ranking is noise presented as a finding
+IMPORTANCE_MIN_TRIALS = 8
+
+
 def add_importances(section: Section, study: optuna.Study, complete: list, target: str) -> None:
     values = [t.value for t in complete]
-    if len(complete) < 2 or float(np.std(values)) == 0.0:
-        section.note(f"parameter importances need at least 2 complete trials with different {target} "
-                     f"({len(complete)} complete so far)")
+    if len(complete) < IMPORTANCE_MIN_TRIALS or float(np.std(values)) == 0.0:
+        section.note(f"parameter importances are not shown: they need at least {IMPORTANCE_MIN_TRIALS} complete "
+                     f"trials with different {target} ({len(complete)} complete so far); on fewer, the forest "
+                     "behind them ranks whatever separates a handful of points")
         return
     # Optuna warns (to stderr) when a conditional param has few trials; the reader should see that instead
     with warnings.catch_warnings(record=True) as caught:
@@ -516,7 +522,8 @@ def promotion_section(cfg: StudyConfig) -> Section:
                  "person, 95% person-bootstrap interval, beside its figures on the single valid split.</p>" + table(rows))
     issues = read_issues(folder)
     if issues is not None and not issues.empty:
-        section.html(audit_gallery(issues.head(AUDIT_ROWS), len(issues)))
+        section.html(audit_gallery(issues.head(AUDIT_ROWS), len(issues),
+                                   summary.get("label_issues", {}).get("method", "cleanlab find_label_issues")))
     return section
 
 
@@ -548,7 +555,7 @@ def held_out_section(cfg: StudyConfig, summary: dict | None) -> Section:
     return section
 
 
-def audit_gallery(rows: pd.DataFrame, total: int) -> str:
+def audit_gallery(rows: pd.DataFrame, total: int, method: str) -> str:
     cards = []
     for row in rows.itertuples():
         image = thumbnail(Path(row.image))
@@ -556,7 +563,8 @@ def audit_gallery(rows: pd.DataFrame, total: int) -> str:
         cards.append(f'<figure class="audit">{picture}<figcaption>{esc(row.task)}: {esc(row.given)} &rarr; '
                      f'{esc(row.suggested)}<br>{esc(row.target)}<br>score {fmt(float(row.score), 3)}</figcaption></figure>')
     return (f"<h3>Label audit</h3><p class='caption'>The {len(rows)} most suspicious of {total} rows of "
-            "label_issues.csv (cleanlab on out-of-fold probabilities; lower score = more suspicious). Mark the "
+            f"label_issues.csv (flagged by {esc(method)}, on out-of-fold probabilities; lower score = more "
+            "suspicious). Mark the "
             "accept column and run `harness corrections STUDY.yaml`.</p>" + '<div class="gallery">' + "".join(cards)
             + "</div>")
 

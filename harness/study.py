@@ -351,7 +351,7 @@ class EpochPrinter:
 
 
 # TrialResult field -> the trial user attribute a reviewer filters on (optuna-dashboard shows them)
-STORED_RESULT = {"best_f1": "val_f1", "best_f1_bgswap": "val_f1_bgswap", "gap_f1": "gap_f1",
+STORED_RESULT = {"best_objective": "objective", "best_f1": "val_f1", "best_f1_bgswap": "val_f1_bgswap", "gap_f1": "gap_f1",
                  "gap_bgswap": "gap_bgswap", "best_epoch": "best_epoch", "epochs_run": "epochs_run",
                  "images_per_s": "images_per_s", "seconds": "seconds", "state": "state", "reason": "reason",
                  "weights": "weights", "foreground": "foreground"}
@@ -566,6 +566,17 @@ def requeue_interrupted(study: optuna.Study) -> None:
 # ---------------------------------------------------------------------------- status
 
 
+def trial_objective(trial: optuna.trial.FrozenTrial) -> float:
+    """A trial's one objective: its best epoch's (the figure its files, interval and console line hold).
+
+    Optuna's own value is the same for a complete trial, but for a pruned one it is the last reported
+    epoch's; the best epoch's is kept as the user attribute "objective" (`store_result`)."""
+    stored = trial.user_attrs.get("objective")
+    if stored is not None and math.isfinite(stored):
+        return float(stored)
+    return trial.value if trial.values else float("nan")
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial (its identity: folder and W&B run; column "trial"), the latest Optuna trial of it
     ("optuna_trial": a retried trial is a new Optuna trial), sorted by the objective (Optuna's value).
@@ -579,7 +590,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         attrs = t.user_attrs
         identity = attrs.get("identity", t.number)
         rows.append({"trial": identity, "optuna_trial": t.number, "state": t.state.name.lower(),
-                     "objective": t.value if t.values else nan, "val_f1": attrs.get("val_f1", nan),
+                     "objective": trial_objective(t), "val_f1": attrs.get("val_f1", nan),
                      "val_f1_bgswap": attrs.get("val_f1_bgswap", nan), "eval_f1": truth.get(str(identity), nan),
                      "gap_f1": attrs.get("gap_f1", nan), "gap_bgswap": attrs.get("gap_bgswap", nan),
                      "best_epoch": attrs.get("best_epoch", -1) + 1,  # counted from 1 (0: none)
@@ -627,7 +638,8 @@ def scored_frame(cfg: StudyConfig, study: optuna.Study, intervals: bool = True) 
 
     frame = with_intervals(cfg, trials_frame(study)) if intervals else trials_frame(study)
     if "wandb_run_id" in frame:
-        frame["wandb"] = frame["wandb_run_id"].map(run_states(cfg.study_dir)).fillna("")
+        states = run_states(cfg.study_dir)
+        frame["wandb"] = [states.get(run_id, "") for run_id in frame["wandb_run_id"]]
     if cfg.store.url is not None and not frame.empty:
         from harness.store import stored_state
 

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import weakref
@@ -488,7 +489,8 @@ def log_ensemble(cfg, members, metrics: Mapping[str, Any], confusion: np.ndarray
 # An unreachable server must cost a study nothing and lose nothing. Whether the server answers is asked in
 # the background (`Probe`, bounded by tracking.init_timeout_s), started when a study opens, so the answer is
 # normally in before the first run starts; a run starts online only once the server has answered, and
-# offline with its own id otherwise (no run ever waits for the network). No answer makes `Outage` remember
+# offline with its own id when none came within tracking.init_timeout_s (a slow answer is an answer; the first
+# start waits for it at most that long, later ones find it in). No answer makes `Outage` remember
 # it study-wide (runs/<study>/wandb/outage.json, seen by every worker and rerun) until
 # tracking.retry_online_s has passed and the next start asks again. Each W&B run folder gets a marker
 # (`MARKER`): how the run was logged and whether everything reached the server; `make sync` uploads the
@@ -498,7 +500,6 @@ MARKER = "harness-run.json"
 OUTAGE_FILE = "outage.json"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 SYNC_PROBE_S = 10.0  # how long `make sync` waits for the server's first answer
-PROBE_GRACE_S = 0.5  # how long a start waits for a probe begun just before it (a healthy server answers in ms)
 PROBE_FRESH_S = 60.0  # how long an answer stands for later starts
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # this process's open trackers
 _SAID: set[tuple[str, str]] = set()  # (study folder, message kind): what this process has said once
@@ -541,25 +542,28 @@ class Outage:
         answer = Probe.answer(self)
         if answer:
             if state:
-                self.end()
+                self.end(state)
             return "online"
         return "offline"
 
-    def settle(self, answered: bool) -> None:
-        """A probe's verdict: an outage begins when the server did not answer (a later answer ends it)."""
+    def settle(self, answered: bool, seen: dict | None) -> None:
+        """A probe's verdict: an outage begins when the server did not answer; an answer ends the outage the
+        probe saw when it started (`seen`), not one another worker recorded since."""
         if not answered:
             self.begin(f"no answer within {self.tracking.init_timeout_s:g} s")
-        elif self._read():
-            self.end()
+        elif seen:
+            self.end(seen)
 
     def begin(self, reason: str) -> None:
         from harness.io import atomic_write_text
 
         now = time.time()
-        since = (self._read() or {}).get("since", now)
-        state = {"since": since, "retry_at": now + self.tracking.retry_online_s, "url": server_url(), "reason": reason}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(state))
+        with self._locked():
+            since = (self._read() or {}).get("since", now)
+            state = {"since": since, "retry_at": now + self.tracking.retry_online_s, "url": server_url(),
+                     "reason": reason, "by": f"{socket.gethostname()}:{os.getpid()}:{now!r}"}
+            atomic_write_text(self.path, json.dumps(state))
         if (self.key, "outage") not in _SAID:
             _SAID.add((self.key, "outage"))
             _SAID.discard((self.key, "back"))
@@ -567,8 +571,15 @@ class Outage:
                         "ids; `make sync` uploads them. Online is tried again after %.0f s.", server_url(), reason,
                         self.path.parent, self.tracking.retry_online_s)
 
-    def end(self) -> None:
-        self.path.unlink(missing_ok=True)
+    def end(self, seen: dict) -> None:
+        """End the outage recorded as `seen` (what this process read before the server answered it); a record
+        written since (another worker's fresh outage) stays. Read, compare and remove under the file's lock."""
+        if not self.path.parent.is_dir():
+            return
+        with self._locked():
+            if self._read() != seen:
+                return
+            self.path.unlink(missing_ok=True)
         if (self.key, "back") not in _SAID:
             _SAID.add((self.key, "back"))
             _SAID.discard((self.key, "outage"))
@@ -580,6 +591,18 @@ class Outage:
             return json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The study's outage record is changed by one process at a time (workers and machines share it)."""
+        import fcntl
+
+        with open(self.path.with_name(OUTAGE_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Probe:
@@ -600,20 +623,23 @@ class Probe:
             if fresh:
                 return probe
             probe = cls._current = {"url": server_url(), "started": now, "answer": None, "finished": 0.0}
+        seen = outage._read()  # the outage this probe can end: the one recorded before it asked
 
         def ask() -> None:
             answered = server_answers(outage.tracking.init_timeout_s)
             probe.update(answer=answered, finished=time.time())
-            outage.settle(answered)
+            outage.settle(answered, seen)
 
         threading.Thread(target=ask, name="wandb-probe", daemon=True).start()
         return probe
 
     @classmethod
     def answer(cls, outage: Outage) -> bool | None:
-        """The server's answer; a start waits for it at most PROBE_GRACE_S after the probe began."""
+        """The server's answer: a slow answer within tracking.init_timeout_s is an answer (online); only none
+        means offline. A start waits for it until init_timeout_s after the probe began (the probe starts when
+        the study opens, so the data's preparation usually covers the wait; later starts find it answered)."""
         probe = cls.start(outage)
-        deadline = probe["started"] + PROBE_GRACE_S
+        deadline = probe["started"] + outage.tracking.init_timeout_s + 0.5
         while probe["answer"] is None and time.time() < deadline:
             time.sleep(0.01)
         return probe["answer"]
@@ -648,11 +674,23 @@ def write_marker(folder: Path, run_id: str, mode: str, uploaded: bool, synced: b
                                                          "synced": synced}))
 
 
+FOLDER_TIME = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-")
+
+
+def started_at(folder: Path) -> tuple[str, float]:
+    """When a W&B run folder's first record was written: the start time W&B puts in its name
+    (`[offline-]run-YYYYMMDD_HHMMSS-<id>`), then its transaction log's modification time within one second."""
+    match = FOLDER_TIME.match(folder.name)
+    logs = sorted(folder.glob("run-*.wandb"))
+    return (match.group(1) if match else ""), (logs[0].stat().st_mtime if logs else 0.0)
+
+
 def run_folders(study_dir: Path) -> list[tuple[Path, str, dict]]:
-    """Every W&B run folder of a study, oldest first: (folder, run id, its marker; a folder without one is
+    """Every W&B run folder of a study, oldest first by the time of its first record, whatever its prefix
+    (`offline-run-*` and `run-*` interleave by time): (folder, run id, its marker; a folder without one is
     judged by its name: offline-run-* waits for an upload unless `wandb sync` marked it, run-* went online)."""
     found = []
-    for folder in sorted((Path(study_dir) / "wandb").glob("*run-*")):
+    for folder in sorted((Path(study_dir) / "wandb").glob("*run-*"), key=started_at):
         logs = sorted(folder.glob("run-*.wandb")) if folder.is_dir() else []
         if not logs:
             continue

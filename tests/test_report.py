@@ -21,7 +21,7 @@ from plotly.offline import get_plotlyjs
 from conftest import CHROMIUM, ENABLE_BROWSER_TESTS
 from harness.bench.report import bench_study_config, make_fake_study, write_fake_ensemble
 from harness.config import ConfigError
-from harness.report import WATCHDOG_JS, external_references, write_report
+from harness.report import IMPORTANCE_MIN_TRIALS, WATCHDOG_JS, external_references, write_report
 from harness.study import trials_frame
 
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason=f"no chromium on PATH: `{ENABLE_BROWSER_TESTS}`")
@@ -77,7 +77,7 @@ def figure_names(page: str) -> set[str]:
 def expected_figures(study, ensemble: bool, intervals: bool = True) -> set[str]:
     """`intervals`: the trials have stored valid predictions (real trials do; the bench's fake ones do not)."""
     values = [t.value for t in study.trials if t.state.name == "COMPLETE"]
-    importances = {"importances"} if len(values) >= 2 and np.std(values) > 0 else set()
+    importances = {"importances"} if len(values) >= IMPORTANCE_MIN_TRIALS and np.std(values) > 0 else set()
     return (ALWAYS | importances | ({"confusion_ensemble"} if ensemble else set())
             | ({"intervals"} if intervals else set()))
 
@@ -180,11 +180,12 @@ def test_user_strings_are_escaped_and_secrets_kept_out(tmp_path, monkeypatch):
     assert "pwned" not in re.search(r"<html[^>]*>", dom).group(0)
 
 
-def test_one_complete_trial_explains_the_missing_importances(tmp_path):
-    cfg = bench_study_config(tmp_path / "runs", name="single")
-    make_fake_study(cfg, trials=1)
+@pytest.mark.parametrize("trials", [1, 3])
+def test_too_few_complete_trials_explain_the_missing_importances(tmp_path, trials):
+    cfg = bench_study_config(tmp_path / "runs", name="few")
+    make_fake_study(cfg, trials=trials)
     page = write_report(cfg).read_text()
-    assert "parameter importances need at least 2 complete trials" in page
+    assert f"they need at least {IMPORTANCE_MIN_TRIALS} complete trials" in page
     assert "importances" not in figure_names(page) and "history" in figure_names(page)
 
 

@@ -175,3 +175,53 @@ def test_make_sync_names_the_folders_it_could_not_upload(smoke_study, wandb_home
     synced, failed = sync_runs(cfg)
     assert not synced and failed == pending_folders(cfg.study_dir)
     assert run_states(cfg.study_dir) == {tracker.run_id: "offline"}
+
+
+def test_make_sync_uploads_a_cut_off_online_attempt_before_its_later_offline_one(smoke_study, wandb_home,
+                                                                                   monkeypatch):
+    """`run-*` (an online start whose connection was lost) and `offline-run-*` (the resumed attempt) of one run
+    id go to the server by the time of their first record, not by their names (offline- sorts first)."""
+    cfg = smoke_study(**{"tracking.mode": "offline"})
+    for epochs in ((0, 1, 2), (3, 4)):
+        with TrialTracker(cfg, 0, {}, {}) as tracker:
+            for epoch in epochs:
+                tracker.log_epoch({"epoch": epoch, "val/f1": epoch / 10})
+        time.sleep(1.1)  # W&B names folders by the second
+    first, second = sorted((cfg.study_dir / "wandb").glob("offline-run-*"))
+    online = first.with_name(first.name.removeprefix("offline-"))  # what a cut-off online attempt leaves
+    first.rename(online)
+    marker = json.loads((online / "harness-run.json").read_text())
+    (online / "harness-run.json").write_text(json.dumps({**marker, "mode": "online", "uploaded": False}))
+    assert pending_folders(cfg.study_dir) == [online, second]
+    with FakeWandbServer(lifetime_s=120) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        synced, failed = sync_runs(cfg)
+        assert len(synced) == 2 and not failed
+        assert [h["epoch"] for h in server.history(tracker.run_id) if "val/f1" in h] == [1, 2, 3, 4, 5]
+
+
+def test_a_probe_that_answers_ends_only_the_outage_it_saw(smoke_study, tmp_path):
+    from harness.tracking import Outage
+
+    cfg = smoke_study()
+    outage = Outage(cfg.study_dir, cfg.tracking)
+    outage.begin("no answer within 10 s")
+    seen = outage._read()
+    time.sleep(0.01)
+    Outage(cfg.study_dir, cfg.tracking).begin("another worker: no answer within 10 s")  # a fresh record
+    outage.end(seen)  # this worker's probe answered, but only for the record it saw
+    assert outage._read()["reason"] == "another worker: no answer within 10 s"
+    outage.end(outage._read())
+    assert not (cfg.study_dir / "wandb" / OUTAGE_FILE).exists()
+
+
+def test_a_slow_but_healthy_server_means_online(smoke_study, wandb_home, monkeypatch):
+    """The probe's answer comes after 2 s, within tracking.init_timeout_s (5 s): the run starts online."""
+    cfg = online_study(smoke_study, **{"tracking.init_timeout_s": 5})
+    with FakeWandbServer(lifetime_s=120) as server:
+        server.probe_delay_s = 2.0
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        with TrialTracker(cfg, 0, {}, {}) as tracker:
+            assert tracker.mode == "online"
+            tracker.log_epoch({"epoch": 0, "val/f1": 0.5})
+    assert not (cfg.study_dir / "wandb" / OUTAGE_FILE).exists()

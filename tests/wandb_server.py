@@ -103,6 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
         data = self._body()
         path = urlparse(self.path).path
         if path.rstrip("/") == "/graphql":
+            if b"{ serverInfo { features } }" in data:  # the harness's reachability probe
+                time.sleep(self.server.fake.probe_delay_s)
             return self._graphql(data)
         m = _FS_RE.match(path)
         if m:
@@ -167,6 +169,7 @@ class FakeWandbServer:
         # a resumed run / a later sync continues the history at the right file_stream offset.
         self.runs: dict[str, dict] = {}
         self.remember_runs = remember_runs  # False: RunResumeStatus always says "no such run"
+        self.probe_delay_s = 0.0  # a slow but healthy server: the reachability probe's answer comes this late
 
     def _track(self, conn: socket.socket, alive: bool) -> None:
         with self._lock:

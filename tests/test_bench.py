@@ -37,12 +37,19 @@ def test_quick_bench_writes_every_row_of_the_cheap_groups(tmp_path):
             sign = 1 if row["better"] == "higher" else -1
             assert row["met"] == (sign * row["ratio"] >= sign * row["target"]), row
 
+    # one row per claim: channels_last against NCHW on this device; a constant reference says it is one
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"trial_channels_last_{device}_images_per_s" in names
+    by_name = {row["name"]: row for row in report["rows"]}
+    assert by_name["report_seconds"]["reference_is"].startswith("a constant, not measured")
+    assert "reference_is" not in by_name["trial_train_images_per_s"]
+
     # the mixed-precision row exists only where it can be measured; elsewhere a note says so
     if torch.cuda.is_available():
-        assert "trial_amp_channels_last_images_per_s" in names
+        assert "trial_amp_images_per_s" in names
     else:
-        assert "trial_amp_channels_last_images_per_s" not in names
-        assert "trial_amp_channels_last_images_per_s: no CUDA device: skipped" in report["notes"]
+        assert "trial_amp_images_per_s" not in names
+        assert "trial_amp_images_per_s: no CUDA device: skipped" in report["notes"]
 
     # every output stayed under --out: the quick trial's smoke data too
     assert (out / "smoke-data" / "default").is_dir() and (out / "loader.json").is_file()

@@ -35,12 +35,17 @@ class Bench:
 
 
 def row(name: str, harness: float, reference: float, unit: str, target: float, better: str = "higher",
-        ratio: float | None = None) -> dict:
-    """One bench row: `ratio` (harness / reference unless given) is met at >= target, or <= for better="lower"."""
+        ratio: float | None = None, constant: str | None = None) -> dict:
+    """One bench row: `ratio` (harness / reference unless given) is met at >= target, or <= for better="lower".
+    `constant` says what a reference that is a fixed number (not measured in this run) stands for; the row
+    then carries it as `reference_is`."""
     ratio = harness / reference if ratio is None else ratio
     met = ratio >= target if better == "higher" else ratio <= target
-    return {"name": name, "harness": round(harness, 4), "reference": round(reference, 4), "ratio": round(ratio, 3),
-            "unit": unit, "target": target, "better": better, "met": bool(met)}
+    result = {"name": name, "harness": round(harness, 4), "reference": round(reference, 4), "ratio": round(ratio, 3),
+              "unit": unit, "target": target, "better": better, "met": bool(met)}
+    if constant:
+        result["reference_is"] = f"a constant, not measured: {constant}"
+    return result
 
 
 def unmeasured(name: str, unit: str, target: float, better: str, why: str, **details: Any) -> dict:

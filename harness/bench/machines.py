@@ -65,7 +65,7 @@ def bench_machines(bench: Bench) -> list[dict]:
     cost = (upload_s + fetch_s) / len(two_frame)
     rows = [row("machines_same_trials", same, complete, "complete trials with the same params", SAME_TARGET),
             row("machines_same_ensemble", float(one_members == two_members), 1.0, "same members (1 = yes)",
-                SAME_TARGET),
+                SAME_TARGET, constant="1 = the same members and weights"),
             row("machines_store_cost", cost, trial_s, "store seconds per trial / trial seconds", COST_TARGET,
                 better="lower")]
     rows[1].update(one_machine=one_members, two_machines=two_members)

@@ -7,7 +7,8 @@ shortcut  The default study at its real size (--quick: its smoke variant), twice
   shortcut_eval_f1_trap_vs_no_trap   harness = the trap study's submission eval F1, reference = the
                        trap-free study's; ratio = harness / reference, met at >= 0.9.
   shortcut_best_objective_minus_eval harness = the trap study's best trial's objective (what the study
-                       believed), reference = that trial's own eval F1; ratio = harness - reference,
+                       believed), reference = that trial's own eval F1; ratio = |harness - reference|
+                       (an objective that understates eval is as wrong as one that overstates it),
                        met at <= 0.10.
   shortcut_objective_eval_spearman   harness = Spearman correlation of the objective with eval F1 over
                        the trap study's complete trials, met at >= 0.7; `val_f1_spearman` beside it is
@@ -70,7 +71,7 @@ def bench_shortcut(bench: Bench) -> list[dict]:
     best = frame.iloc[0]  # trials_frame sorts by the objective
     overstated = row("shortcut_best_objective_minus_eval", float(best["objective"]), float(best["eval_f1"]),
                      "F1", OVERSTATEMENT_TARGET, better="lower",
-                     ratio=float(best["objective"]) - float(best["eval_f1"]))
+                     ratio=abs(float(best["objective"]) - float(best["eval_f1"])))  # either way is a wrong belief
     overstated.update(size=size, trial=int(best["trial"]), val_f1=float(best["val_f1"]),
                       val_f1_minus_eval=float(best["val_f1"]) - float(best["eval_f1"]))
     complete = frame[(frame["state"] == "complete") & np.isfinite(frame["eval_f1"].astype(float))]
@@ -79,7 +80,8 @@ def bench_shortcut(bench: Bench) -> list[dict]:
                                               f"{len(complete)} complete trial(s): a rank correlation needs 3")]
     rho = float(spearmanr(complete["objective"], complete["eval_f1"]).statistic)
     plain = float(spearmanr(complete["val_f1"], complete["eval_f1"]).statistic)
-    correlation = row("shortcut_objective_eval_spearman", rho, 1.0, "rho", SPEARMAN_TARGET, ratio=rho)
+    correlation = row("shortcut_objective_eval_spearman", rho, 1.0, "rho", SPEARMAN_TARGET, ratio=rho,
+                      constant="a perfect rank correlation")
     correlation.update(size=size, complete_trials=len(complete), val_f1_spearman=round(plain, 3))
     return [ratio, overstated, correlation]
 

@@ -5,7 +5,10 @@
                                 gradient clipping over tensors already on the device (best pass).
   probe_cost_share_of_epoch     seconds of the per-epoch evaluations (valid and the probes) against
                                 the epochs' training seconds.
-  trial_amp_channels_last_images_per_s   (CUDA only) float16 autocast against float32, both channels_last.
+  trial_channels_last_<device>_images_per_s   the training step in channels_last (build_model's layout)
+                                against the same in NCHW, on the trial's device (cpu or cuda).
+  trial_amp_images_per_s        (CUDA only) float16 autocast against float32, both channels_last: mixed
+                                precision alone.
   study_overhead_share_of_trial trial wall time not spent in epochs (model build, loaders, checkpoints,
                                 Optuna storage, the W&B run) against trial wall time, 2 trials.
 """
@@ -30,12 +33,13 @@ def _bench_cfg(bench: Bench):
 
 
 def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = None, mixed: bool = False,
-                           passes: int = 1) -> float:
+                           passes: int = 1, layout: torch.memory_format = torch.channels_last) -> float:
     """The reference: the harness's own training step (model, batch, loss, optimizer, clipping as the study
     file asks) over tensors already on `device`, without the loader, schedule or checks around it.
 
     `mixed` is what train_one_epoch does on CUDA: float16 autocast and a GradScaler. With mixed=False
-    the loop is float32. Both run in channels_last, the layout build_model gives the model.
+    the loop is float32. `layout` is the model's and the batches' memory layout: channels_last is what
+    build_model gives the model; torch.contiguous_format (NCHW) is the reference of the layout row.
     """
     from harness.augment import build_transform
     from harness.heads import build_loss
@@ -50,8 +54,7 @@ def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = 
     y_all = torch.as_tensor(data.frame["label"].to_numpy()[rows]).to(device)
     torch.manual_seed(0)
     model = build_model(params.backbone, params.head, 18, pretrained=False,
-                        image_size=(size.height, size.width)).to(device)
-    layout = torch.channels_last
+                        image_size=(size.height, size.width)).to(device).to(memory_format=layout)
     loss_fn = build_loss(params.loss, params.head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=mixed)
@@ -99,11 +102,28 @@ def bench_trial(bench: Bench) -> list[dict]:
     rows = [row("trial_train_images_per_s", harness_speed, reference, "images/s", 0.9),
             row("probe_cost_share_of_epoch", float(metrics["probe_time"].sum()), float(metrics["epoch_time"].sum()),
                 "seconds", 0.25, better="lower")]
+    rows.append(layout_row(cfg, data, steps, device, cuda, bench.quick))
     if cuda:
         rows.append(mixed_precision_row(cfg, data, steps, device, bench.quick))
     else:
-        bench.notes.append("trial_amp_channels_last_images_per_s: no CUDA device: skipped")
+        bench.notes.append("trial_amp_images_per_s: no CUDA device: skipped")
     return rows
+
+
+def layout_row(cfg, data, steps: int, device: torch.device, cuda: bool, quick: bool) -> dict:
+    """The training step with the model and batches in channels_last (what build_model chooses) against the
+    same in NCHW, on the trial's device; best of 3 alternating measurements. Met when channels_last is not
+    slower: the harness uses it on every device."""
+    passes, repeats = (1, 1) if quick else (2, 3)
+    last, nchw = 0.0, 0.0
+    for _ in range(repeats):
+        last = max(last, bare_loop_images_per_s(cfg, data, steps, device, mixed=cuda, passes=passes))
+        nchw = max(nchw, bare_loop_images_per_s(cfg, data, steps, device, mixed=cuda, passes=passes,
+                                                layout=torch.contiguous_format))
+    result = row(f"trial_channels_last_{device.type}_images_per_s", last, nchw, "images/s", 1.0)
+    result["size"] = (f"{cfg.params.backbone}, batch {cfg.train.batch_size}, {cfg.data.image_size.height}x"
+                      f"{cfg.data.image_size.width}, {steps * passes} steps")
+    return result
 
 
 def mixed_precision_row(cfg, data, steps: int, device: torch.device, quick: bool) -> dict:
@@ -117,7 +137,7 @@ def mixed_precision_row(cfg, data, steps: int, device: torch.device, quick: bool
     for _ in range(repeats):
         mixed = max(mixed, bare_loop_images_per_s(cfg, data, steps, device, mixed=True, passes=passes))
         plain = max(plain, bare_loop_images_per_s(cfg, data, steps, device, mixed=False, passes=passes))
-    result = row("trial_amp_channels_last_images_per_s", mixed, plain, "images/s", 1.0)
+    result = row("trial_amp_images_per_s", mixed, plain, "images/s", 1.0)
     result["size"] = (f"{cfg.params.backbone}, batch {cfg.train.batch_size}, {cfg.data.image_size.height}x"
                       f"{cfg.data.image_size.width}, {steps * passes} steps, {torch.cuda.get_device_name(device)}")
     return result

@@ -196,9 +196,13 @@ def _confusion_chart(matrix: np.ndarray, class_names: list[str] | None, title: s
 # -------------------------------------------------------------------------------- trackers
 
 
+MAX_RECOVERIES = 2  # W&B errors mid-run after which the run goes on offline; one more turns tracking off
+
+
 class _Tracker:
-    """One W&B run that degrades to a no-op on the first W&B error, and to an offline run with the same id
-    when the server does not answer (see "Connectivity" below)."""
+    """One W&B run that goes on offline with the same id after a W&B error mid-run (every later record is
+    kept; after MAX_RECOVERIES it becomes a no-op), and starts offline with the same id when the server does
+    not answer (see "Connectivity" below)."""
 
     def __init__(self, cfg, run_id: str, name: str, job_type: str, config: Mapping[str, Any],
                  group: str | None = None):
@@ -206,6 +210,7 @@ class _Tracker:
         self.run = None
         self.failed = False  # a W&B error happened (and was reported)
         self.uploaded = False  # an online run whose every record reached the server
+        self._recoveries = 0  # W&B errors mid-run after which the run went on offline
         self.dir = Path(cfg.study_dir).resolve()
         self.tracking = cfg.tracking
         self.mode = _resolve_mode(cfg.tracking.mode)
@@ -253,7 +258,7 @@ class _Tracker:
     @property
     def state(self) -> str:
         """"online" (everything reached the server), "offline" (its files wait for `make sync`), "" (no run)."""
-        if self.mode == "disabled" or self.failed:
+        if self.mode == "disabled" or (self.failed and not self._recoveries):
             return ""
         return "online" if self.uploaded else "offline"
 
@@ -263,9 +268,29 @@ class _Tracker:
             yield
         except Exception as error:  # noqa: BLE001 - tracking must never stop training
             self.failed = True
-            log.warning("W&B %s failed for run %s under %s (%s: %s); tracking is off for this run, training goes on. "
-                        "Check tracking.* in the study file and WANDB_MODE.", what, self.run_id, self.dir / "wandb",
-                        type(error).__name__, _first_line(error))
+            going_on = what != "init" and self.run is not None and self._recoveries < MAX_RECOVERIES
+            log.warning("W&B %s failed for run %s under %s (%s: %s); %s. Check tracking.* in the study file and "
+                        "WANDB_MODE.", what, self.run_id, self.dir / "wandb", type(error).__name__,
+                        _first_line(error), "the run goes on offline with the same id, in a folder of its own "
+                        "(`make sync` uploads it)" if going_on else "tracking is off for this run, training goes on")
+            if going_on:
+                self._recover()
+            else:
+                self._abandon()
+
+    def _recover(self) -> None:
+        """After a W&B error mid-run: close the run as it is and go on offline with the same id, so that every
+        later record is kept (in a new offline folder of the run; `make sync` joins them in order)."""
+        self._recoveries += 1
+        self._abandon()
+        try:
+            if self.mode == "online":
+                _free_run_ids()  # wandb keeps a failed online run's id taken until its service restarts
+            self.mode = "offline"
+            self._open()
+        except Exception as error:  # noqa: BLE001 - W&B cannot start even offline: give up on this run
+            log.warning("W&B could not go on offline for run %s (%s: %s); tracking is off for this run",
+                        self.run_id, type(error).__name__, _first_line(error))
             self._abandon()
 
     def _abandon(self) -> None:
@@ -342,8 +367,12 @@ class TrialTracker(_Tracker):
             return
         clean = {str(k): v for k, v in ((k, json_ready(v)) for k, v in row.items()) if v is not None}
         clean["epoch"] = int(row["epoch"]) + 1
+        recoveries = self._recoveries
         with self._guard(f"log of epoch {clean.get('epoch')}"):
             self.run.log(clean)
+        if self._recoveries > recoveries and self.active:  # the run went on offline: this epoch goes there too
+            with self._guard(f"log of epoch {clean.get('epoch')}"):
+                self.run.log(clean)
 
     def catch_up(self, rows: list[Mapping[str, Any]]) -> None:
         """Log the epochs a resumed trial already ran that W&B never received.

@@ -126,16 +126,21 @@ def test_wandb_failure_is_a_warning_and_training_goes_on(study, tmp_path, monkey
     assert not list(tmp_path.rglob("*.wandb"))
 
 
-def test_a_failure_mid_run_turns_the_tracker_off(study, caplog):
+def test_a_failure_mid_run_keeps_every_later_record_offline(study, caplog):
     caplog.set_level(logging.WARNING, logger="harness.tracking")
     tracker = TrialTracker(study, 2, {}, {})
     tracker.log_epoch(epoch_row(0))
     tracker.run.finish()  # the run closed underneath the tracker: W&B refuses further logging
     tracker.log_epoch(epoch_row(1))
-    assert not tracker.active
+    assert tracker.active and tracker.mode == "offline"  # it went on offline with the same id
     tracker.log_epoch(epoch_row(2))
     tracker.finish(result())
-    assert ["W&B log of epoch 2 failed" in r.getMessage() for r in caplog.records] == [True]  # counted from 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "harness.tracking"]
+    assert len(warnings) == 1 and "W&B log of epoch 2 failed" in warnings[0]  # counted from 1
+    assert "goes on offline with the same id" in warnings[0]
+    run = read_offline_run(study.study_dir / "wandb", tracker.run_id)
+    assert sorted(int(h["epoch"]) for h in run["history"] if "val/f1" in h) == [1, 2, 3]
+    assert tracker.state == "offline"
 
 
 def test_an_escaping_exception_closes_the_run_as_failed(study):

@@ -310,18 +310,20 @@ class _Tracker:
             self.run.finish(exit_code=exit_code)  # bounded by tracking.finish_timeout_s when the server is gone
             # finish() returns before wandb-core has flushed the run's log to disk; wait, so that a
             # finished tracker means complete files (for readers, and for a worker killed next).
-            if not _wait_for_exit_record(log_file, FLUSH_TIMEOUT_S):
+            flushed = _wait_for_exit_record(log_file, FLUSH_TIMEOUT_S)
+            if not flushed:
                 log.warning("W&B had not written the end of run %s to %s after %.0f s; the file may be incomplete",
                             self.run_id, log_file, FLUSH_TIMEOUT_S)
             if self.mode == "online":
-                self._confirm_upload(log_file.parent)
+                self._confirm_upload(log_file.parent, flushed)
         _LIVE.discard(self)
         self.run = None
 
-    def _confirm_upload(self, folder: Path) -> None:
-        """An online run counts as uploaded when the server still answers once it finished; if not, the
-        connection was lost during the run: its files keep everything, `make sync` sends it."""
-        if server_answers(self.tracking.init_timeout_s):
+    def _confirm_upload(self, folder: Path, flushed: bool) -> None:
+        """An online run counts as uploaded only when the server still answers, without a server error, once
+        the run finished and W&B wrote its exit record (the run's files are complete); else the connection
+        was lost or the server could not take the records: its files keep everything, `make sync` sends it."""
+        if flushed and server_answers(self.tracking.init_timeout_s, healthy=True):
             write_marker(folder, self.run_id, "online", uploaded=True)
             self.uploaded = True
             return
@@ -538,8 +540,9 @@ def server_url() -> str:
     return (os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
 
-def server_answers(timeout_s: float) -> bool:
-    """Whether the W&B server answers an HTTP request within timeout_s (any status is an answer)."""
+def server_answers(timeout_s: float, healthy: bool = False) -> bool:
+    """Whether the W&B server answers an HTTP request within timeout_s: any status is an answer (the server
+    is there), or with `healthy` any status but a server error (5xx: it is there but cannot take records)."""
     import urllib.error
     import urllib.request
 
@@ -547,8 +550,8 @@ def server_answers(timeout_s: float) -> bool:
                                      headers={"Content-Type": "application/json"})
     try:
         urllib.request.urlopen(request, timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return True
+    except urllib.error.HTTPError as error:
+        return not (healthy and error.code >= 500)
     except (OSError, ValueError):  # refused, reset, timed out, no route, a malformed URL
         return False
     return True

@@ -225,3 +225,16 @@ def test_a_slow_but_healthy_server_means_online(smoke_study, wandb_home, monkeyp
             assert tracker.mode == "online"
             tracker.log_epoch({"epoch": 0, "val/f1": 0.5})
     assert not (cfg.study_dir / "wandb" / OUTAGE_FILE).exists()
+
+
+def test_a_server_answering_5xx_after_the_run_does_not_make_it_uploaded(smoke_study, wandb_home, monkeypatch):
+    """An answer is not an upload: a server error when the run finished leaves the run for `make sync`."""
+    cfg = online_study(smoke_study)
+    with FakeWandbServer(lifetime_s=120) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        with TrialTracker(cfg, 0, {}, {}) as tracker:
+            assert tracker.mode == "online"
+            tracker.log_epoch({"epoch": 0, "val/f1": 0.5})
+            server.probe_status = 503
+    assert tracker.state == "offline" and len(pending_folders(cfg.study_dir)) == 1
+    assert run_states(cfg.study_dir) == {tracker.run_id: "offline"}

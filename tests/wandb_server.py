@@ -105,6 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path.rstrip("/") == "/graphql":
             if b"{ serverInfo { features } }" in data:  # the harness's reachability probe
                 time.sleep(self.server.fake.probe_delay_s)
+                if self.server.fake.probe_status >= 500:
+                    return self._send(self.server.fake.probe_status, {"error": "unavailable"})
             return self._graphql(data)
         m = _FS_RE.match(path)
         if m:
@@ -170,6 +172,7 @@ class FakeWandbServer:
         self.runs: dict[str, dict] = {}
         self.remember_runs = remember_runs  # False: RunResumeStatus always says "no such run"
         self.probe_delay_s = 0.0  # a slow but healthy server: the reachability probe's answer comes this late
+        self.probe_status = 200  # 5xx: a server that is there but cannot take records
 
     def _track(self, conn: socket.socket, alive: bool) -> None:
         with self._lock:

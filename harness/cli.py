@@ -135,7 +135,7 @@ def print_top(cfg, frame, limit: int = 5) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from harness.study import run_study, run_workers, status
+    from harness.pipeline import make_study
 
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
@@ -147,34 +147,22 @@ def cmd_study(args: argparse.Namespace) -> int:
         other = load_study(args.warm_start, smoke=args.smoke)
         check_same_space(cfg, other)
         warm = (other.name, best_params(other.name, load_existing_study(other, args.storage), args.warm_start_top))
-    if args.workers > 1:
-        run_workers(cfg, args.workers, trials=args.trials, timeout=args.timeout, storage=args.storage, warm_start=warm)
-    else:
-        run_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage, warm_start=warm)
-    score_on_eval(cfg, args.storage)
-    frame = status(cfg, args.storage)
-    print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {cfg.study_dir / 'trials.csv'}")
-    print_top(cfg, frame)
-    if cfg.ensemble.enabled:
-        from harness.ensemble import run_ensemble
 
-        print()
-        run_ensemble(cfg, storage=args.storage)
-    from harness.report import write_report
+    def show(frame, eval_f1) -> None:
+        if eval_f1:
+            from harness.data.readers import truth_source
 
-    print(f"report: {write_report(cfg, args.storage)}")
+            print(f"eval_f1: each trial's best epoch on the held-out images against {truth_source(cfg.data)} "
+                  "(shown only: nothing is selected by it)")
+        print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {cfg.study_dir / 'trials.csv'}")
+        print_top(cfg, frame)
+        if cfg.ensemble.enabled:
+            print()
+
+    outcome = make_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage, workers=args.workers,
+                         warm_start=warm, after_search=show)
+    print(f"report: {outcome.report}")
     return 0
-
-
-def score_on_eval(cfg, storage: str | None) -> None:
-    """Where the held-out set's truth is known (eval/gt.csv of the synthetic data, a labelled data.test), each
-    trial's eval F1 goes beside its objective."""
-    from harness.data.readers import truth_source
-    from harness.predict import score_trials_on_eval
-
-    if score_trials_on_eval(cfg, storage):
-        print(f"eval_f1: each trial's best epoch on the held-out images against {truth_source(cfg.data)} (shown "
-              "only: nothing is selected by it)")
 
 
 def keep_wandb_files_in_study(cfg) -> None:

@@ -149,3 +149,21 @@ def test_a_trial_folders_file_names_are_spelled_in_harness_folders_only():
     assert spelled["harness.folders"], "the scan finds the names in harness.folders itself"
     elsewhere = {name: found for name, found in spelled.items() if found and name != "harness.folders"}
     assert elsewhere == {}
+
+
+def test_every_module_is_listed_in_the_architecture_doc():
+    """docs/architecture.md names every module of the package (by path, or by name in backticks in its
+    package's row), so that it stays true to the code when a module is added."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE.parent).as_posix()
+        if path.name == "__init__.py":
+            continue
+        if path.name == "__main__.py":
+            named = f"python -m {module_name(path.parent / '__init__.py')}" in doc
+        else:
+            named = relative in doc or f"`{path.stem}`" in doc or f"`{module_name(path).removeprefix('harness.')}`" in doc
+        if not named:
+            missing.append(relative)
+    assert not missing, f"modules not described in docs/architecture.md: {missing}"

@@ -21,11 +21,12 @@ from conftest import REPO, harness_env, write_image
 from harness.cli import main
 from harness.config import ConfigError, load_study
 from harness.data.readers import DataError, read_eval, read_train
-from harness.ensemble import EnsembleError, run_ensemble
+from harness.ensemble import EnsembleError
 from harness.export import METADATA_FILE, export_model
-from harness.predict import EvalImages, predict_images, predict_submission, score_trials_on_eval
+from harness.pipeline import make_study
+from harness.predict import EvalImages, predict_images, predict_submission
 from harness.preflight import PreflightError, check_study
-from harness.study import load_existing_study, run_study, trials_frame
+from harness.study import load_existing_study, trials_frame
 from harness.tracking import ensemble_run_id, read_offline_run
 
 TEMPLATE = REPO / "studies" / "template.yaml"
@@ -42,9 +43,8 @@ def finished(tmp_path_factory):
     """The template's smoke variant on the digits, as a user runs it: study, eval scores, ensemble, submit."""
     tmp = tmp_path_factory.mktemp("own-data")
     cfg = template(tmp)
-    run_study(cfg, progress=False)
-    score_trials_on_eval(cfg)
-    run_ensemble(cfg)
+    outcome = make_study(cfg, progress=False)
+    assert outcome.report is not None and outcome.ensemble is not None and outcome.eval_f1
     submitted = predict_submission(cfg)
     return cfg, submitted
 

@@ -43,17 +43,14 @@ def template_on_digits(bench: Bench) -> StudyConfig:
 
 
 def bench_own_data(bench: Bench) -> list[dict]:
-    from harness.ensemble import run_ensemble
-    from harness.predict import predict_submission, score_trials_on_eval
+    from harness.pipeline import make_study
+    from harness.predict import predict_submission
     from harness.promotion import promote
-    from harness.study import run_study
 
     cfg = template_on_digits(bench)
     shutil.rmtree(cfg.study_dir, ignore_errors=True)
     started = time.perf_counter()
-    run_study(cfg, progress=False)
-    score_trials_on_eval(cfg)
-    run_ensemble(cfg, log_to_wandb=False)
+    make_study(cfg, progress=False, log_to_wandb=False, report=False)
     single = predict_submission(cfg, log_to_wandb=False, source="ensemble")["eval_f1"]
     promote(cfg)
     promoted = predict_submission(cfg, log_to_wandb=False, source="promotion")["eval_f1"]

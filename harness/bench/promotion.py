@@ -56,16 +56,13 @@ def audit_recall(cfg: StudyConfig) -> tuple[float, int, int]:
 
 
 def bench_promotion(bench: Bench) -> list[dict]:
-    from harness.ensemble import run_ensemble
-    from harness.predict import predict_submission, score_trials_on_eval
+    from harness.pipeline import make_study
+    from harness.predict import predict_submission
     from harness.promotion import promote, restart
-    from harness.study import run_study
 
     cfg = promotion_study(bench)
     shutil.rmtree(cfg.study_dir, ignore_errors=True)
-    run_study(cfg, progress=False)
-    score_trials_on_eval(cfg)
-    run_ensemble(cfg, log_to_wandb=False)
+    make_study(cfg, progress=False, log_to_wandb=False, report=False)
     single = predict_submission(cfg, log_to_wandb=False, source="ensemble")
     started = time.perf_counter()
     summary = promote(cfg)

@@ -45,14 +45,12 @@ def trap_study(bench: Bench, trap_strength: float, label: str) -> StudyConfig:
 
 def run_to_submission(cfg: StudyConfig) -> tuple[object, dict]:
     """Study, eval F1 of every trial, ensemble, submission: (trials frame, the submission's eval scores)."""
-    from harness.ensemble import run_ensemble
-    from harness.predict import predict_submission, score_trials_on_eval
-    from harness.study import load_existing_study, run_study, trials_frame
+    from harness.pipeline import make_study
+    from harness.predict import predict_submission
+    from harness.study import load_existing_study, trials_frame
 
     shutil.rmtree(cfg.study_dir, ignore_errors=True)
-    run_study(cfg, progress=False)
-    score_trials_on_eval(cfg)
-    run_ensemble(cfg, log_to_wandb=False)
+    make_study(cfg, progress=False, log_to_wandb=False, report=False)
     submission = predict_submission(cfg, log_to_wandb=False)
     return trials_frame(load_existing_study(cfg)), submission
 

@@ -48,16 +48,14 @@ def spread_study(bench: Bench, trap: float, seed: int) -> StudyConfig:
 def run_as_user(cfg: StudyConfig, promote_too: bool = True) -> dict:
     """`make study`, `make promote`, `make submit`; the figures of one run (`promote_too` False: the
     single-split ensemble's submission only, `eval_f1` None)."""
-    from harness.ensemble import run_ensemble
-    from harness.predict import predict_submission, score_trials_on_eval
+    from harness.pipeline import make_study
+    from harness.predict import predict_submission
     from harness.promotion import promote
-    from harness.study import run_study, trials_frame
+    from harness.study import trials_frame
 
     shutil.rmtree(cfg.study_dir, ignore_errors=True)
     started = time.perf_counter()
-    study = run_study(cfg, progress=False)
-    score_trials_on_eval(cfg)
-    run_ensemble(cfg, log_to_wandb=False)
+    study = make_study(cfg, progress=False, log_to_wandb=False, report=False).study
     study_seconds = time.perf_counter() - started
     single = predict_submission(cfg, log_to_wandb=False, source="ensemble")
     promoted = None

@@ -252,6 +252,8 @@ class PrunerConfig(_Frozen):
     # stop a trial only on evidence (harness.pruners.EvidencePruner): where the pruner says stop AND the upper
     # end of the trial's 95% person-bootstrap interval at that epoch is below the value it needed to go on
     evidence: bool = False
+    # never stop an enqueued trial (trial 0, search.enqueue recipes, a warm start): harness.pruners.SparingKnown
+    spare_known: bool = False
 
 
 class SearchConfig(_Frozen):

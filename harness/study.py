@@ -159,6 +159,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     """The study's pruner; with `search.pruner.evidence`, wrapped so that it stops a trial only on evidence
     (harness.pruners.EvidencePruner)."""
+    from harness.pruners import SparingKnown
+
+    pruner = _rung_pruner(cfg)
+    return SparingKnown(pruner) if cfg.search.pruner.spare_known else pruner
+
+
+def _rung_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     from harness.pruners import EvidencePruner
 
     spec, epochs = cfg.search.pruner, cfg.train.epochs

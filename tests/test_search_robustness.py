@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from harness.config import ConfigError
+from conftest import REPO
+from harness.config import ConfigError, load_study
 from harness.pruners import HIGH_ATTR, EvidencePruner
 from harness.study import open_study, run_study, trials_frame
 from harness.uncertainty import winner_certainty
@@ -166,3 +167,27 @@ def test_pruning_precision_continues_the_pruned_trials_from_their_last_checkpoin
         assert len(continued) == cfg.train.epochs and len(original) < cfg.train.epochs
         assert continued["objective"].iloc[:len(original)].tolist() == original["objective"].tolist()
     assert row["ratio"] == 1 - len(row["wrongly_pruned"]) / max(1, len(pruned))
+
+
+def test_enqueued_trials_are_never_pruned_when_the_study_spares_them():
+    """search.pruner.spare_known: trial 0, the recipes and a warm start run to the end; others are pruned."""
+    from harness.study import make_pruner
+
+    cfg = load_study(REPO / "studies" / "default.yaml", overrides={"search.pruner.evidence": False})
+    assert cfg.search.pruner.spare_known  # the default study spares them
+    for spare, expected in ((True, [False, True]), (False, [True, True])):
+        pruner = make_pruner(cfg.replace({"search.pruner.spare_known": spare}))
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for value in (0.9, 0.8, 0.85):  # strong trials at the first rung (asking records their rung)
+            trial = study.ask()
+            trial.report(value, 1)
+            trial.should_prune()
+            study.tell(trial, value)
+        study.enqueue_trial({})
+        answers = []
+        for _ in range(2):  # the enqueued recipe, then a proposed trial, both weak after epoch 1
+            trial = study.ask()
+            trial.report(0.1, 1)
+            answers.append(trial.should_prune())
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        assert answers == expected, spare

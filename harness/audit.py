@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from harness.config import StudyConfig
-from harness.data.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS
+from harness.data.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, encode
 from harness.folders import PromotionFolder
 from harness.io import atomic_write_text
 from harness.study import StudyError
@@ -101,6 +101,25 @@ def audit_labels(probs: np.ndarray, frame: pd.DataFrame, tasks: bool, folder: Pr
     methods = sorted(set(table["method"])) or [CLEANLAB]
     return {"file": str(path), "rows": len(table), "by_task": table["task"].value_counts().to_dict(),
             "method": "; ".join(methods)}
+
+
+def labels_after(frame: pd.DataFrame, issues: pd.DataFrame, tasks: bool) -> np.ndarray:
+    """`frame`'s class labels with every audit row's suggestion applied: the labels the audit believes in.
+    Scoring out-of-fold predictions against them says how much of a low score is the labels' doing."""
+    names = {task: list(values) for task, values in TASK_NAMES.items()}
+    if not tasks:
+        classes = [str(n) for n in (frame.attrs.get("class_names") or range(int(frame["label"].max()) + 1))]
+        labels = pd.Series(frame["label"].to_numpy().copy(), index=frame["path"].astype(str))
+        for issue in issues.itertuples():
+            labels[issue.target] = classes.index(issue.suggested)
+        return labels.to_numpy()
+    columns = {task: frame[task].to_numpy().copy() for task in TASK_NAMES}
+    image_key = np.array([f"{Path(p).parent.name}/{Path(p).name}" for p in frame["path"].astype(str)])
+    persons = frame["person"].astype(str).to_numpy()
+    for issue in issues.itertuples():
+        rows = persons == str(issue.target) if issue.task in PERSON_TASKS else image_key == issue.target
+        columns[issue.task][rows] = names[issue.task].index(issue.suggested)
+    return encode(columns["mask"], columns["gender"], columns["age"])
 
 
 def read_issues(folder: PromotionFolder) -> pd.DataFrame | None:

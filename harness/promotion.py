@@ -15,7 +15,11 @@ out-of-fold prediction for every labelled image from a model that never trained 
     the ensemble   ensemble.method maximising search.objective over the configurations, scored honestly:
                    each person's prediction comes from weights chosen on the other half of the persons
     cv_f1          macro F1 of those predictions, with a person-bootstrap 95% interval; each member's too
+                   (one fold model per image), and on the labels after the audit's corrections
     the audit      harness.audit: label issues per task with cleanlab (label_issues.csv)
+    the estimate   what the submission should score on its held-out set (submission_estimate): the same
+                   predictions on draws of as many persons as the held-out set has, and the 95% interval
+                   one such set's score falls in; shown first (make promote, make status, report, W&B)
 
 runs/<study>/promotion/ holds summary.json, the folds' folders (trial-<n>/fold-<k>/, each a TrialFolder) and
 the audit; `harness predict` then uses every fold model of every member.
@@ -53,7 +57,7 @@ from harness.study import (
     trial_identity,
     trials_frame,
 )
-from harness.uncertainty import f1_interval
+from harness.uncertainty import f1_interval, f1_on_new_set
 
 log = logging.getLogger("harness.promotion")
 SETTINGS = ("folds", "top_k", "min_epochs", "fold_hash")  # a resume must find these as they were
@@ -280,7 +284,26 @@ def promote(cfg: StudyConfig, storage: str | None = None, workers: int = 1, time
     summary["seconds"] = round(time.perf_counter() - started, 1)
     PromotionFolder.of(cfg).write_summary(summary)
     print(summary_table(summary))
+    log_summary(cfg, summary)
     return summary
+
+
+def log_summary(cfg: StudyConfig, summary: dict) -> str | None:
+    """The promotion's W&B run: the estimate of the submission first, the figures it was made from beside it."""
+    from harness.tracking import log_promotion
+
+    estimate, fixed = summary["estimate"], summary["estimate"]["corrected_labels"]
+    metrics = {"estimate/f1": estimate["f1"], "estimate/low": estimate["ci95"][0], "estimate/high": estimate["ci95"][1],
+               "estimate/persons": estimate["persons"], "estimate/corrected_labels_f1": fixed["f1"],
+               "cv_f1": summary["cv_f1"], "cv_f1/low": summary["cv_f1_ci95"][0], "cv_f1/high": summary["cv_f1_ci95"][1],
+               "cv_f1/corrected_labels": summary["cv_f1_corrected_labels"],
+               "corrected_labels": summary["corrected_labels"], "label_issues": summary["label_issues"]["rows"],
+               "folds": summary["folds"], "n_persons": summary["n_persons"]}
+    configurations = pd.DataFrame([{"trial": c["trial"], "weight": c["weight"], "one_fold_model_cv_f1": c["cv_f1"],
+                                    "low": c["cv_f1_ci95"][0], "high": c["cv_f1_ci95"][1],
+                                    "single_split_objective": c["single_split"]["objective"]}
+                                   for c in summary["configs"]])
+    return log_promotion(cfg, configurations, metrics, extra_config={"promotion": cfg.promotion.model_dump(mode="json")})
 
 
 # ------------------------------------------------------------------------ out of fold
@@ -321,7 +344,7 @@ def out_of_fold(cfg: StudyConfig, plan: Plan, data: PreparedData, views: tuple[s
 
 def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
     """The out-of-fold ensemble, its honest cross-validated score, each member's, and the label audit."""
-    from harness.audit import audit_labels
+    from harness.audit import audit_labels, labels_after, read_issues
 
     url = storage or default_storage(cfg)
     companion = optuna.load_study(study_name=companion_name(cfg), storage=open_storage(url, cfg.search.heartbeat_s))
@@ -350,12 +373,16 @@ def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
                         "cv_f1_ci95": list(f1_interval(own, oof.labels, oof.persons, num_classes, seed=cfg.seed)),
                         "single_split": plan.single_split[config]})
     audit = audit_labels(probs, oof.frame, data.tasks, PromotionFolder.of(cfg))
+    corrected = labels_after(oof.frame, read_issues(PromotionFolder.of(cfg)), data.tasks)
     ensemble = EnsembleFolder.of(cfg).read()[0].get("metrics") or {}
     summary = {
         "folds": plan.folds, "method": cfg.ensemble.method, "objective": cfg.search.objective,
         "members": [{"trial": m["trial"], "weight": m["weight"]} for m in members if m["weight"] > 0],
+        "estimate": submission_estimate(cfg, honest, oof, corrected, num_classes),
         "cv_f1": macro_f1(honest, oof.labels, num_classes),
         "cv_f1_ci95": list(f1_interval(honest, oof.labels, oof.persons, num_classes, seed=cfg.seed)),
+        "cv_f1_corrected_labels": macro_f1(honest, corrected, num_classes),
+        "corrected_labels": int((corrected != oof.labels).sum()),
         "cv_f1_fitted": macro_f1(probs.argmax(axis=1), oof.labels, num_classes),
         "configs": members, "n_images": int(len(oof.labels)), "n_persons": int(len(np.unique(oof.persons))),
         "single_split": {"ensemble_honest": (ensemble.get("honest") or {}).get(cfg.ensemble.method),
@@ -364,20 +391,65 @@ def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
     return summary
 
 
+def held_out_persons(cfg: StudyConfig, labelled: pd.DataFrame) -> tuple[int, int] | None:
+    """(images, persons) of the held-out set the submission is scored on, or None where there is none. Its
+    persons are unknown (the competition's eval has none), so they are its images at the labelled data's
+    images per person."""
+    from harness.data.readers import read_eval
+
+    index = read_eval(cfg.data)
+    if index is None or index.frame.empty:
+        return None
+    images = len(index.frame)
+    per_person = len(labelled) / labelled["person"].nunique()
+    return images, max(1, round(images / per_person))
+
+
+def submission_estimate(cfg: StudyConfig, honest: np.ndarray, oof: OutOfFold, corrected: np.ndarray,
+                        num_classes: int) -> dict:
+    """The macro F1 to expect of the submission on its held-out set, with the interval its score falls in:
+    the honest out-of-fold ensemble's predictions scored on draws of as many persons as the held-out set
+    has (uncertainty.f1_on_new_set), on the given labels and on the labels after the audit's corrections.
+    Where no held-out set exists, a new set as large as the labelled data."""
+    size = held_out_persons(cfg, oof.frame)
+    persons = size[1] if size else len(np.unique(oof.persons))
+    f1, ci95 = f1_on_new_set(honest, oof.labels, oof.persons, num_classes, persons, seed=cfg.seed)
+    f1_corrected, ci95_corrected = f1_on_new_set(honest, corrected, oof.persons, num_classes, persons, seed=cfg.seed)
+    return {"f1": f1, "ci95": list(ci95), "persons": persons, "images": size[0] if size else None,
+            "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected),
+                                 "changed": int((corrected != oof.labels).sum())}}
+
+
 def summary_table(summary: dict) -> str:
     low, high = summary["cv_f1_ci95"]
     lines = [f"promotion: {len(summary['configs'])} configuration(s) x {summary['folds']} folds over "
              f"{summary['n_persons']} persons ({summary['n_images']} images), ensemble {summary['method']} on "
              f"{summary['objective']}",
-             f"  cv F1 {summary['cv_f1']:.4f} [{low:.4f}, {high:.4f}] (95%, person bootstrap; weights chosen on the "
-             "other half of the persons)"]
+             f"  {describe_estimate(summary)}",
+             f"  cv F1 {summary['cv_f1']:.4f} [{low:.4f}, {high:.4f}] over all {summary['n_persons']} persons (95%, "
+             f"person bootstrap; weights chosen on the other half of the persons); on the labels after the audit's "
+             f"{summary['corrected_labels']} correction(s): {summary['cv_f1_corrected_labels']:.4f}"]
     for member in summary["configs"]:
         m_low, m_high = member["cv_f1_ci95"]
         single = member["single_split"]
-        lines.append(f"  trial {member['trial']:4d} weight {member['weight']:2d}: cv F1 {member['cv_f1']:.4f} "
+        lines.append(f"  trial {member['trial']:4d} weight {member['weight']:2d}: one fold model: cv F1 {member['cv_f1']:.4f} "
                      f"[{m_low:.4f}, {m_high:.4f}]; single split: objective {single['objective']:.4f}, "
                      f"val F1 {single['val_f1']:.4f} ({single['state']}, {single['epochs']} epochs)")
     issues = summary["label_issues"]
     lines.append(f"  label audit: {issues['rows']} suspicious label(s) in {issues['file']} "
                  f"({issues.get('method', 'cleanlab find_label_issues')})")
     return "\n".join(lines)
+
+
+def describe_estimate(summary: dict) -> str:
+    """The submission's expected score in one line (make promote, make status); '' for an older summary."""
+    estimate = summary.get("estimate")
+    if not estimate:
+        return ""
+    low, high = estimate["ci95"]
+    where = (f"a held-out set of {estimate['images']} images (~{estimate['persons']} persons)" if estimate["images"]
+             else f"a new set of {estimate['persons']} persons")
+    fixed = estimate["corrected_labels"]
+    return (f"the submission should score macro F1 {estimate['f1']:.4f} on {where}, 95% of such sets within "
+            f"[{low:.4f}, {high:.4f}]; {fixed['f1']:.4f} [{fixed['ci95'][0]:.4f}, {fixed['ci95'][1]:.4f}] if the "
+            f"audit's {fixed['changed']} changed image label(s) are right")

@@ -501,6 +501,7 @@ def add_intervals(section: Section, frame: pd.DataFrame) -> None:
 
 def promotion_section(cfg: StudyConfig) -> Section:
     from harness.audit import read_issues
+    from harness.promotion import describe_estimate
 
     section = Section("promotion", "Promotion")
     folder = PromotionFolder.of(cfg)
@@ -510,11 +511,16 @@ def promotion_section(cfg: StudyConfig) -> Section:
                      "person-grouped folds and audits the labels")
         return section
     low, high = summary["cv_f1_ci95"]
+    if estimate := describe_estimate(summary):
+        section.html(f"<p class='estimate'><b>Estimate of the submission:</b> {html.escape(estimate)}. From the "
+                     "out-of-fold predictions (one fold model per configuration) scored on draws of as many persons "
+                     "as the held-out set has; the figures it was made from follow.</p>")
     section.html(key_values({"folds": summary["folds"], "persons": summary["n_persons"], "images": summary["n_images"],
-                             "cv F1 (honest)": f"{fmt(summary['cv_f1'])} [{fmt(low)}, {fmt(high)}]",
+                             "cv F1 (honest, all persons)": f"{fmt(summary['cv_f1'])} [{fmt(low)}, {fmt(high)}]",
+                             "cv F1 on the audit's corrected labels": fmt(summary.get("cv_f1_corrected_labels")),
                              "single-split ensemble (honest)": summary["single_split"].get("ensemble_honest"),
                              "members": ", ".join(f"trial {m['trial']} x{m['weight']}" for m in summary["members"])}))
-    rows = [{"trial": c["trial"], "weight": c["weight"], "cv_f1": c["cv_f1"], "cv_low": c["cv_f1_ci95"][0],
+    rows = [{"trial": c["trial"], "weight": c["weight"], "one fold model cv_f1": c["cv_f1"], "cv_low": c["cv_f1_ci95"][0],
              "cv_high": c["cv_f1_ci95"][1], "single objective": c["single_split"]["objective"],
              "single val_f1": c["single_split"]["val_f1"], "state": c["single_split"]["state"]}
             for c in summary["configs"]]

@@ -70,7 +70,7 @@ QUIET_SETTINGS = {
     "reinit": "create_new",
 }
 
-TRIAL_JOB, STUDY_JOB, ENSEMBLE_JOB, FOLD_JOB = "trial", "study", "ensemble", "fold"
+TRIAL_JOB, STUDY_JOB, ENSEMBLE_JOB, FOLD_JOB, PROMOTION_JOB = "trial", "study", "ensemble", "fold", "promotion"
 FLUSH_TIMEOUT_S = 30.0  # how long `finish` waits for wandb-core to write the run's last records
 
 
@@ -106,6 +106,10 @@ def study_run_id(study_name: str) -> str:
 
 def ensemble_run_id(study_name: str) -> str:
     return _run_id(study_name, "ensemble")
+
+
+def promotion_run_id(study_name: str) -> str:
+    return _run_id(study_name, "promotion")
 
 
 # --------------------------------------------------------------------------- plain values
@@ -501,16 +505,30 @@ def log_ensemble(cfg, members, metrics: Mapping[str, Any], confusion: np.ndarray
 
     Returns the run id, or None when W&B failed (already reported as a warning) or is disabled.
     """
-    tracker = _Tracker(cfg, ensemble_run_id(cfg.name), "ensemble", ENSEMBLE_JOB, dict(extra_config or {}))
+    row = {"members": members}
+    if confusion is not None:
+        row["ensemble/confusion"] = _confusion_chart(confusion, class_names, "valid confusion, ensemble")
+    return _log_result(cfg, ensemble_run_id(cfg.name), ENSEMBLE_JOB, row, metrics, extra_config)
+
+
+def log_promotion(cfg, configurations, metrics: Mapping[str, Any],
+                  extra_config: Mapping[str, Any] | None = None) -> str | None:
+    """One run (job_type "promotion") in the study's group: the configurations' table, and in the summary the
+    submission's estimate first, then the cross-validated figures it was made from. The run id, or None."""
+    return _log_result(cfg, promotion_run_id(cfg.name), PROMOTION_JOB, {"configurations": configurations}, metrics,
+                       extra_config)
+
+
+def _log_result(cfg, run_id: str, job: str, row: Mapping[str, Any], metrics: Mapping[str, Any],
+                extra_config: Mapping[str, Any] | None) -> str | None:
+    """A run of one logged row (DataFrames become tables) and `metrics` in its summary."""
+    tracker = _Tracker(cfg, run_id, job, job, dict(extra_config or {}))
     if not tracker.active:
         return None
-    with tracker._guard("ensemble logging"):
-        row = {"members": _table(members)}
-        if confusion is not None:
-            row["ensemble/confusion"] = _confusion_chart(confusion, class_names, "valid confusion, ensemble")
-        tracker.run.log(row)
+    with tracker._guard(f"{job} logging"):
+        tracker.run.log({key: _table(value) if hasattr(value, "columns") else value for key, value in row.items()})
         tracker.run.summary.update(json_ready(dict(metrics)))
-        tracker.run.tags = ("ensemble",)
+        tracker.run.tags = (job,)
     tracker._close(exit_code=0)
     return None if tracker.failed else tracker.run_id
 

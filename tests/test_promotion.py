@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from sklearn.metrics import f1_score
 
 from conftest import REPO, harness_env, people, wait_for, write_competition
-from harness.audit import AuditError, audit_labels, read_issues, write_corrections
+from harness.audit import AuditError, audit_labels, labels_after, read_issues, write_corrections
 from harness.config import load_study
 from harness.data.labels import GENDER_NAMES, MASK_NAMES, decode
 from harness.data.prepare import prepare_data
@@ -25,11 +25,11 @@ from harness.data.readers import read_competition_train
 from harness.data.split import person_folds
 from harness.folders import PromotionFolder
 from harness.predict import predict_submission
-from harness.promotion import PromotionError, companion_name, promote, restart
+from harness.promotion import PromotionError, companion_name, describe_estimate, promote, restart
 from harness.report import AUDIT_ROWS, external_references, write_report
 from harness.study import default_storage, run_study, status, trials_frame
-from harness.tracking import fold_run_id, read_offline_run
-from harness.uncertainty import f1_interval, person_weights, weighted_f1
+from harness.tracking import fold_run_id, promotion_run_id, read_offline_run
+from harness.uncertainty import f1_interval, f1_on_new_set, person_weights, weighted_f1
 
 
 def smoke_config(root, name: str, **overrides):
@@ -99,6 +99,47 @@ def test_summary_holds_honest_cv_f1_members_and_single_split_figures(promoted):
         assert member["cv_f1"] == pytest.approx(expected)
         assert member["cv_f1_ci95"][0] <= member["cv_f1"] <= member["cv_f1_ci95"][1]
         assert {"objective", "val_f1", "state", "epochs"} <= set(member["single_split"])
+
+
+def test_estimate_of_the_submission_is_taken_at_the_held_out_sets_size_and_logged_first(promoted):
+    cfg, summary, _ = promoted
+    estimate = summary["estimate"]
+    eval_images = len(pd.read_csv(cfg.data.root / "eval" / "info.csv"))
+    per_person = summary["n_images"] / summary["n_persons"]
+    assert estimate["images"] == eval_images and estimate["persons"] == max(1, round(eval_images / per_person))
+    assert estimate["ci95"][0] <= estimate["f1"] <= estimate["ci95"][1]
+    issues = read_issues(PromotionFolder.of(cfg))
+    data = prepare_data(cfg, progress=False)
+    changed = int((labels_after(data.frame, issues, True) != data.frame["label"].to_numpy()).sum())
+    assert summary["corrected_labels"] == estimate["corrected_labels"]["changed"] == changed
+    assert list(PromotionFolder.of(cfg).summary())[:6] == ["folds", "method", "objective", "members", "estimate", "cv_f1"]
+    run = read_offline_run(cfg.study_dir / "wandb", promotion_run_id(cfg.name))
+    assert run["job_type"] == "promotion"
+    assert run["summary"]["estimate/f1"] == pytest.approx(estimate["f1"])
+    assert run["summary"]["cv_f1"] == pytest.approx(summary["cv_f1"])
+    assert run["summary"]["cv_f1/corrected_labels"] == pytest.approx(summary["cv_f1_corrected_labels"])
+    line = describe_estimate(summary)  # what `make status` and the summary print
+    assert f"{estimate['f1']:.4f}" in line and f"{eval_images} images" in line
+
+
+def test_a_new_sets_score_falls_in_the_estimates_interval_and_below_the_large_set_score():
+    """A classifier right on 80% of images, six classes two of them rare, persons of seven images: the estimate
+    from 120 labelled persons, at a held-out size of 40, against 300 fresh held-out sets of 40 persons."""
+    rng = np.random.default_rng(7)
+    persons = 120 + 300 * 40
+    person_class = rng.choice(6, size=persons, p=[0.3, 0.3, 0.2, 0.12, 0.05, 0.03])
+    labels = np.repeat(person_class, 7)
+    owner = np.repeat(np.arange(persons), 7)
+    right = rng.random(len(labels)) < 0.8
+    pred = np.where(right, labels, (labels + rng.integers(1, 6, len(labels))) % 6)
+    seen = owner < 120
+    mean, (low, high) = f1_on_new_set(pred[seen], labels[seen], owner[seen], 6, size=40, seed=0)
+    fresh = [weighted_f1(pred, labels, (owner // 40 == k + 3).astype(float)[None], 6)[0, 0] for k in range(300)]
+    inside = np.mean([(low <= f1 <= high) for f1 in fresh])
+    assert inside >= 0.9
+    assert abs(mean - np.mean(fresh)) < 0.03
+    large, _ = f1_on_new_set(pred[seen], labels[seen], owner[seen], 6, size=120, seed=0)
+    assert mean < large  # macro F1 falls on smaller sets: rare classes score all or nothing
 
 
 def test_submission_votes_over_every_fold_model_of_every_member(promoted):
@@ -229,6 +270,7 @@ def test_audit_finds_planted_errors_and_names_them_as_corrections_take_them(tmp_
     assert mask["target"].startswith(f"{given['person'].iloc[7]}/") and mask["given"] == MASK_NAMES[2]
     assert list(issues.columns[:5]) == ["target", "task", "given", "suggested", "score"]
     assert issues["score"].astype(float).is_monotonic_increasing
+    np.testing.assert_array_equal(labels_after(given, top, True), true)  # the two suggestions undo the two errors
 
 
 def test_corrections_come_from_accepted_rows_and_keep_earlier_ones(tmp_path):

@@ -228,9 +228,11 @@ def cmd_corrections(args: argparse.Namespace) -> int:
 
 
 def cmd_remedies(args: argparse.Namespace) -> int:
+    from harness.preflight import check_study
     from harness.remedies import run_remedies
 
     cfg = load(args)
+    check_study(cfg)
     keep_wandb_files_in_study(cfg)
     run_remedies(cfg, seeds=args.seeds, names=args.only.split(",") if args.only else None)
     return 0
@@ -249,8 +251,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(INTERVAL_NOTE)
     if not frame.empty:
         print(describe_states(frame, cfg))
+    from harness.folders import PromotionFolder
     from harness.predict import describe_held_out
+    from harness.promotion import describe_estimate
 
+    if line := describe_estimate(PromotionFolder.of(cfg).summary() or {}):
+        print(f"promotion: {line}")
     if line := describe_held_out(cfg):
         print(line)
     return 0

@@ -5,7 +5,10 @@ One study file describes one experiment: where the data is and how it is split
 also trial 0 of a study), the fixed training settings (`train`), what the study
 searches (`search`), where runs are tracked (`tracking`) and how the best trials
 are promoted (`ensemble`). Unknown keys, wrong types and out-of-range values are
-rejected at load with the file, the key path and what is allowed.
+rejected at load with the file, the key path and what is allowed. Names taken from a
+registry (heads, losses, objectives, ...) are checked by harness.preflight, where the
+registries are imported: this layer imports nothing of the harness, and loading a
+study file imports no torch.
 """
 
 from __future__ import annotations
@@ -104,11 +107,7 @@ class DataConfig(_Frozen):
         if self.format == "competition" and self.test is not None:
             raise ValueError("test: the competition layout's test set is its eval/ folder (eval/info.csv, and "
                              "eval/gt.csv to score it); remove `test:` or use format imagefolder / csv")
-        if self.sample is not None:
-            from harness.data.samples import SAMPLES
-
-            if self.sample not in SAMPLES:
-                raise ValueError(f"sample: unknown sample dataset {self.sample!r}; choose one of {SAMPLES.names()}")
+        if self.sample is not None:  # its name is checked against harness.data.samples by the preflight
             if self.format != "imagefolder" or self.synthetic is not None:
                 raise ValueError("sample: a sample dataset is written as an image folder; set format: imagefolder "
                                  "and no synthetic:")
@@ -116,21 +115,6 @@ class DataConfig(_Frozen):
 
 
 # -------------------------------------------------------------------------- params
-
-
-def axis_registries() -> dict:
-    """The registry behind each param that names one of our own components: the one source of its allowed names."""
-    from harness.augment import PREPROCESSORS
-    from harness.heads import HEADS
-    from harness.losses import LOSSES
-    from harness.model import FREEZE_POLICIES
-
-    return {"head": HEADS, "loss": LOSSES, "freeze": FREEZE_POLICIES, "preprocess": PREPROCESSORS}
-
-
-def _registered(param: str, value: Any) -> Any:
-    axis_registries()[param].get(value)  # UnknownName (a ValueError) lists the choices
-    return value
 
 
 class Params(_Frozen):
@@ -150,11 +134,6 @@ class Params(_Frozen):
     weight_decay: float = Field(0.01, ge=0.0, le=10.0)
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     bgswap_p: float = Field(0.0, ge=0.0, le=1.0)  # training: chance an image's person goes on another's background
-
-    @field_validator("head", "loss", "freeze", "preprocess")
-    @classmethod
-    def _in_its_registry(cls, value: str, info) -> str:
-        return _registered(info.field_name, value)
 
     def replace(self, **changes: Any) -> Params:
         return Params.model_validate({**self.model_dump(), **changes})
@@ -269,28 +248,13 @@ class SearchConfig(_Frozen):
     heartbeat_s: int = Field(10, ge=1)  # a trial with no heartbeat for 3x this long is stale and retried
     max_failed: int = Field(10, ge=1)  # stop the study after this many failed trials (it is probably broken)
 
-    @field_validator("objective")
-    @classmethod
-    def _registered_objective(cls, value: str) -> str:
-        from harness.metrics import OBJECTIVES
-
-        OBJECTIVES.get(value)
-        return value
-
     @model_validator(mode="after")
     def _known_names(self) -> SearchConfig:
         known = set(Params.model_fields)
-        axes = axis_registries()
         seen: list[str] = []
         for name, spec in self.space.items():
             if name not in known:
                 raise ValueError(f"space.{name}: unknown parameter; searchable ones are {sorted(known)}")
-            if name in axes and spec.type == "categorical":
-                for choice in spec.choices:
-                    try:
-                        _registered(name, choice)
-                    except ValueError as error:
-                        raise ValueError(f"space.{name}.choices: {error}") from None
             for parent in spec.when or {}:
                 if parent not in seen:  # parents are sampled first, so they must come earlier
                     raise ValueError(f"space.{name}.when: parent {parent!r} is not in the search space above {name!r}")
@@ -318,14 +282,6 @@ class EnsembleConfig(_Frozen):
     max_gap: float | None = None
     rounds: int = Field(25, ge=1, le=10_000)
     method: str = "greedy"  # how the candidates are combined: a harness.selection.METHODS entry
-
-    @field_validator("method")
-    @classmethod
-    def _registered_method(cls, value: str) -> str:
-        from harness.selection import METHODS
-
-        METHODS.get(value)
-        return value
 
 
 class PromotionConfig(_Frozen):
@@ -394,23 +350,6 @@ class StudyConfig(_Frozen):
     shortcuts: ShortcutConfig = ShortcutConfig()
     store: StoreConfig = StoreConfig()
     smoke: dict[str, Any] | None = None  # overrides that shrink the study to CPU-seconds
-
-    @model_validator(mode="after")
-    def _heads_fit_the_data(self) -> StudyConfig:
-        """A head that decodes the competition's tasks cannot train on data without them (image folder, CSV)."""
-        if self.data.format == "competition":
-            return self
-        from harness.heads import HEADS
-
-        usable = [name for name, head in HEADS.items() if not head.needs_tasks]
-        space = self.search.space.get("head")
-        for key, values in (("params.head", [self.params.head]),
-                            ("search.space.head.choices", space.choices if space and space.type == "categorical" else [])):
-            for value in values:
-                if HEADS.get(value).needs_tasks:
-                    raise ValueError(f"{key}: head {value!r} needs the competition's mask/gender/age tasks, but "
-                                     f"data.format is {self.data.format!r}; choose one of {usable}")
-        return self
 
     @model_validator(mode="after")
     def _recipes_inside_the_space(self) -> StudyConfig:

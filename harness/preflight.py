@@ -6,9 +6,10 @@ train`) and in `harness check-data`. It refuses, with one message listing every 
   - a backbone without ImageNet weights here while the study trains pretrained backbones, unless the
     study file opts into training it from scratch (`train.missing_weights: from_scratch`);
   - a test set of its own (data.test.root) that cannot be read or names classes the data does not have;
-  - a store for trial files (store.url) that cannot be written and read back.
-Registered names (heads, losses, freeze policies, preprocessors) and heads the data format cannot use
-are refused earlier, when the study file loads (harness.config).
+  - a store for trial files (store.url) that cannot be written and read back;
+  - a name the study file takes from a registry (head, loss, freeze policy, preprocessor, objective,
+    ensemble method, sample dataset) that it does not have, and a head the data format cannot use:
+    checked here, where the registries live, so that loading a study file imports no torch.
 """
 
 from __future__ import annotations
@@ -43,8 +44,59 @@ def weight_sources(cfg: StudyConfig) -> list[WeightsSource]:
     return [find_weights(name) for name in study_backbones(cfg)]
 
 
-def preflight_problems(cfg: StudyConfig) -> list[str]:
+def axis_registries() -> dict:
+    """The registry behind each param that names one of our own components: the one source of its allowed names."""
+    from harness.augment import PREPROCESSORS
+    from harness.heads import HEADS
+    from harness.losses import LOSSES
+    from harness.model import FREEZE_POLICIES
+
+    return {"head": HEADS, "loss": LOSSES, "freeze": FREEZE_POLICIES, "preprocess": PREPROCESSORS}
+
+
+def name_problems(cfg: StudyConfig) -> list[str]:
+    """Every name the study file takes from a registry, looked up in it: each unknown one with its key path
+    and the choices. Checked here, where the registries are imported, rather than when the file loads."""
+    from harness.data.samples import SAMPLES
+    from harness.metrics import OBJECTIVES
+    from harness.selection import METHODS
+
+    named = [("search.objective", OBJECTIVES, cfg.search.objective), ("ensemble.method", METHODS, cfg.ensemble.method)]
+    if cfg.data.sample is not None:
+        named.append(("data.sample", SAMPLES, cfg.data.sample))
+    for axis, registry in axis_registries().items():
+        named.append((f"params.{axis}", registry, getattr(cfg.params, axis)))
+        spec = cfg.search.space.get(axis)
+        if spec is not None and spec.type == "categorical":
+            named += [(f"search.space.{axis}.choices", registry, choice) for choice in spec.choices]
+        named += [(f"search.enqueue.{index}.{axis}", registry, recipe[axis])
+                  for index, recipe in enumerate(cfg.search.enqueue) if axis in recipe]
     problems = []
+    for key, registry, name in named:
+        try:
+            registry.get(name)
+        except ValueError as error:
+            problems.append(f"{key}: {error}")
+    return problems or head_problems(cfg)
+
+
+def head_problems(cfg: StudyConfig) -> list[str]:
+    """A head that decodes the competition's tasks cannot train on data without them (image folder, CSV)."""
+    from harness.heads import HEADS
+
+    if cfg.data.format == "competition":
+        return []
+    usable = [name for name, head in HEADS.items() if not head.needs_tasks]
+    space = cfg.search.space.get("head")
+    searched = space.choices if space and space.type == "categorical" else []
+    return [f"{key}: head {value!r} needs the competition's mask/gender/age tasks, but data.format is "
+            f"{cfg.data.format!r}; choose one of {usable}"
+            for key, values in (("params.head", [cfg.params.head]), ("search.space.head.choices", searched))
+            for value in values if HEADS.get(value).needs_tasks]
+
+
+def preflight_problems(cfg: StudyConfig) -> list[str]:
+    problems = name_problems(cfg)
     known = []
     for name in study_backbones(cfg):
         try:

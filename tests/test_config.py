@@ -1,9 +1,12 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from harness.config import ConfigError, StudyConfig, load_study, parse_study
+from harness.preflight import name_problems
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "studies").glob("*.yaml"))
@@ -19,6 +22,7 @@ def write(tmp_path, text: str) -> Path:
 def test_every_study_file_and_its_smoke_variant_load(path):
     cfg = load_study(path)
     smoke = load_study(path, smoke=True)
+    assert name_problems(cfg) == name_problems(smoke) == []
     assert cfg.name == path.stem
     assert smoke.train.epochs <= cfg.train.epochs
     assert smoke.search.trials <= cfg.search.trials
@@ -41,7 +45,6 @@ def test_config_is_frozen():
     ("name: x\ntrain: {epoch: 3}\n", ["train.epoch", "unknown key"]),
     ("name: x\ntrain: {epochs: many}\n", ["train.epochs", "valid integer", "'many'"]),
     ("name: x\ndata: {valid_fraction: 1.5}\n", ["data.valid_fraction", "less than 1"]),
-    ("name: x\nparams: {head: twoheads}\n", ["params.head", "unknown head 'twoheads'; choose one of ['multiclass'"]),
     ("name: x\ndata: {age_bounds: [60, 30]}\n", ["data", "age_bounds"]),
     ("name: x\nsearch: {space: {lr: {type: float, low: 0, high: 1, log: true}}}\n", ["search.space.lr", "low > 0"]),
     ("name: x\nsearch: {space: {colour: {type: categorical, choices: [a]}}}\n", ["space.colour", "unknown parameter"]),
@@ -59,6 +62,26 @@ def test_bad_study_files_are_rejected_with_file_key_and_reason(tmp_path, text, e
     assert str(path) in message
     for part in expected:
         assert part in message
+
+
+def test_registered_names_are_refused_by_the_preflight_with_key_and_choices():
+    cfg = parse_study("name: x\nparams: {head: twoheads}\nsearch:\n  objective: best/f1\n  enqueue: [{freeze: most}]\n"
+                      "  space: {loss: {type: categorical, choices: [ce, hinge]}}\nensemble: {method: vote}\n")
+    assert name_problems(cfg) == [
+        "search.objective: unknown objective 'best/f1'; choose one of ['robust/f1', 'val/f1', 'val/f1_bgswap']",
+        "ensemble.method: unknown ensemble method 'vote'; choose one of ['average_top_k', 'best_single', 'greedy']",
+        "params.head: unknown head 'twoheads'; choose one of ['multiclass', 'multihead']",
+        "search.space.loss.choices: unknown loss 'hinge'; choose one of ['ce', 'f1', 'focal', 'label_smoothing']",
+        "search.enqueue.0.freeze: unknown freeze policy 'most'; choose one of ['head_only', 'late_freeze', 'none', "
+        "'partial', 'warmup_head']"]
+
+
+def test_loading_a_study_file_imports_no_torch():
+    code = ("import sys; from harness.config import load_study; load_study(sys.argv[1]); "
+            "print(sorted(m for m in ('torch', 'timm', 'sklearn', 'cv2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "studies" / "default.yaml")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_yaml_is_parsed_safely_and_never_runs_code(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save
 
 from conftest import REPO, harness_env
-from harness.config import ConfigError, load_study
+from harness.config import load_study
 from harness.model import MissingWeights, PretrainedWeightsMissing, build_model
 from harness.preflight import PreflightError, check_study, preflight_problems
 from harness.weights import PACKAGED_WEIGHTS, find_weights
@@ -221,14 +221,14 @@ def test_check_data_lists_the_preflight_problems(tmp_path, monkeypatch, capsys):
     assert f"[error] study file: backbone '{HUB_MODEL}': no ImageNet weights on this machine" in out
 
 
-def test_a_head_the_data_cannot_use_is_refused_at_load(tmp_path):
+def test_a_head_the_data_cannot_use_is_refused_before_any_trial(tmp_path):
     path = tmp_path / "folder-study.yaml"
     path.write_text("name: folder\ndata: {format: imagefolder}\nsearch:\n  space:\n"
                     "    head: {type: categorical, choices: [multiclass, multihead]}\n")
-    with pytest.raises(ConfigError, match=r"search.space.head.choices: head 'multihead' needs the competition's "
-                                          r"mask/gender/age tasks, but data.format is 'imagefolder'; choose one of "
-                                          r"\['multiclass'\]"):
-        load_study(path)
+    with pytest.raises(PreflightError, match=r"search.space.head.choices: head 'multihead' needs the competition's "
+                                             r"mask/gender/age tasks, but data.format is 'imagefolder'; choose one of "
+                                             r"\['multiclass'\]"):
+        check_study(load_study(path))
 
 
 def test_trials_never_download(tmp_path, monkeypatch):

@@ -416,8 +416,7 @@ def submission_estimate(cfg: StudyConfig, honest: np.ndarray, oof: OutOfFold, co
     f1, ci95 = f1_on_new_set(honest, oof.labels, oof.persons, num_classes, persons, seed=cfg.seed)
     f1_corrected, ci95_corrected = f1_on_new_set(honest, corrected, oof.persons, num_classes, persons, seed=cfg.seed)
     return {"f1": f1, "ci95": list(ci95), "persons": persons, "images": size[0] if size else None,
-            "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected),
-                                 "changed": int((corrected != oof.labels).sum())}}
+            "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected)}}
 
 
 def summary_table(summary: dict) -> str:
@@ -427,8 +426,9 @@ def summary_table(summary: dict) -> str:
              f"{summary['objective']}",
              f"  {describe_estimate(summary)}",
              f"  cv F1 {summary['cv_f1']:.4f} [{low:.4f}, {high:.4f}] over all {summary['n_persons']} persons (95%, "
-             f"person bootstrap; weights chosen on the other half of the persons); on the labels after the audit's "
-             f"{summary['corrected_labels']} correction(s): {summary['cv_f1_corrected_labels']:.4f}"]
+             f"person bootstrap; weights chosen on the other half of the persons); with the audit's "
+             f"corrections ({summary['corrected_labels']} image label(s) changed): "
+             f"{summary['cv_f1_corrected_labels']:.4f}"]
     for member in summary["configs"]:
         m_low, m_high = member["cv_f1_ci95"]
         single = member["single_split"]
@@ -452,4 +452,4 @@ def describe_estimate(summary: dict) -> str:
     fixed = estimate["corrected_labels"]
     return (f"the submission should score macro F1 {estimate['f1']:.4f} on {where}, 95% of such sets within "
             f"[{low:.4f}, {high:.4f}]; {fixed['f1']:.4f} [{fixed['ci95'][0]:.4f}, {fixed['ci95'][1]:.4f}] if the "
-            f"audit's {fixed['changed']} changed image label(s) are right")
+            f"audit's {summary['corrected_labels']} changed image label(s) are right")

@@ -59,7 +59,7 @@ def test_known_recipes_are_enqueued_after_trial_zero_once(smoke_study):
 @pytest.mark.parametrize("recipe, message", [
     ({"backbone": "efficientnet_lite0", "colour": 1}, "search.enqueue.0: unknown parameter(s) ['colour']"),
     ({"lr": 5.0}, "search.enqueue.0.lr: 5.0 lies outside search.space.lr"),
-    ({"preprocess": "grayscale"}, "search.enqueue.0: preprocess"),
+    ({"preprocess": "grayscale"}, "search.enqueue.0.preprocess: 'grayscale' lies outside search.space.preprocess"),
 ])
 def test_a_recipe_outside_the_space_is_refused_when_the_file_loads(smoke_study, recipe, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -71,7 +71,7 @@ def f1_on_new_set(pred: np.ndarray, labels: np.ndarray, persons: np.ndarray, num
     draws of `size` of these persons (distinct ones, where there are more) and a 95% interval.
 
     Macro F1 is not an average over images: on a small set a rare class met by one or two persons scores
-    all or nothing, and the mean falls as the set shrinks (0.82 over 120 persons, 0.76 over 48 in a measured
+    all or nothing, and the mean falls as the set shrinks (0.82 over 120 persons, 0.78 over 48 in a measured
     run). The interval is a prediction interval for one set of that size: a new set's sampling noise (the
     draws of `size` persons) plus this estimate's own (the ordinary bootstrap of these persons, centred),
     so the held-out score is what it is meant to cover."""

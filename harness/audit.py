@@ -106,7 +106,6 @@ def audit_labels(probs: np.ndarray, frame: pd.DataFrame, tasks: bool, folder: Pr
 def labels_after(frame: pd.DataFrame, issues: pd.DataFrame, tasks: bool) -> np.ndarray:
     """`frame`'s class labels with every audit row's suggestion applied: the labels the audit believes in.
     Scoring out-of-fold predictions against them says how much of a low score is the labels' doing."""
-    names = {task: list(values) for task, values in TASK_NAMES.items()}
     if not tasks:
         classes = [str(n) for n in (frame.attrs.get("class_names") or range(int(frame["label"].max()) + 1))]
         labels = pd.Series(frame["label"].to_numpy().copy(), index=frame["path"].astype(str))
@@ -118,7 +117,7 @@ def labels_after(frame: pd.DataFrame, issues: pd.DataFrame, tasks: bool) -> np.n
     persons = frame["person"].astype(str).to_numpy()
     for issue in issues.itertuples():
         rows = persons == str(issue.target) if issue.task in PERSON_TASKS else image_key == issue.target
-        columns[issue.task][rows] = names[issue.task].index(issue.suggested)
+        columns[issue.task][rows] = TASK_NAMES[issue.task].index(issue.suggested)
     return encode(columns["mask"], columns["gender"], columns["age"])
 
 

@@ -411,12 +411,14 @@ def submission_estimate(cfg: StudyConfig, honest: np.ndarray, oof: OutOfFold, co
     the honest out-of-fold ensemble's predictions scored on draws of as many persons as the held-out set
     has (uncertainty.f1_on_new_set), on the given labels and on the labels after the audit's corrections.
     Where no held-out set exists, a new set as large as the labelled data."""
+    started = time.perf_counter()
     size = held_out_persons(cfg, oof.frame)
     persons = size[1] if size else len(np.unique(oof.persons))
     f1, ci95 = f1_on_new_set(honest, oof.labels, oof.persons, num_classes, persons, seed=cfg.seed)
     f1_corrected, ci95_corrected = f1_on_new_set(honest, corrected, oof.persons, num_classes, persons, seed=cfg.seed)
     return {"f1": f1, "ci95": list(ci95), "persons": persons, "images": size[0] if size else None,
-            "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected)}}
+            "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected)},
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def summary_table(summary: dict) -> str:

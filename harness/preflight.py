@@ -96,7 +96,12 @@ def head_problems(cfg: StudyConfig) -> list[str]:
 
 
 def preflight_problems(cfg: StudyConfig) -> list[str]:
-    problems = name_problems(cfg)
+    return name_problems(cfg) + backbone_problems(cfg) + test_set_problems(cfg)
+
+
+def backbone_problems(cfg: StudyConfig) -> list[str]:
+    """Unknown backbones and missing ImageNet weights, with the fix for the weights once where any is missing."""
+    problems = []
     known = []
     for name in study_backbones(cfg):
         try:
@@ -114,7 +119,7 @@ def preflight_problems(cfg: StudyConfig) -> list[str]:
                             "online machine; or remove those backbones from params.backbone / "
                             "search.space.backbone.choices; or set `train.missing_weights: from_scratch` to train them "
                             "from random init on purpose")
-    return problems + test_set_problems(cfg)
+    return problems
 
 
 def test_set_problems(cfg: StudyConfig) -> list[str]:

@@ -227,8 +227,9 @@ def test_a_head_the_data_cannot_use_is_refused_before_any_trial(tmp_path):
                     "    head: {type: categorical, choices: [multiclass, multihead]}\n")
     with pytest.raises(PreflightError, match=r"search.space.head.choices: head 'multihead' needs the competition's "
                                              r"mask/gender/age tasks, but data.format is 'imagefolder'; choose one of "
-                                             r"\['multiclass'\]"):
+                                             r"\['multiclass'\]") as refused:
         check_study(load_study(path))
+    assert "harness weights" not in str(refused.value)  # no weights are missing: their fix is not offered
 
 
 def test_trials_never_download(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ PORT   ?= 8080
 IMAGES ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install study resume status promote corrections ensemble submit predict export remedies report dashboard sync check-data weights train test bench lint clean
+.PHONY: help install study resume status promote corrections ensemble submit predict export remedies report dashboard sync check-data weights train test test-long bench lint clean
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -71,8 +71,15 @@ weights: $(STAMP) ## where STUDY's backbones get ImageNet weights (ARGS=--downlo
 train: $(STAMP) ## run one trial with STUDY's defaults (ARGS="--set lr=0.01")
 	$(BIN)/harness train $(STUDY) $(ARGS)
 
-test: $(STAMP) ## run the whole test suite
-	$(BIN)/pytest $(ARGS)
+# Up to 4 processes (pytest-xdist, a test file per process so its fixtures are built once); the long
+# end-to-end suites (SIGKILL in every phase, machines, workers, a server lost mid-trial) run in test-long.
+TEST_PROCESSES := -n auto --maxprocesses 4 --dist loadfile
+
+test: $(STAMP) ## the test suite without the long end-to-end suites (those: make test-long; CI runs both)
+	$(BIN)/pytest $(TEST_PROCESSES) -m "not slow" $(ARGS)
+
+test-long: $(STAMP) ## the long end-to-end suites: SIGKILL chaos, machines, workers, a server lost mid-trial
+	$(BIN)/pytest $(TEST_PROCESSES) -m slow $(ARGS)
 
 bench: $(STAMP) ## run the benchmarks; figures go to runs/bench/
 	$(BIN)/python -m harness.bench $(ARGS)

@@ -30,10 +30,14 @@ a dataset's truth is the measure there.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+AUDIT_VERSION = 1  # part of a stored audit's key: raise it when the audit's method changes
 CORNER = 1 / 16  # each corner patch spans this share of the width and of the height: where a framed subject ends
 GROW = 2  # pixels the person mask grows by before its outside counts as context
 MIN_LIFT = 0.1  # F1 above chance that counts as a shortcut (smaller lifts flag nothing)
@@ -260,9 +264,37 @@ def study_methods(cfg) -> list[str]:
 
 
 def audit_study_data(cfg, data) -> list[TaskAudit]:
-    """The audit of a study's prepared data (harness.data.prepare.PreparedData): its train and valid images."""
-    return audit_views(data.cache.images, data.frame, data.foreground, study_methods(cfg),
-                       cfg.shortcuts.audit_folds, cfg.shortcuts.audit_permutations, seed=cfg.seed)
+    """The audit of a study's prepared data (harness.data.prepare.PreparedData): its train and valid images.
+    Kept beside the decoded cache under a key of everything it reads, so that every later study, remedy run
+    or check of the same data reads it instead of fitting it again (seconds at smoke size, minutes at full)."""
+    import json
+
+    from harness.io import atomic_write_text
+
+    methods = study_methods(cfg)
+    path = Path(cfg.data.cache_dir) / "context_audit" / f"{audit_key(cfg, data, methods)}.json"
+    try:
+        return [TaskAudit(**row) for row in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):  # not measured yet (or a half-written file of a killed writer)
+        pass
+    found = audit_views(data.cache.images, data.frame, data.foreground, methods, cfg.shortcuts.audit_folds,
+                        cfg.shortcuts.audit_permutations, seed=cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(as_records(found)))
+    return found
+
+
+def audit_key(cfg, data, methods: list[str]) -> str:
+    """sha256 over what the audit reads: the cache's images (its own key), the labels and persons in cache
+    order, the person masks, the views and the audit's settings."""
+    digest = hashlib.sha256(repr((AUDIT_VERSION, data.cache.key, methods, cfg.shortcuts.audit_folds,
+                                  cfg.shortcuts.audit_permutations, cfg.seed, bool(data.frame.attrs.get("tasks")))
+                                 ).encode())
+    for column in ("label", "person"):
+        digest.update(pd.util.hash_pandas_object(data.frame[column], index=False).to_numpy().tobytes())
+    if data.foreground is not None:
+        digest.update(np.ascontiguousarray(data.foreground.masks).data)
+    return digest.hexdigest()
 
 
 def as_records(found: list[TaskAudit]) -> list[dict]:

@@ -102,11 +102,13 @@ def harness_subprocess(*args: str) -> subprocess.CompletedProcess:
 
 
 def study_file(tmp_path: Path, root: Path, extra: str = "", name: str = "bad-input") -> Path:
-    """A small study file on a hand-made dataset: tiny images, cache built in this process."""
+    """A small study file on a hand-made dataset: tiny images, cache built in this process, the context audit
+    at the smoke variants' size (what is tested here is the data's problems, not the audit)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: {name}
         runs_dir: {tmp_path / 'runs'}
+        shortcuts: {{audit_permutations: 5, audit_folds: 3}}
         data:
           root: {root}
           cache_dir: {tmp_path / 'cache'}

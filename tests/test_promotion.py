@@ -122,24 +122,34 @@ def test_estimate_of_the_submission_is_taken_at_the_held_out_sets_size_and_logge
     assert f"{estimate['f1']:.4f}" in line and f"{eval_images} images" in line
 
 
-def test_a_new_sets_score_falls_in_the_estimates_interval_and_below_the_large_set_score():
+def test_a_new_sets_score_falls_in_the_estimates_interval_stratified_or_not():
     """A classifier right on 80% of images, six classes two of them rare, persons of seven images: the estimate
-    from 120 labelled persons, at a held-out size of 40, against 300 fresh held-out sets of 40 persons."""
+    from 120 labelled persons, at a held-out size of 40, against fresh held-out sets of 40 persons (200 drawn as a
+    stratified split draws them, each class its share of persons; 300 at random)."""
     rng = np.random.default_rng(7)
+    shares = [0.3, 0.3, 0.2, 0.12, 0.05, 0.03]
     persons = 120 + 300 * 40
-    person_class = rng.choice(6, size=persons, p=[0.3, 0.3, 0.2, 0.12, 0.05, 0.03])
+    person_class = rng.choice(6, size=persons, p=shares)
     labels = np.repeat(person_class, 7)
     owner = np.repeat(np.arange(persons), 7)
     right = rng.random(len(labels)) < 0.8
     pred = np.where(right, labels, (labels + rng.integers(1, 6, len(labels))) % 6)
     seen = owner < 120
-    mean, (low, high) = f1_on_new_set(pred[seen], labels[seen], owner[seen], 6, size=40, seed=0)
-    fresh = [weighted_f1(pred, labels, (owner // 40 == k + 3).astype(float)[None], 6)[0, 0] for k in range(300)]
-    inside = np.mean([(low <= f1 <= high) for f1 in fresh])
-    assert inside >= 0.9
-    assert abs(mean - np.mean(fresh)) < 0.03
+    fresh_random = [weighted_f1(pred, labels, (owner // 40 == k + 3).astype(float)[None], 6)[0, 0]
+                    for k in range(300)]
+    pools = [rng.permutation(np.flatnonzero(person_class[120:] == c) + 120) for c in range(6)]
+    per_set = [12, 12, 8, 5, 2, 1]  # 40 persons in the population's proportions
+    fresh_stratified = [weighted_f1(pred, labels, np.isin(owner, np.concatenate(
+        [pool[k * n:(k + 1) * n] for pool, n in zip(pools, per_set, strict=True)])).astype(float)[None], 6)[0, 0]
+        for k in range(200)]  # 200: the rarer classes' pools hold enough persons for as many sets
+    for stratified, fresh in ((True, fresh_stratified), (False, fresh_random)):
+        mean, (low, high) = f1_on_new_set(pred[seen], labels[seen], owner[seen], 6, size=40, seed=0,
+                                          stratified=stratified)
+        assert np.mean([(low <= f1 <= high) for f1 in fresh]) >= 0.9
+        assert abs(mean - np.mean(fresh)) < 0.03
+    assert np.mean(fresh_stratified) - np.mean(fresh_random) > 0.02  # a random set misses rare classes
     large, _ = f1_on_new_set(pred[seen], labels[seen], owner[seen], 6, size=120, seed=0)
-    assert mean < large  # macro F1 falls on smaller sets: rare classes score all or nothing
+    assert f1_on_new_set(pred[seen], labels[seen], owner[seen], 6, size=40, stratified=False)[0] < large
 
 
 def test_submission_votes_over_every_fold_model_of_every_member(promoted):

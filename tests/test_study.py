@@ -1,5 +1,7 @@
 """Optuna studies: search space, resume rules, crash-safe resume, pruning, W&B read back."""
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import harness_env, smoke_study_args, wait_for
-from harness.context_audit import BLANKED
+from harness.context_audit import BLANKED, as_records, audit_key, audit_study_data, study_methods
 from harness.study import (
     StudyError,
     default_storage,
@@ -180,6 +182,29 @@ def test_study_runs_to_target_and_logs_every_trial(smoke_study):
     assert len(run["tables"]["shortcut_audit"]["data"]) == len(shortcuts["audit"])
     assert len(run_study(cfg, progress=False).trials) == cfg.search.trials  # rerun: nothing more to do
     assert len(run_study(cfg, trials=cfg.search.trials + 1, progress=False).trials) == cfg.search.trials + 1
+
+
+def test_the_context_audit_is_kept_beside_the_cache_and_read_by_the_next_study(smoke_study, tmp_path):
+    from harness.data.prepare import prepare_data
+
+    # a copy of the session's cache (its decoded images and foreground, not its audits): the stored audit is
+    # edited below, and the session's studies read theirs
+    shared = Path(smoke_study().data.cache_dir)
+    if shared.is_dir():
+        shutil.copytree(shared, tmp_path / "cache", ignore=shutil.ignore_patterns("context_audit"))
+    cfg = smoke_study(**{"data.cache_dir": str(tmp_path / "cache"), "search.trials": 1, "train.epochs": 1,
+                         "search.pruner.name": "none", "tracking.mode": "disabled"})
+    data = prepare_data(cfg, progress=False)
+    first = audit_study_data(cfg, data)
+    stored = Path(cfg.data.cache_dir) / "context_audit" / f"{audit_key(cfg, data, study_methods(cfg))}.json"
+    rows = json.loads(stored.read_text())
+    assert rows == json.loads(json.dumps(as_records(first)))
+    rows[0]["flagged"] = not rows[0]["flagged"]  # a mark only a read of the stored file can carry
+    stored.write_text(json.dumps(rows))
+    study = run_study(cfg, progress=False)
+    assert study.user_attrs["shortcuts"]["audit"][0]["flagged"] == rows[0]["flagged"]
+    other = cfg.replace({"shortcuts.audit_permutations": cfg.shortcuts.audit_permutations + 1})
+    assert audit_key(other, data, study_methods(other)) != stored.stem  # other settings are measured anew
 
 
 def study_with_reference_trials(cfg, value: float, count: int = 2) -> None:

@@ -118,6 +118,7 @@ def stop_after_first_epoch(server: FakeWandbServer, metrics: Path) -> threading.
     return thread
 
 
+@pytest.mark.slow
 def test_a_server_lost_mid_trial_loses_nothing_and_make_sync_uploads_it_all(smoke_study, wandb_home, monkeypatch,
                                                                           tmp_path):
     cfg = online_study(smoke_study, **{"train.epochs": 3})

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from conftest import HARNESS_STUDY, REPO, harness_env, smoke_study_args, wait_for
 from harness.bench.postgres import create_database
-from harness.study import trials_frame
+from harness.study import run_study, trials_frame
 from harness.tracking import read_offline_run, study_run_id
 
 
@@ -33,6 +33,20 @@ def check_outcome(study, target, workers):
         epochs = pd.read_csv(Path(row.run_dir) / "metrics.csv")["epoch"].tolist()
         assert epochs == sorted(set(epochs)), (row.trial, epochs)  # no epoch twice in a trial's own record
     return frame
+
+
+def test_a_study_on_postgres_runs_to_its_target_and_resumes_from_the_server(smoke_study, postgres_server):
+    """The real PostgreSQL server in the quick suite: trials, their identities and attributes are stored
+    there, and a rerun finds them there (the killed-worker test is in make test-long)."""
+    url = create_database(postgres_server, f"quick_{os.getpid()}_{int(time.time())}")
+    cfg = smoke_study(**{"search.pruner.name": "none", "train.epochs": 1, "tracking.mode": "disabled"})
+    run_study(cfg, trials=2, storage=url, progress=False)
+    study = optuna.load_study(study_name=cfg.name, storage=url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert [t.user_attrs["identity"] for t in study.trials] == [0, 1]
+    assert all(Path(t.user_attrs["run_dir"], "metrics.csv").is_file() for t in study.trials)
+    assert not (cfg.study_dir / "study.db").exists()  # nothing went to a local SQLite file
+    assert len(run_study(cfg, trials=2, storage=url, progress=False).trials) == 2  # the rerun: nothing to do
 
 
 @pytest.mark.slow

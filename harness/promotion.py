@@ -449,8 +449,8 @@ def describe_estimate(summary: dict) -> str:
     if not estimate:
         return ""
     low, high = estimate["ci95"]
-    where = (f"a held-out set of {estimate['images']} images (~{estimate['persons']} persons)" if estimate["images"]
-             else f"a new set of {estimate['persons']} persons")
+    where = (f"a held-out set of {estimate['images']} images (~{estimate['persons']} persons, each label its share)"
+             if estimate["images"] else f"a new set of {estimate['persons']} persons (each label its share)")
     fixed = estimate["corrected_labels"]
     return (f"the submission should score macro F1 {estimate['f1']:.4f} on {where}, 95% of such sets within "
             f"[{low:.4f}, {high:.4f}]; {fixed['f1']:.4f} [{fixed['ci95'][0]:.4f}, {fixed['ci95'][1]:.4f}] if the "

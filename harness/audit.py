@@ -27,7 +27,7 @@ from harness.config import StudyConfig
 from harness.data.labels import AGE_NAMES, GENDER_NAMES, MASK_NAMES, TASKS, encode
 from harness.folders import PromotionFolder
 from harness.io import atomic_write_text
-from harness.study import StudyError
+from harness.runtime import StudyError
 
 log = logging.getLogger("harness.audit")
 COLUMNS = ["target", "task", "given", "suggested", "score", "image", "method", "accept"]

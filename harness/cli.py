@@ -14,7 +14,7 @@ import yaml
 from harness.config import ConfigError, Params, load_study
 from harness.data.cache import ImageDecodeError
 from harness.data.readers import DataError
-from harness.study import StudyError
+from harness.runtime import StudyError
 
 log = logging.getLogger("harness")
 
@@ -141,7 +141,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     keep_wandb_files_in_study(cfg)
     warm = None
     if args.warm_start:  # refused before any data is prepared where the spaces differ
-        from harness.study import load_existing_study
+        from harness.runtime import load_existing_study
         from harness.warm_start import best_params, check_same_space
 
         other = load_study(args.warm_start, smoke=args.smoke)
@@ -274,7 +274,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     """optuna-dashboard on the study's storage, on 127.0.0.1 unless told otherwise."""
     from optuna_dashboard import run_server
 
-    from harness.study import default_storage, load_existing_study, redact
+    from harness.runtime import default_storage, load_existing_study, redact
 
     cfg = load(args)
     load_existing_study(cfg, args.storage)  # a clear error when the study does not exist yet

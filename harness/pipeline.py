@@ -1,6 +1,6 @@
 """`make study`'s sequence, in one place: the CLI, the bench and the tests call it.
 
-    prepare + search   study.run_study (one process) or study.run_workers (--workers K); the data, the
+    prepare + search   study.run_study (one process) or study.run_search_workers (--workers K); the data, the
                        preflight and the study's storage are prepared inside, before any trial
     score on eval      predict.score_trials_on_eval: where the held-out set's labels are known, each trial's
                        eval F1 beside its objective (shown only)
@@ -38,10 +38,10 @@ def make_study(cfg: StudyConfig, *, trials: int | None = None, timeout: float | 
     `after_search(frame, eval_f1)` sees the trials table before the ensemble (the CLI prints it)."""
     from harness.ensemble import run_ensemble
     from harness.predict import score_trials_on_eval
-    from harness.study import run_study, run_workers, status
+    from harness.study import run_search_workers, run_study, status
 
     if workers > 1:
-        study = run_workers(cfg, workers, trials=trials, timeout=timeout, storage=storage, progress=progress,
+        study = run_search_workers(cfg, workers, trials=trials, timeout=timeout, storage=storage, progress=progress,
                             warm_start=warm_start)
     else:
         study = run_study(cfg, trials=trials, timeout=timeout, storage=storage, progress=progress,

@@ -35,8 +35,9 @@ from harness.foreground import foreground
 from harness.io import atomic_write_text
 from harness.metrics import confusion, macro_f1, per_class_f1
 from harness.model import build_model, eval_logits
+from harness.runtime import load_existing_study
 from harness.selection import blend
-from harness.study import load_existing_study, trials_frame
+from harness.study import trials_frame
 from harness.train import EVAL_BATCH, pick_device
 
 TTA_CHOICES = (None, "none", "hflip")

@@ -1,6 +1,6 @@
 """Preflight: before a study spends any compute, every backbone it can draw must be usable on this machine.
 
-`check_study(cfg)` runs when a study opens (`run_study`, `run_workers`), before a single trial (`harness
+`check_study(cfg)` runs when a study opens (`run_study`, `run_search_workers`), before a single trial (`harness
 train`) and in `harness check-data`. It refuses, with one message listing every problem:
   - a backbone name timm does not know;
   - a backbone without ImageNet weights here while the study trains pretrained backbones, unless the

@@ -43,8 +43,7 @@ from harness.data.split import person_folds, split_hash
 from harness.folders import EnsembleFolder, PromotionFolder, objective_files
 from harness.io import json_ready
 from harness.metrics import OBJECTIVES, macro_f1
-from harness.selection import METHODS, blend, person_halves, rows_of
-from harness.study import (
+from harness.runtime import (
     RecordAsFailed,
     StudyError,
     default_storage,
@@ -53,10 +52,10 @@ from harness.study import (
     redact,
     run_trials,
     run_workers,
-    store_result,
     trial_identity,
-    trials_frame,
 )
+from harness.selection import METHODS, blend, person_halves, rows_of
+from harness.study import store_result, trials_frame
 from harness.uncertainty import f1_interval, f1_on_new_set
 
 log = logging.getLogger("harness.promotion")

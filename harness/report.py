@@ -49,7 +49,8 @@ from harness.data.prepare import class_names, data_summary
 from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder, find_trial_folder
 from harness.io import atomic_write_text
 from harness.remedies import read_remedies
-from harness.study import default_storage, load_existing_study, redact, scored_frame
+from harness.runtime import default_storage, load_existing_study, redact
+from harness.study import scored_frame
 from harness.tracking import describe_states, strip_secrets
 
 REPORT_FILE = "report.html"

@@ -1,110 +1,53 @@
-"""The Optuna lifecycle: storage, sampler, pruner, search space, resume, the trial loop.
+"""The search: sampler, pruner, search space, the objective, the study's trials table.
 
-`run_study(cfg)` creates the study named in the file or loads it, then runs trials
-until `target` of them have finished (complete + pruned). Rerunning the same
-command is the resume path:
-
-- a finished trial is never re-run; the target is met exactly;
-- a trial left RUNNING by a dead process stops sending heartbeats, is declared
-  stale after `3 * search.heartbeat_s` seconds, and Optuna re-enqueues it with the
-  same params; the retry keeps the original trial's identity, so it continues the
-  same folder, `last.pt` and W&B run (at most one epoch is redone);
-- a live process's trial keeps its heartbeat, so a second process never steals it;
-- the split hash and the search-space hash (space, defaults, training recipe) are
-  stored with the study; resuming with different ones stops with a message instead
-  of mixing two experiments.
+`run_study(cfg)` creates the study named in the file or loads it, then runs trials until `target` of
+them have finished (complete + pruned), on the runtime of `harness.runtime` (storage, heartbeats, the
+resumable trial loop, worker processes). Rerunning the same command is the resume path; beside the
+runtime's guarantees, the split hash and the search-space hash (space, defaults, training recipe) are
+stored with the study, and resuming with different ones stops with a message instead of mixing two
+experiments.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
-import multiprocessing
 import os
-import re
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.trial import TrialState
 
 import harness
-from harness.compat import has_heartbeat, record_heartbeat
-from harness.config import ConfigError, Params, StudyConfig
+from harness.config import Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
 from harness.folders import TrialFolder
 from harness.io import remove_dead_temporaries
 from harness.preflight import check_study
+from harness.runtime import (
+    RecordAsFailed,
+    StudyError,
+    count_states,
+    default_storage,
+    load_existing_study,
+    open_storage,
+    redact,
+    requeue_interrupted,
+    run_trials,
+    run_workers,
+    trial_identity,
+)
 from harness.store import machine_name
 from harness.train import TrialResult, run_trial
 
 log = logging.getLogger("harness.study")
-# heartbeats and the stale-trial retry are "experimental" in Optuna's terms; they are the resume mechanism here
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-class _NoTracebackForFailedTrials(logging.Filter):
-    """A failed trial is a result: Optuna's log line keeps its reason but drops the traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], RecordAsFailed):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForFailedTrials())
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-IDLE_POLL_S = 1.0  # how often a process with nothing to run looks at the study again
-
-
-class StudyError(RuntimeError):
-    """A study that cannot be opened or resumed as asked; the message says what to do."""
-
-
-class RecordAsFailed(Exception):
-    """Raised from the objective so Optuna records the trial as FAIL with its reason."""
-
-
-# ------------------------------------------------------------------------- storage
-
-
-def default_storage(cfg: StudyConfig) -> str:
-    return f"sqlite:///{(cfg.study_dir / 'study.db').resolve()}"
-
-
-def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
-    """An RDB storage with heartbeats (stale trials are retried) and, for SQLite, a busy timeout."""
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # several processes on one file: wait for the lock instead of failing with "database is locked"
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-    try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                          grace_period=3 * heartbeat_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=5))
-    except Exception as error:  # noqa: BLE001 - sqlalchemy raises many kinds; all mean "cannot use it"
-        raise StudyError(f"storage {redact(url)} cannot be opened: {type(error).__name__}: {error}. "
-                         "Check the URL (e.g. postgresql://user@host:5432/db or sqlite:///path.db) "
-                         "and that the server is reachable.") from None
-
-
-def redact(url: str) -> str:
-    """The URL without its password (in the credentials or as a query parameter), for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    credentials, at, host = rest.rpartition("@")  # the last "@": a raw one may hide in the password
-    if at and ":" in credentials:
-        rest = f"{credentials.split(':')[0]}:***@{host}"
-    return f"{scheme}://" + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
+# ------------------------------------------------------------------------- sampler, pruner, space
 
 
 def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -257,11 +200,6 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
     return study
 
 
-def count_states(study: optuna.Study) -> dict[str, int]:
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    return {state.name.lower(): states.count(state) for state in TrialState if states.count(state)}
-
-
 def device_label(cfg: StudyConfig) -> str:
     """Where this process trains: "cpu", or "cuda" with the GPUs it was given (CUDA_VISIBLE_DEVICES)."""
     import torch
@@ -272,19 +210,6 @@ def device_label(cfg: StudyConfig) -> str:
         return "cpu"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return f"cuda (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else f"cuda ({torch.cuda.device_count()} GPU(s))"
-
-
-def trial_identity(trial: optuna.trial.BaseTrial) -> int:
-    """The trial number that owns the folder and W&B run: the original one for a retried trial.
-
-    The objective stores it as the user attribute "identity" first thing, and Optuna's retry
-    callback copies user attributes onto the retry, so a retry finds its original number there.
-    """
-    if "identity" in trial.user_attrs:
-        return int(trial.user_attrs["identity"])
-    frozen = trial if isinstance(trial, optuna.trial.FrozenTrial) else trial.study.get_trials(deepcopy=False)[trial.number]
-    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-    return int(original if original is not None else trial.number)
 
 
 class Objective:
@@ -379,7 +304,7 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
               warm_start: tuple[str, list[dict]] | None = None) -> optuna.Study:
     """Run (or resume) the study until `trials` (default: the study file's) trials have finished.
 
-    `track_study=False` leaves the study's own W&B run to someone else (`run_workers`' parent):
+    `track_study=False` leaves the study's own W&B run to someone else (the parent of `run_search_workers`):
     one run id must have one writer.
     """
     target = trials or cfg.search.trials
@@ -388,15 +313,27 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
         target = 1
     study, data = open_search(cfg, storage, progress, warm_start)
     requeue_interrupted(study)
-    tracker = _study_tracker(cfg, data) if track_study else None
+    study_run = StudyRun(cfg, data) if track_study else None
     try:
-        run_trials(study, Objective(cfg, data), target, cfg, timeout,
-                   on_change=(lambda s: tracker.update(scored_frame(cfg, s, intervals=False))) if tracker else None)
+        run_trials(study, Objective(cfg, data), target, cfg, timeout, on_change=study_run.changed if study_run else None)
     finally:
-        if tracker:
-            tracker.update(scored_frame(cfg, study))
-            tracker.finish()
+        if study_run:
+            study_run.close(study)
     return study
+
+
+def run_search_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeout: float | None = None,
+                       storage: str | None = None, progress: bool = True,
+                       warm_start: tuple[str, list[dict]] | None = None) -> optuna.Study:
+    """The search in `workers` processes on one machine (harness.runtime.run_workers): the parent runs the
+    preflight, prepares the data and opens the study once, and keeps the study's W&B run."""
+
+    def prepare(cfg: StudyConfig, storage: str | None, progress: bool):
+        study, data = open_search(cfg, storage, progress, warm_start)
+        return study, lambda: StudyRun(cfg, data)
+
+    return run_workers(cfg, workers, run=run_study, prepare=prepare, trials=trials, timeout=timeout, storage=storage,
+                       progress=progress)
 
 
 def open_search(cfg: StudyConfig, storage: str | None, progress: bool,
@@ -430,144 +367,24 @@ def shortcuts_of(cfg: StudyConfig, study: optuna.Study, data: PreparedData) -> d
     return record
 
 
-def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: StudyConfig, timeout: float | None,
-               on_change: Callable[[optuna.Study], None] | None = None) -> None:
-    """The resumable trial loop of every study the harness runs (the search, the promotion's folds): trials until
-    `target` have finished, a dead process's trial retried once its heartbeat is stale, other processes' trials
-    left to them, and a stop after `search.max_failed` failures. `on_change` is called after each trial."""
-    deadline = time.monotonic() + timeout if timeout else math.inf
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    while time.monotonic() < deadline:
-        heartbeat_trials_that_never_beat(study, 3 * cfg.search.heartbeat_s)
-        fail_stale_trials(study)  # a dead process's RUNNING trial becomes FAIL + a WAITING retry
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
-        failed = _failed_on_their_own(study)
-        if finished >= target:
-            break
-        if failed >= cfg.search.max_failed:
-            raise StudyError(f"{failed} trials failed (search.max_failed = {cfg.search.max_failed}); "
-                             f"see their reasons with `harness status`; the study stops here")
-        if finished + running >= target:
-            # the rest is in other processes' hands, or waits for a dead one's trial to go stale
-            time.sleep(IDLE_POLL_S)
-            continue
-        callbacks = [lambda s, t: on_change(s)] if on_change else []
-        study.optimize(objective, n_trials=1, catch=(RecordAsFailed,), gc_after_trial=False, callbacks=callbacks)
+class StudyRun:
+    """The study's own W&B run: its settings and shortcut record, and the trials table, refreshed whenever a
+    trial changes state (without intervals: they take a pass over every trial's logits) and whole at the end."""
 
+    def __init__(self, cfg: StudyConfig, data: PreparedData) -> None:
+        from harness.tracking import StudyTracker
 
-def run_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeout: float | None = None,
-                storage: str | None = None, progress: bool = True, run: Callable | None = None,
-                prepare: Callable | None = None, warm_start: tuple[str, list[dict]] | None = None) -> optuna.Study:
-    """K worker processes on one machine, each running `run` (default: `run_study`) on the same storage.
+        self.cfg = cfg
+        self.tracker = StudyTracker(cfg, {"split_hash": data.split.hash, "space_hash": cfg.search_space_hash(),
+                                          "harness_version": harness.__version__, "target_trials": cfg.search.trials})
+        self.tracker.log_shortcuts(data.shortcuts)
 
-    The parent first runs `prepare(cfg, storage, progress) -> (study, tracker factory or None)` (default: the
-    search's preflight, data and study, and its W&B table), so workers neither race to build the cache nor
-    enqueue trials twice. Each worker takes its own trials; heartbeats let a surviving worker retry the trial
-    of one that died. The parent keeps the study's W&B run, refreshed whenever a trial changes state.
-    """
-    run = run or run_study
-    prepare = prepare or (lambda *args: _prepare_search(*args, warm_start=warm_start))
-    study, make_tracker = prepare(cfg, storage, progress)
-    context = multiprocessing.get_context("spawn")  # no inherited thread pools or open DB connections
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    gpus = worker_gpus(workers)
-    processes = [context.Process(target=_worker, args=(run, cfg, trials, timeout, storage, threads, gpus[i]),
-                                 name=f"worker-{i}") for i in range(workers)]
-    for process in processes:
-        process.start()
-    tracker = make_tracker() if make_tracker else None  # after the starts: W&B's service must not reach the workers
-    seen = None
-    try:
-        while any(p.is_alive() for p in processes):
-            time.sleep(IDLE_POLL_S)
-            states = [t.state for t in study.get_trials(deepcopy=False)]
-            if states != seen and tracker:
-                seen = states
-                tracker.update(scored_frame(cfg, study, intervals=False))
-    finally:
-        for process in processes:
-            process.join()
-        if tracker:
-            tracker.update(scored_frame(cfg, study))
-            tracker.finish()
-    failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
-    if failed:
-        raise StudyError(f"worker(s) {', '.join(failed)} stopped with an error; see the output above. "
-                         "Running the same command resumes the study.")
-    return study
+    def changed(self, study: optuna.Study) -> None:
+        self.tracker.update(scored_frame(self.cfg, study, intervals=False))
 
-
-def _prepare_search(cfg: StudyConfig, storage: str | None, progress: bool,
-                    warm_start: tuple[str, list[dict]] | None = None):
-    study, data = open_search(cfg, storage, progress, warm_start)
-    return study, lambda: _study_tracker(cfg, data)
-
-
-def worker_gpus(workers: int) -> list[str | None]:
-    """Each worker's CUDA_VISIBLE_DEVICES: one GPU each, round robin, on a machine with several (of those this
-    process may see); None (inherit) with fewer than two."""
-    import torch
-
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        return [None] * workers
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    return [devices[i % len(devices)] for i in range(workers)]
-
-
-def _worker(run: Callable, cfg: StudyConfig, trials: int | None, timeout: float | None, storage: str | None,
-            threads: int, gpu: str | None = None) -> None:
-    if gpu is not None:  # before this process touches CUDA
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    import torch
-
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    run(cfg, trials=trials, timeout=timeout, storage=storage, progress=False, track_study=False)
-
-
-def heartbeat_trials_that_never_beat(study: optuna.Study, grace_s: float) -> None:
-    """Give one heartbeat to RUNNING trials that never sent any and are older than the grace period.
-
-    Optuna never declares a trial stale that has no heartbeat at all; a process killed between
-    `ask` and its first beat would leave it RUNNING forever. One beat lets it go stale normally.
-    """
-    now = datetime.datetime.now()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace_s:
-            continue
-        if not has_heartbeat(study, t):
-            record_heartbeat(study, t)
-
-
-def _study_tracker(cfg: StudyConfig, data: PreparedData):
-    from harness.tracking import StudyTracker
-
-    tracker = StudyTracker(cfg, {"split_hash": data.split.hash, "space_hash": cfg.search_space_hash(),
-                                 "harness_version": harness.__version__, "target_trials": cfg.search.trials})
-    tracker.log_shortcuts(data.shortcuts)
-    return tracker
-
-
-def _failed_on_their_own(study: optuna.Study) -> int:
-    """Failed trials, not counting stale or interrupted ones (those are retried, not failures)."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
-    return sum(t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get("interrupted")
-               for t in trials)
-
-
-def requeue_interrupted(study: optuna.Study) -> None:
-    """A trial stopped by Ctrl-C is recorded as FAIL; enqueue it once more with its params and identity."""
-    trials = study.get_trials(deepcopy=False)
-    requeued = {t.user_attrs.get("retry_of") for t in trials}
-    for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in requeued:
-            attrs = {k: v for k, v in t.user_attrs.items() if k != "interrupted"}
-            study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
-            log.info("trial %s was interrupted; it will continue from its last checkpoint", attrs.get("identity"))
+    def close(self, study: optuna.Study) -> None:
+        self.tracker.update(scored_frame(self.cfg, study))
+        self.tracker.finish()
 
 
 # ---------------------------------------------------------------------------- status
@@ -613,17 +430,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         return frame
     frame = frame.sort_values("optuna_trial").drop_duplicates("trial", keep="last")
     return frame.sort_values(["objective", "trial"], ascending=[False, True], na_position="last").reset_index(drop=True)
-
-
-def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:
-    url = storage or default_storage(cfg)
-    if storage is None and not (cfg.study_dir / "study.db").is_file():
-        raise ConfigError(f"no study {cfg.name!r} yet ({cfg.study_dir / 'study.db'} does not exist); "
-                          "run `harness study` first")
-    try:
-        return optuna.load_study(study_name=cfg.name, storage=open_storage(url, cfg.search.heartbeat_s))
-    except KeyError:
-        raise ConfigError(f"storage {redact(url)} holds no study named {cfg.name!r}") from None
 
 
 def status(cfg: StudyConfig, storage: str | None = None) -> pd.DataFrame:

@@ -36,7 +36,8 @@ from harness.data.prepare import prepare_data
 from harness.data.readers import DataError, read_train
 from harness.io import atomic_torch_save, load_checkpoint
 from harness.losses import LOSSES
-from harness.study import StudyError, run_study, status, trials_frame
+from harness.runtime import StudyError
+from harness.study import run_study, status, trials_frame
 from harness.tracking import run_id_for
 
 FOLDERS = people(12)  # write_competition gives folder i the suffix .jpg, .jpeg, .png, .JPG for i % 4 = 0..3

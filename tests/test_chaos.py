@@ -63,15 +63,8 @@ from harness.compat import has_exit_record
 from harness.config import load_study
 from harness.data.prepare import prepare_data
 from harness.io import load_checkpoint
-from harness.study import (
-    default_storage,
-    default_trial_params,
-    open_storage,
-    open_study,
-    run_study,
-    suggest_params,
-    trials_frame,
-)
+from harness.runtime import default_storage, open_storage
+from harness.study import default_trial_params, open_study, run_study, suggest_params, trials_frame
 from harness.tracking import ensemble_run_id, read_offline_run, run_id_for, study_run_id
 from harness.train import run_trial
 

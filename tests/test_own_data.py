@@ -26,7 +26,8 @@ from harness.export import METADATA_FILE, export_model
 from harness.pipeline import make_study
 from harness.predict import EvalImages, predict_images, predict_submission
 from harness.preflight import PreflightError, check_study
-from harness.study import load_existing_study, trials_frame
+from harness.runtime import load_existing_study
+from harness.study import trials_frame
 from harness.tracking import ensemble_run_id, read_offline_run
 
 TEMPLATE = REPO / "studies" / "template.yaml"

@@ -27,7 +27,8 @@ from harness.folders import PromotionFolder
 from harness.predict import predict_submission
 from harness.promotion import PromotionError, companion_name, describe_estimate, promote, restart
 from harness.report import AUDIT_ROWS, external_references, write_report
-from harness.study import default_storage, run_study, status, trials_frame
+from harness.runtime import default_storage
+from harness.study import run_study, status, trials_frame
 from harness.tracking import fold_run_id, promotion_run_id, read_offline_run
 from harness.uncertainty import f1_interval, f1_on_new_set, person_weights, weighted_f1
 

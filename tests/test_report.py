@@ -198,7 +198,7 @@ def test_a_study_that_does_not_exist_is_a_clear_error(tmp_path):
 def test_a_study_without_finished_trials_gets_notes_instead_of_figures(tmp_path):
     import optuna
 
-    from harness.study import default_storage
+    from harness.runtime import default_storage
 
     cfg = bench_study_config(tmp_path / "runs", name="empty")
     cfg.study_dir.mkdir(parents=True)

@@ -25,7 +25,8 @@ from harness.data.readers import DataError, read_competition_eval, read_competit
 from harness.ensemble import run_ensemble
 from harness.io import atomic_torch_save, load_checkpoint
 from harness.report import write_report
-from harness.study import redact, run_study, status
+from harness.runtime import redact
+from harness.study import run_study, status
 from harness.train import run_trial
 
 FAKE_WANDB_KEY = "5ec12e7a" * 5  # the shape of a W&B API key (40 hex characters)

@@ -18,7 +18,7 @@ from harness.config import load_study, parse_study
 from harness.context_audit import audit_views, corner_region
 from harness.data.prepare import prepare_data
 from harness.remedies import run_remedies
-from harness.study import default_storage
+from harness.runtime import default_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,16 +14,8 @@ from optuna.trial import TrialState
 
 from conftest import harness_env, smoke_study_args, wait_for
 from harness.context_audit import BLANKED, as_records, audit_key, audit_study_data, study_methods
-from harness.study import (
-    StudyError,
-    default_storage,
-    default_trial_params,
-    make_sampler,
-    open_study,
-    run_study,
-    suggest_params,
-    trials_frame,
-)
+from harness.runtime import StudyError, default_storage
+from harness.study import default_trial_params, make_sampler, open_study, run_study, suggest_params, trials_frame
 from harness.tracking import read_offline_run, run_id_for, study_run_id
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,7 +36,8 @@ def bench_machines(bench: Bench) -> list[dict]:
     from harness.bench.postgres import create_database, running_postgres
     from harness.bench.servers import S3_KEYS, running_s3
     from harness.ensemble import run_ensemble
-    from harness.study import load_existing_study, trials_frame
+    from harness.runtime import load_existing_study
+    from harness.study import trials_frame
 
     root = bench.out / "machines"
     shutil.rmtree(root, ignore_errors=True)

@@ -68,7 +68,8 @@ def timed_study(cfg: StudyConfig) -> float:
 
 def complete_histories(cfg: StudyConfig) -> tuple[int, int]:
     """(trials whose every trained epoch is in their W&B files, trials)."""
-    from harness.study import load_existing_study, trials_frame
+    from harness.runtime import load_existing_study
+    from harness.study import trials_frame
     from harness.tracking import read_offline_run, run_id_for
 
     frame = trials_frame(load_existing_study(cfg))

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL server for the multi-worker tests and the bench, from the `pgserver` wheel's binaries.
 
     with running_postgres(tmp / "pg") as url:      # postgresql+psycopg://postgres@127.0.0.1:PORT/harness
-        run_workers(cfg, 2, storage=create_database(url, "one_study"))
+        run_search_workers(cfg, 2, storage=create_database(url, "one_study"))
 
 No apt, no root needed (pip installs the wheel with the dev extras). pgserver's own `get_server()`
 listens on a Unix socket only and sets neither the port nor max_connections, so this runs the

@@ -4,7 +4,7 @@ The default study at its real size (--quick: its smoke variant) on synthetic dat
 trap (trap_strength 0: what is measured is selection, not the shortcut) and with 5% of the persons given
 one planted label error (data.synthetic.label_noise 0.05, the truth in train/label_noise.csv). One study,
 its single-split ensemble and submission, then `harness promote` (one worker), its submission, and the
-promotion again from scratch with two workers:
+promotion again from scratch three times (two workers twice, then one) for the timing row:
 
   promotion_eval_f1_vs_single_split  harness = eval F1 of the promoted fold models' submission, reference =
                        the single-split ensemble's; ratio = harness - reference, met at >= +0.02.
@@ -14,7 +14,8 @@ promotion again from scratch with two workers:
                        rows (N planted rows, matched on target and task), reference = N; ratio = recall,
                        met at >= 0.6.
   promotion_wall_time_2_workers      harness = the promotion's wall time with --workers 2, reference = with
-                       one worker (same plan, same machine); ratio = harness / reference, met at <= 1.0.
+                       one worker (same plan, same machine), each the best of two runs in the order
+                       1, 2, 2, 1 workers; ratio = harness / reference, met at <= 1.0.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ GAIN_TARGET = 0.02
 CV_GAP_TARGET = 0.05
 RECALL_TARGET = 0.6
 WORKERS_TARGET = 1.0
+# after the first one-worker promotion: two with two workers, then one with one (1, 2, 2, 1: a drift of the
+# machine's speed over the group weighs on both arms alike); each arm's best run is its figure
+TIMING_ORDER = (2, 2, 1)
 LABEL_NOISE = 0.05
 
 
@@ -66,13 +70,15 @@ def bench_promotion(bench: Bench) -> list[dict]:
     single = predict_submission(cfg, log_to_wandb=False, source="ensemble")
     started = time.perf_counter()
     summary = promote(cfg)
-    one_worker = time.perf_counter() - started
+    seconds = {1: [time.perf_counter() - started], 2: []}
     promoted = predict_submission(cfg, log_to_wandb=False, source="promotion")
     recall, found, planted = audit_recall(cfg)
-    restart(cfg, None)
-    started = time.perf_counter()
-    promote(cfg, workers=2)
-    two_workers = time.perf_counter() - started
+    for workers in TIMING_ORDER:  # the figures above are the first one-worker promotion's
+        restart(cfg, None)
+        started = time.perf_counter()
+        promote(cfg, workers=workers)
+        seconds[workers].append(time.perf_counter() - started)
+    one_worker, two_workers = min(seconds[1]), min(seconds[2])
 
     size = (f"{cfg.search.trials} trials x {cfg.train.epochs} epochs; {len(summary['configs'])} configurations x "
             f"{summary['folds']} folds; trap_strength 0, label_noise {LABEL_NOISE}")
@@ -87,5 +93,5 @@ def bench_promotion(bench: Bench) -> list[dict]:
     audit = row("label_audit_recall_top_2n", found, planted, "planted errors", RECALL_TARGET, ratio=recall)
     audit.update(size=size, audit_rows=summary["label_issues"]["rows"])
     workers = row("promotion_wall_time_2_workers", two_workers, one_worker, "seconds", WORKERS_TARGET, better="lower")
-    workers.update(size=size)
+    workers.update(size=size, seconds_one_worker=seconds[1], seconds_two_workers=seconds[2], order="1, 2, 2, 1")
     return [gain, gap, audit, workers]

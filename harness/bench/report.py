@@ -29,7 +29,8 @@ from harness.bench.common import DEFAULT_STUDY, Bench, row
 from harness.config import StudyConfig, load_study
 from harness.data.labels import NUM_CLASSES, class_name
 from harness.folders import EnsembleFolder, TrialFolder
-from harness.study import default_storage, trials_frame
+from harness.runtime import default_storage
+from harness.study import trials_frame
 
 EPOCHS = 4
 REPORT_SECONDS_TARGET = 10.0

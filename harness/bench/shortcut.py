@@ -47,7 +47,8 @@ def run_to_submission(cfg: StudyConfig) -> tuple[object, dict]:
     """Study, eval F1 of every trial, ensemble, submission: (trials frame, the submission's eval scores)."""
     from harness.pipeline import make_study
     from harness.predict import predict_submission
-    from harness.study import load_existing_study, trials_frame
+    from harness.runtime import load_existing_study
+    from harness.study import trials_frame
 
     shutil.rmtree(cfg.study_dir, ignore_errors=True)
     make_study(cfg, progress=False, log_to_wandb=False, report=False)

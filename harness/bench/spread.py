@@ -91,7 +91,8 @@ def pruning_precision(cfg: StudyConfig) -> dict:
     from harness.config import Params
     from harness.data.prepare import prepare_data
     from harness.folders import TrialFolder
-    from harness.study import load_existing_study, trials_frame
+    from harness.runtime import load_existing_study
+    from harness.study import trials_frame
     from harness.train import run_trial
 
     frame = trials_frame(load_existing_study(cfg))

@@ -18,8 +18,8 @@ search   studies/default.yaml at its real size (--quick: its smoke variant) run 
 
 workers  One fixed study (the smoke variant, 12 trials x 6 epochs, no pruner; --quick: 2 trials
          x 1 epoch of 2 batches) on a throwaway PostgreSQL server (harness.bench.postgres), one database
-         per run. Harness figure of both rows: wall time of run_workers(cfg, 2), two spawned
-         processes with one torch thread each (run_workers gives each cpu_count // workers).
+         per run. Harness figure of both rows: wall time of run_search_workers(cfg, 2), two spawned
+         processes with one torch thread each (runtime.run_workers gives each cpu_count // workers).
          The size keeps the fixed costs of workers (spawn and imports, about 5-10 s; the idle
          tail, up to search.heartbeat_s) small against the work: at 6 trials x 2 epochs the
          whole study took ~20-30 s on two cores and no worker count could meet the target.
@@ -38,7 +38,7 @@ workers  One fixed study (the smoke variant, 12 trials x 6 epochs, no pruner; --
          The searched space is narrowed to lr, weight_decay and loss (backbone, freeze policy
          and the rest at their defaults) so that every trial does the same work and the ratio
          measures parallelism, not which backbones the sampler happened to draw. The rows also
-         report `idle_tail_s` (from the last trial's end to run_workers' return: a worker with
+         report `idle_tail_s` (from the last trial's end to run_search_workers' return: a worker with
          nothing left to start polls every search.heartbeat_s) and `duplicate_param_sets`.
          When the server cannot start, both rows have no figures, met False and a note.
 
@@ -171,7 +171,7 @@ def workers_config(bench: Bench) -> StudyConfig:
 def workers_rows(cfg: StudyConfig, server: str, out: Path, size: str) -> list[dict]:
     """Two rows, one clock each for: 1 process at torch's default threads, 1 process at 1 thread, 2 workers."""
     from harness.data.prepare import prepare_data
-    from harness.study import run_workers
+    from harness.study import run_search_workers
 
     shutil.rmtree(out / "workers", ignore_errors=True)
     prepare_data(cfg, progress=False)  # the cache exists before any clock starts
@@ -182,7 +182,7 @@ def workers_rows(cfg: StudyConfig, server: str, out: Path, size: str) -> list[di
 
     two = cfg.replace({"runs_dir": str(out / "workers" / "two")})
     started, load_before = time.perf_counter(), load_average()[0]
-    study = run_workers(two, 2, storage=create_database(server, f"bench_two_{stamp}"), progress=False)
+    study = run_search_workers(two, 2, storage=create_database(server, f"bench_two_{stamp}"), progress=False)
     seconds, finished_at = time.perf_counter() - started, time.time()
     loads = {"workers": [load_before, load_average()[0]]}
     last_trial_done = max(t.datetime_complete.timestamp() for t in study.trials if t.datetime_complete)

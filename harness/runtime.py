@@ -27,7 +27,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from harness.compat import has_heartbeat, record_heartbeat
+from harness.compat import has_heartbeat, immediate_sqlite_transactions, record_heartbeat
 from harness.config import ConfigError, StudyConfig
 
 log = logging.getLogger("harness.runtime")
@@ -71,19 +71,25 @@ def default_storage(cfg: StudyConfig) -> str:
 
 
 def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
-    """An RDB storage with heartbeats (stale trials are retried) and, for SQLite, a busy timeout."""
+    """An RDB storage with heartbeats (stale trials are retried) and, for SQLite, a busy timeout and
+    transactions that take the write lock when they begin."""
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # several processes on one file: wait for the lock instead of failing with "database is locked"
-        engine_kwargs = {"connect_args": {"timeout": 120}}
+    sqlite = url.startswith("sqlite")
+    if sqlite:
+        # several processes on one file: wait for the lock instead of failing with "database is locked";
+        # no transactions of pysqlite's own (immediate_sqlite_transactions begins them)
+        engine_kwargs = {"connect_args": {"timeout": 120, "isolation_level": None}}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                          grace_period=3 * heartbeat_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=5))
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                             grace_period=3 * heartbeat_s,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=5))
     except Exception as error:  # noqa: BLE001 - sqlalchemy raises many kinds; all mean "cannot use it"
         raise StudyError(f"storage {redact(url)} cannot be opened: {type(error).__name__}: {error}. "
                          "Check the URL (e.g. postgresql://user@host:5432/db or sqlite:///path.db) "
                          "and that the server is reachable.") from None
+    if sqlite:  # an enqueued trial is popped by one process only (PostgreSQL's row locks do this there)
+        immediate_sqlite_transactions(storage)
+    return storage
 
 
 

@@ -52,6 +52,23 @@ def test_optuna_rdb_heartbeats_can_be_read_and_sent(tmp_path):
         fail(AssertionError(f"heartbeat before/after recording: {before}/{after}, storage id {storage_id!r}"))
 
 
+def test_optuna_rdb_storage_transactions_on_sqlite_can_begin_immediate(tmp_path):
+    fail = canary("optuna", optuna.__version__, "the RDB storage's SQLAlchemy engine (RDBStorage.engine)")
+    statements = []
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}",
+                                         engine_kwargs={"connect_args": {"isolation_level": None}})
+    try:
+        compat.immediate_sqlite_transactions(storage)
+        from sqlalchemy import event
+
+        event.listen(storage.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        optuna.create_study(storage=storage).enqueue_trial({"x": 1.0})
+    except (AttributeError, TypeError) as error:
+        fail(error)
+    if "BEGIN IMMEDIATE" not in statements:
+        fail(AssertionError(f"no BEGIN IMMEDIATE among the storage's statements: {statements[:5]}"))
+
+
 def test_wandb_transaction_log_reads_back_what_a_run_logged(tmp_path, monkeypatch):
     fail = canary("wandb", wandb.__version__, "the run-<id>.wandb transaction log format or wandb.proto's Record")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,5 +1,6 @@
 """Several workers on one study: SQLite on one machine, PostgreSQL across "machines", kills included."""
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from optuna.trial import TrialState
 
 from conftest import HARNESS_STUDY, REPO, harness_env, smoke_study_args, wait_for
 from harness.bench.postgres import create_database
+from harness.runtime import open_storage
 from harness.study import run_study, trials_frame
 from harness.tracking import read_offline_run, study_run_id
 
@@ -33,6 +35,32 @@ def check_outcome(study, target, workers):
         epochs = pd.read_csv(Path(row.run_dir) / "metrics.csv")["epoch"].tolist()
         assert epochs == sorted(set(epochs)), (row.trial, epochs)  # no epoch twice in a trial's own record
     return frame
+
+
+def _ask(url: str, asks: int, answers) -> None:
+    """A process that asks the study for `asks` trials (an enqueued one first, while any waits)."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="pop", storage=open_storage(url, 60))
+    answers.put([study.ask().number for _ in range(asks)])
+
+
+def test_an_enqueued_trial_is_given_to_one_process_only_on_sqlite(tmp_path):
+    """Optuna's SELECT ... FOR UPDATE does nothing on SQLite: three processes popping enqueued trials got one
+    another's trials (15 of 180 asks) until the storage's transactions began IMMEDIATE."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="pop", storage=open_storage(url, 60))
+    for x in range(200):
+        study.enqueue_trial({"x": x})
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    processes = [context.Process(target=_ask, args=(url, 60, answers)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    given = [number for _ in processes for number in answers.get(timeout=300)]
+    for process in processes:
+        process.join()
+    assert len(given) == 180 and len(set(given)) == 180, sorted(n for n in given if given.count(n) > 1)
+    assert sum(t.state == TrialState.WAITING for t in study.get_trials()) == 20
 
 
 def test_a_study_on_postgres_runs_to_its_target_and_resumes_from_the_server(smoke_study, postgres_server):

@@ -42,7 +42,7 @@ from harness.study import trials_frame
 
 
 class EnsembleError(StudyError):
-    """An ensemble or prediction that cannot be made as asked; the message says what to do."""
+    """An ensemble that cannot be made as asked; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,12 @@ def _no_candidates_message(cfg: StudyConfig, frame: pd.DataFrame) -> str:
 
 
 def trial_folder_with(cfg: StudyConfig, stored: str | None, identity: int, needs: tuple[str, ...],
-                      missing_hint: str) -> TrialFolder:
-    """The trial's folder holding `needs` (see find_trial_folder), or an EnsembleError saying what is missing."""
+                      missing_hint: str, error: type[StudyError] = None) -> TrialFolder:
+    """The trial's folder holding `needs` (see find_trial_folder), or `error` (EnsembleError unless given: the
+    caller's own type) saying what is missing."""
     folder, looked = find_trial_folder(cfg, stored, identity, needs)
     if folder is None:
-        raise EnsembleError(f"trial {identity}: no {' and '.join(needs)} in {' or '.join(str(p) for p in looked)}; "
+        raise (error or EnsembleError)(f"trial {identity}: no {' and '.join(needs)} in {' or '.join(str(p) for p in looked)}; "
                             f"{missing_hint}")
     return folder
 

@@ -30,8 +30,14 @@ from torch import nn
 
 from harness.augment import IMAGENET_MEAN, IMAGENET_STD
 from harness.config import StudyConfig
-from harness.ensemble import EnsembleError
-from harness.predict import checked_tta, load_member_model, load_members, member_class_names, member_params
+from harness.predict import (
+    PredictError,
+    checked_tta,
+    load_member_model,
+    load_members,
+    member_class_names,
+    member_params,
+)
 
 EXPORT_FILE = "model.pt2"
 METADATA_FILE = "harness.json"  # an extra file inside the archive: where the members came from
@@ -81,7 +87,7 @@ def export_model(cfg: StudyConfig, out: Path | None = None, tta: str | None = No
     params = {member.name: member_params(member.folder, cfg) for member in members}
     cropped = {name: p.preprocess for name, p in params.items() if p.preprocess != "none"}
     if cropped:
-        raise EnsembleError(f"cannot export members trained on preprocessed images {cropped}: their crops need the "
+        raise PredictError(f"cannot export members trained on preprocessed images {cropped}: their crops need the "
                             "harness's face and person detection, which does not travel in the file; export a "
                             "study whose members use preprocess none (or predict with `harness predict --images`)")
     size = cfg.data.image_size

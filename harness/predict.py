@@ -29,13 +29,13 @@ from harness.config import Params, StudyConfig
 from harness.data.cache import build_cache
 from harness.data.prepare import class_names
 from harness.data.readers import IMAGE_SUFFIXES, DataError, is_junk, read_eval, truth_source
-from harness.ensemble import EnsembleError, trial_folder_with
+from harness.ensemble import trial_folder_with
 from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder, fetch_folder
 from harness.foreground import foreground
 from harness.io import atomic_write_text
 from harness.metrics import confusion, macro_f1, per_class_f1
 from harness.model import build_model, eval_logits
-from harness.runtime import load_existing_study
+from harness.runtime import StudyError, load_existing_study
 from harness.selection import blend
 from harness.study import trials_frame
 from harness.train import EVAL_BATCH, pick_device
@@ -45,6 +45,11 @@ NO_MODEL_HINT = "the trial never finished an epoch or its folder was removed"
 
 
 SOURCES = ("auto", "promotion", "ensemble")
+
+
+class PredictError(StudyError):
+    """A prediction or export that cannot be made as asked (no members, a missing model, an option the
+    members cannot honour); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None
     promotion's members (source "promotion", or "auto" once `harness promote` has run), else the ensemble's
     members (members.json), or the one trial asked for."""
     if source not in SOURCES:
-        raise EnsembleError(f"--from {source!r}: choose one of {list(SOURCES)}")
+        raise PredictError(f"--from {source!r}: choose one of {list(SOURCES)}")
     if trial is not None:
         return [Member(trial, 1, _one_trial(cfg, trial, storage))], EnsembleFolder.of(cfg)
     promoted = PromotionFolder.of(cfg)
@@ -76,17 +81,18 @@ def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None
         missing = [m.name for m in members if not m.folder.has(TrialFolder.MODEL_FILES)
                    and fetch_folder(cfg, m.folder.path, TrialFolder.MODEL_FILES) is None]
         if missing:
-            raise EnsembleError(f"the promotion's fold models {missing} are missing under {promoted.path}; run "
+            raise PredictError(f"the promotion's fold models {missing} are missing under {promoted.path}; run "
                                 "`harness promote` again")
         return members, promoted
     if source == "promotion":
-        raise EnsembleError(f"{promoted.path} holds no promotion: run `harness promote` first")
+        raise PredictError(f"{promoted.path} holds no promotion: run `harness promote` first")
     ensemble = EnsembleFolder.of(cfg)
     if not ensemble.has_members():
-        raise EnsembleError(f"{ensemble.file(EnsembleFolder.MEMBERS)} does not exist: run `harness ensemble` first "
+        raise PredictError(f"{ensemble.file(EnsembleFolder.MEMBERS)} does not exist: run `harness ensemble` first "
                             "to select the members, or predict with one trial: `harness predict STUDY.yaml --trial N`")
     return [Member(int(m["trial"]), int(m["weight"]),
-                   trial_folder_with(cfg, m["run_dir"], int(m["trial"]), TrialFolder.MODEL_FILES, NO_MODEL_HINT))
+                   trial_folder_with(cfg, m["run_dir"], int(m["trial"]), TrialFolder.MODEL_FILES, NO_MODEL_HINT,
+                                     error=PredictError))
             for m in ensemble.members()["members"]], ensemble
 
 
@@ -97,8 +103,9 @@ def _one_trial(cfg: StudyConfig, trial: int, storage: str | None) -> TrialFolder
     frame = trials_frame(load_existing_study(cfg, storage))
     rows = frame[frame["trial"] == trial]
     if rows.empty:
-        raise EnsembleError(f"study {cfg.name!r} has no trial {trial}; its trials are {sorted(frame['trial'])}")
-    return trial_folder_with(cfg, rows.iloc[0]["run_dir"], trial, TrialFolder.MODEL_FILES, NO_MODEL_HINT)
+        raise PredictError(f"study {cfg.name!r} has no trial {trial}; its trials are {sorted(frame['trial'])}")
+    return trial_folder_with(cfg, rows.iloc[0]["run_dir"], trial, TrialFolder.MODEL_FILES, NO_MODEL_HINT,
+                             error=PredictError)
 
 
 def member_params(folder: TrialFolder, cfg: StudyConfig) -> Params:
@@ -107,7 +114,7 @@ def member_params(folder: TrialFolder, cfg: StudyConfig) -> Params:
     trained_size = raw.get("study", {}).get("data", {}).get("image_size")
     size = cfg.data.image_size.model_dump()
     if trained_size is not None and trained_size != size:
-        raise EnsembleError(f"{folder.file(TrialFolder.CONFIG)}: trained at data.image_size {trained_size}, the study "
+        raise PredictError(f"{folder.file(TrialFolder.CONFIG)}: trained at data.image_size {trained_size}, the study "
                             f"file now says {size}; predict with the study file the trial was trained with")
     return Params.model_validate(raw["params"])
 
@@ -190,7 +197,7 @@ class EvalImages(ImageSet):
     def __init__(self, cfg: StudyConfig, progress: bool = False) -> None:
         index = read_eval(cfg.data)
         if index is None:
-            raise EnsembleError(NO_HELD_OUT.format(root=Path(cfg.data.root)))
+            raise PredictError(NO_HELD_OUT.format(root=Path(cfg.data.root)))
         self.competition = cfg.data.format == "competition"
         super().__init__(cfg, index.raise_on_errors(), progress)
 
@@ -221,7 +228,7 @@ def ensemble_probabilities(cfg: StudyConfig, members: list[Member], images: Imag
 
 def checked_tta(tta: str | None) -> str | None:
     if tta not in TTA_CHOICES:
-        raise EnsembleError(f"--tta {tta!r}: choose one of {[c for c in TTA_CHOICES if c]}")
+        raise PredictError(f"--tta {tta!r}: choose one of {[c for c in TTA_CHOICES if c]}")
     return None if tta == "none" else tta
 
 
@@ -393,7 +400,7 @@ def score_trials_on_eval(cfg: StudyConfig, storage: str | None = None, progress:
 
     try:
         images = EvalImages(cfg, progress)
-    except EnsembleError:
+    except PredictError:
         return {}
     labels = images.frame["label"].to_numpy()
     known = labels >= 0

@@ -101,12 +101,11 @@ def _not_applicable(name: str, applicability) -> dict:
 
 
 def _eval_truth(cfg: StudyConfig):
-    from harness.ensemble import EnsembleError
-    from harness.predict import EvalImages
+    from harness.predict import EvalImages, PredictError
 
     try:
         images = EvalImages(cfg)
-    except EnsembleError:
+    except PredictError:
         return None
     labels = images.frame["label"].to_numpy()
     return (images, labels) if (labels >= 0).any() else None

@@ -16,7 +16,7 @@ from harness.config import StudyConfig, load_study
 from harness.ensemble import EnsembleError, run_ensemble
 from harness.folders import TrialFolder
 from harness.metrics import macro_f1_batch
-from harness.predict import EvalImages, load_member_model, member_params, member_probabilities, predict_submission
+from harness.predict import EvalImages, PredictError, load_member_model, member_params, member_probabilities, predict_submission
 from harness.selection import blend_score, greedy_selection, honest_scores, person_halves
 from harness.study import run_study, trials_frame
 from harness.tracking import ensemble_run_id, read_offline_run
@@ -277,9 +277,9 @@ def test_no_complete_trial_and_no_ensemble_yet_are_clear_errors(tmp_path):
     cfg = made_study(tmp_path, [{"state": PRUNED, "value": 0.9, "accuracy": 0.9}])
     with pytest.raises(EnsembleError, match="no complete trial to promote"):
         run_ensemble(cfg)
-    with pytest.raises(EnsembleError, match="run `harness ensemble` first"):
+    with pytest.raises(PredictError, match="run `harness ensemble` first"):  # predicting has its own error type
         predict_submission(cfg)
-    with pytest.raises(EnsembleError, match="--tta 'vflip'"):
+    with pytest.raises(PredictError, match="--tta 'vflip'"):
         predict_submission(cfg, tta="vflip")
 
 

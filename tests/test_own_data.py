@@ -21,10 +21,9 @@ from conftest import REPO, harness_env, write_image
 from harness.cli import main
 from harness.config import ConfigError, load_study
 from harness.data.readers import DataError, read_eval, read_train
-from harness.ensemble import EnsembleError
 from harness.export import METADATA_FILE, export_model
 from harness.pipeline import make_study
-from harness.predict import EvalImages, predict_images, predict_submission
+from harness.predict import EvalImages, PredictError, predict_images, predict_submission
 from harness.preflight import PreflightError, check_study
 from harness.runtime import load_existing_study
 from harness.study import trials_frame
@@ -182,7 +181,7 @@ def test_members_trained_on_crops_are_not_exported(finished, tmp_path):
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
     shutil.copy(cfg.study_dir / "study.db", tmp_path / "runs" / cfg.name / "study.db")
     moved = cfg.replace({"runs_dir": str(tmp_path / "runs")})
-    with pytest.raises(EnsembleError, match=r"center_crop.*preprocess none"):
+    with pytest.raises(PredictError, match=r"center_crop.*preprocess none"):
         export_model(moved, trial=0)
 
 
@@ -237,7 +236,7 @@ def test_predicting_without_a_held_out_set_says_where_one_comes_from(tmp_path):
     from harness.data.prepare import ensure_dataset
 
     ensure_dataset(cfg.data)
-    with pytest.raises(EnsembleError, match=r"data.test.*--images DIR"):
+    with pytest.raises(PredictError, match=r"data.test.*--images DIR"):
         EvalImages(cfg)
 
 

@@ -55,14 +55,18 @@ class Candidate:
 
 
 @dataclass
-class ValidSet:
-    views: Views  # view -> (M, N, C) float64: candidate m's class probabilities on valid row n
+class Stacked:
+    """Candidates' class probabilities stacked on the same labelled images: the single split's valid images
+    (`load_valid`) or every labelled image held out of its fold (`promotion.out_of_fold`)."""
+
+    views: Views  # view -> (M, N, C) float64: candidate m's class probabilities on row n
     labels: np.ndarray  # (N,)
     persons: np.ndarray  # (N,)
+    frame: pd.DataFrame | None = None  # the images' index rows, where the caller needs more than labels
 
     @property
     def probs(self) -> np.ndarray:
-        """(M, N, C) on the valid images as they are."""
+        """(M, N, C) on the images as they are."""
         return self.views["valid"]
 
     @property
@@ -73,14 +77,19 @@ class ValidSet:
 # -------------------------------------------------------------------------- candidates
 
 
-def pick_candidates(frame: pd.DataFrame, top_k: int, max_gap: float | None) -> pd.DataFrame:
-    """The top_k COMPLETE trials by objective from `trials_frame` (one row per trial).
+def top_trials(frame: pd.DataFrame, top_k: int, max_gap: float | None = None,
+               pruned_after: int | None = None) -> pd.DataFrame:
+    """The top_k trials by objective from `trials_frame` (one row per trial): the complete ones, and with
+    `pruned_after` the pruned ones that trained at least that many epochs (the promotion's late rungs).
 
     With max_gap, a trial whose gap/f1 is unknown (NaN) is left out: it cannot be shown to be within it.
     """
     if frame.empty:
         return frame
-    eligible = frame[(frame["state"] == "complete") & frame["objective"].notna()]
+    eligible = frame["state"] == "complete"
+    if pruned_after is not None:
+        eligible |= (frame["state"] == "pruned") & (frame["epochs"] >= pruned_after)
+    eligible = frame[eligible & frame["objective"].notna()]
     if max_gap is not None:
         eligible = eligible[eligible["gap_f1"] <= max_gap]
     eligible = eligible.drop_duplicates("trial")
@@ -90,7 +99,7 @@ def pick_candidates(frame: pd.DataFrame, top_k: int, max_gap: float | None) -> p
 def load_candidates(cfg: StudyConfig, frame: pd.DataFrame, top_k: int | None = None) -> list[Candidate]:
     """The candidates among the study's trials (`frame` from trials_frame), each with its valid logits."""
     top_k = top_k or cfg.ensemble.top_k
-    chosen = pick_candidates(frame, top_k, cfg.ensemble.max_gap)
+    chosen = top_trials(frame, top_k, cfg.ensemble.max_gap)
     if chosen.empty:
         raise EnsembleError(_no_candidates_message(cfg, frame))
     return [Candidate(int(row.trial), float(row.objective), float(row.val_f1), float(row.gap_f1),
@@ -122,7 +131,7 @@ def trial_folder_with(cfg: StudyConfig, stored: str | None, identity: int, needs
     return folder
 
 
-def load_valid(candidates: list[Candidate], views: tuple[str, ...] = ("valid",)) -> ValidSet:
+def load_valid(candidates: list[Candidate], views: tuple[str, ...] = ("valid",)) -> Stacked:
     """The candidates' stored probabilities on `views`, after checking they are for the same valid rows."""
     indexes = [c.folder.valid_index() for c in candidates]
     first = candidates[0]
@@ -147,7 +156,7 @@ def load_valid(candidates: list[Candidate], views: tuple[str, ...] = ("valid",))
     classes = loaded["valid"].shape[2]
     if labels.min() < 0 or labels.max() >= classes:
         raise EnsembleError(f"{first.folder.file(TrialFolder.VALID_INDEX)}: labels must lie in 0..{classes - 1}")
-    return ValidSet({view: loaded[view] for view in views}, labels, indexes[0]["person"].to_numpy())
+    return Stacked({view: loaded[view] for view in views}, labels, indexes[0]["person"].to_numpy())
 
 
 # ---------------------------------------------------------------------------- ensemble

@@ -40,6 +40,7 @@ import pandas as pd
 from harness.config import Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
 from harness.data.split import person_folds, split_hash
+from harness.ensemble import Stacked, top_trials
 from harness.folders import EnsembleFolder, PromotionFolder, objective_files
 from harness.io import json_ready
 from harness.metrics import OBJECTIVES, macro_f1
@@ -54,7 +55,7 @@ from harness.runtime import (
     run_workers,
     trial_identity,
 )
-from harness.selection import METHODS, blend, person_halves, rows_of
+from harness.selection import METHODS, blend, held_out_weights, person_halves, strategies
 from harness.study import store_result, trials_frame
 from harness.uncertainty import f1_interval, f1_on_new_set
 
@@ -101,9 +102,7 @@ class Plan:
 
 def choose_configs(cfg: StudyConfig, frame: pd.DataFrame) -> pd.DataFrame:
     """The top_k trials by objective among the complete ones and the pruned ones that trained min_epochs."""
-    eligible = frame[frame["objective"].notna() & ((frame["state"] == "complete") | (
-        (frame["state"] == "pruned") & (frame["epochs"] >= min_epochs(cfg))))]
-    return eligible.sort_values(["objective", "trial"], ascending=[False, True]).head(cfg.promotion.top_k)
+    return top_trials(frame, cfg.promotion.top_k, pruned_after=min_epochs(cfg))
 
 
 def open_promotion(cfg: StudyConfig, storage: str | None, progress: bool = True
@@ -308,17 +307,9 @@ def log_summary(cfg: StudyConfig, summary: dict) -> str | None:
 # ------------------------------------------------------------------------ out of fold
 
 
-@dataclass
-class OutOfFold:
-    """Every labelled image's held-out probabilities from each configuration: views -> (M, N, C)."""
-
-    views: dict[str, np.ndarray]
-    labels: np.ndarray
-    persons: np.ndarray
-    frame: pd.DataFrame  # the labelled images (path, person, image_id, labels), row n of the arrays
-
-
-def out_of_fold(cfg: StudyConfig, plan: Plan, data: PreparedData, views: tuple[str, ...]) -> OutOfFold:
+def out_of_fold(cfg: StudyConfig, plan: Plan, data: PreparedData, views: tuple[str, ...]) -> Stacked:
+    """Every labelled image's held-out probabilities from each configuration (the fold that held it out),
+    with the labelled images' index (path, person, image_id, labels) as the frame."""
     rows_of_image = {image: row for row, image in enumerate(data.frame["image_id"])}
     count = len(data.frame)
     arrays = {view: None for view in views}
@@ -338,7 +329,7 @@ def out_of_fold(cfg: StudyConfig, plan: Plan, data: PreparedData, views: tuple[s
     if missing.any():
         raise PromotionError(f"{int(missing.sum())} labelled images have no held-out prediction; the folds do not "
                              "cover the data (did the data change since the promotion started?)")
-    return OutOfFold(arrays, data.frame["label"].to_numpy(), data.frame["person"].to_numpy(), data.frame)
+    return Stacked(arrays, data.frame["label"].to_numpy(), data.frame["person"].to_numpy(), data.frame)
 
 
 def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
@@ -356,17 +347,17 @@ def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
     data = prepare_data(cfg, progress=False)
     oof = out_of_fold(cfg, plan, data, tuple(dict.fromkeys(("valid", *objective.views))))
     method, rounds = METHODS.get(cfg.ensemble.method), cfg.ensemble.rounds
-    num_classes = oof.views["valid"].shape[2]
+    num_classes = oof.num_classes
     honest = np.empty(len(oof.labels), dtype=np.int64)
     halves = person_halves(oof.labels, oof.persons, seed=cfg.seed)
-    for fit, held in halves:  # each person's prediction from weights chosen without them
-        weights = method.select(rows_of(oof.views, fit), oof.labels[fit], rounds, objective).weights
-        honest[held] = blend(oof.views["valid"][:, held], weights).argmax(axis=1)
+    select = strategies(rounds, objective)[cfg.ensemble.method]
+    for _, held, weights in held_out_weights(oof.views, oof.labels, halves, select):
+        honest[held] = blend(oof.probs[:, held], weights).argmax(axis=1)  # weights chosen without these persons
     chosen = method.select(oof.views, oof.labels, rounds, objective)
-    probs = blend(oof.views["valid"], chosen.weights)
+    probs = blend(oof.probs, chosen.weights)
     members = []
     for m, config in enumerate(plan.configs):
-        own = oof.views["valid"][m].argmax(axis=1)
+        own = oof.probs[m].argmax(axis=1)
         members.append({"trial": config, "weight": int(chosen.weights[m]),
                         "cv_f1": macro_f1(own, oof.labels, num_classes),
                         "cv_f1_ci95": list(f1_interval(own, oof.labels, oof.persons, num_classes, seed=cfg.seed)),
@@ -404,7 +395,7 @@ def held_out_persons(cfg: StudyConfig, labelled: pd.DataFrame) -> tuple[int, int
     return images, max(1, round(images / per_person))
 
 
-def submission_estimate(cfg: StudyConfig, honest: np.ndarray, oof: OutOfFold, corrected: np.ndarray,
+def submission_estimate(cfg: StudyConfig, honest: np.ndarray, oof: Stacked, corrected: np.ndarray,
                         num_classes: int) -> dict:
     """The macro F1 to expect of the submission on its held-out set, with the interval its score falls in:
     the honest out-of-fold ensemble's predictions scored on draws of as many persons as the held-out set

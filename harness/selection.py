@@ -12,14 +12,15 @@ the result. The methods are a registry (`METHODS`):
                     the candidate, repeats allowed, whose addition gives the best objective of the
                     averaged probabilities; rounds after the best score are dropped
 
-`honest_scores` fits each method on one half of the persons and scores it on the other.
+`honest_scores` fits each method on one half of the persons and scores it on the other (`held_out_weights`,
+which the promotion's honest predictions use too).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +144,14 @@ def person_halves(labels: np.ndarray, persons: np.ndarray, seed: int = 0) -> lis
     return [(np.sort(fit), np.sort(held)) for fit, held in folds]
 
 
+def held_out_weights(views: Views, labels: np.ndarray, halves: list[tuple[np.ndarray, np.ndarray]],
+                     select: Strategy) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(fit rows, held rows, weights chosen on the fit rows only) for each half: the one way the ensemble's
+    honest scores and the promotion's honest predictions keep a person's own rows out of its weights."""
+    for fit, held in halves:
+        yield fit, held, np.asarray(select(rows_of(views, fit), labels[fit]))
+
+
 def honest_scores(views: Views, labels: np.ndarray, halves: list[tuple[np.ndarray, np.ndarray]],
                   methods: dict[str, Strategy], score: Scorer | None = None) -> dict:
     """Each method selects weights on a half's fit rows only and is scored on its held rows only
@@ -151,13 +160,10 @@ def honest_scores(views: Views, labels: np.ndarray, halves: list[tuple[np.ndarra
     Returns {method: mean held-out score (NaN without halves), "halves": [per-half details]}.
     """
     score = score or blend_score
-    details = []
-    for fit, held in halves:
-        detail: dict = {"fit_images": len(fit), "held_images": len(held)}
-        for name, select in methods.items():
-            weights = np.asarray(select(rows_of(views, fit), labels[fit]))
+    details = [{"fit_images": len(fit), "held_images": len(held)} for fit, held in halves]
+    for name, select in methods.items():
+        for detail, (_, held, weights) in zip(details, held_out_weights(views, labels, halves, select), strict=True):
             detail[name] = float(score(rows_of(views, held), labels[held], weights))
             detail[f"{name}_weights"] = weights.tolist()
-        details.append(detail)
     means = {name: float(np.mean([d[name] for d in details])) if details else math.nan for name in methods}
     return {**means, "halves": details}

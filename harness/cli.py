@@ -172,7 +172,7 @@ def keep_wandb_files_in_study(cfg) -> None:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from harness.ensemble import run_ensemble
+    from harness.promotion.ensemble import run_ensemble
 
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
@@ -206,7 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from harness.preflight import check_study
-    from harness.promotion import promote, restart
+    from harness.promotion.folds import promote, restart
 
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
@@ -218,7 +218,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_corrections(args: argparse.Namespace) -> int:
-    from harness.audit import write_corrections
+    from harness.promotion.audit import write_corrections
 
     cfg = load(args)
     path, count = write_corrections(cfg, Path(args.out) if args.out else None, top=args.top)
@@ -253,7 +253,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(describe_states(frame, cfg))
     from harness.folders import PromotionFolder
     from harness.predict import describe_held_out
-    from harness.promotion import describe_estimate
+    from harness.promotion.folds import describe_estimate
 
     if line := describe_estimate(PromotionFolder.of(cfg).summary() or {}):
         print(f"promotion: {line}")

@@ -281,7 +281,7 @@ class EnsembleConfig(_Frozen):
     top_k: int = Field(5, ge=1, le=1000)
     max_gap: float | None = None
     rounds: int = Field(25, ge=1, le=10_000)
-    method: str = "greedy"  # how the candidates are combined: a harness.selection.METHODS entry
+    method: str = "greedy"  # how the candidates are combined: a harness.promotion.selection.METHODS entry
 
 
 class PromotionConfig(_Frozen):

@@ -36,8 +36,8 @@ def make_study(cfg: StudyConfig, *, trials: int | None = None, timeout: float | 
                after_search: Callable[[pd.DataFrame, dict[str, float]], None] | None = None) -> StudyOutcome:
     """Run `make study` on `cfg`: search, eval scores where truth exists, status, ensemble, report.
     `after_search(frame, eval_f1)` sees the trials table before the ensemble (the CLI prints it)."""
-    from harness.ensemble import run_ensemble
     from harness.predict import score_trials_on_eval
+    from harness.promotion.ensemble import run_ensemble
     from harness.study import run_search_workers, run_study, status
 
     if workers > 1:

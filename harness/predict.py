@@ -29,14 +29,14 @@ from harness.config import Params, StudyConfig
 from harness.data.cache import build_cache
 from harness.data.prepare import class_names
 from harness.data.readers import IMAGE_SUFFIXES, DataError, is_junk, read_eval, truth_source
-from harness.ensemble import trial_folder_with
 from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder, fetch_folder
 from harness.foreground import foreground
 from harness.io import atomic_write_text
 from harness.metrics import confusion, macro_f1, per_class_f1
 from harness.model import build_model, eval_logits
+from harness.promotion.ensemble import trial_folder_with
+from harness.promotion.selection import blend
 from harness.runtime import StudyError, load_existing_study
-from harness.selection import blend
 from harness.study import trials_frame
 from harness.train import EVAL_BATCH, pick_device
 

@@ -59,7 +59,7 @@ def name_problems(cfg: StudyConfig) -> list[str]:
     and the choices. Checked here, where the registries are imported, rather than when the file loads."""
     from harness.data.samples import SAMPLES
     from harness.metrics import OBJECTIVES
-    from harness.selection import METHODS
+    from harness.promotion.selection import METHODS
 
     named = [("search.objective", OBJECTIVES, cfg.search.objective), ("ensemble.method", METHODS, cfg.ensemble.method)]
     if cfg.data.sample is not None:

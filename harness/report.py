@@ -194,7 +194,7 @@ class Ensemble:
 
 
 def read_ensemble(folder: EnsembleFolder) -> Ensemble:
-    """What harness.ensemble wrote under runs/<study>/ensemble/; a broken file is a note, not a crash."""
+    """What harness.promotion.ensemble wrote under runs/<study>/ensemble/; a broken file is a note, not a crash."""
     found, problems = folder.read()
     return Ensemble(**found, problems=problems)
 
@@ -501,8 +501,8 @@ def add_intervals(section: Section, frame: pd.DataFrame) -> None:
 
 
 def promotion_section(cfg: StudyConfig) -> Section:
-    from harness.audit import read_issues
-    from harness.promotion import describe_estimate
+    from harness.promotion.audit import read_issues
+    from harness.promotion.folds import describe_estimate
 
     section = Section("promotion", "Promotion")
     folder = PromotionFolder.of(cfg)

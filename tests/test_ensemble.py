@@ -13,11 +13,11 @@ from sklearn.metrics import f1_score
 
 from harness.augment import build_transform, normalize_batch
 from harness.config import StudyConfig, load_study
-from harness.ensemble import EnsembleError, run_ensemble
 from harness.folders import TrialFolder
 from harness.metrics import macro_f1_batch
 from harness.predict import EvalImages, PredictError, load_member_model, member_params, member_probabilities, predict_submission
-from harness.selection import blend_score, greedy_selection, honest_scores, person_halves
+from harness.promotion.ensemble import EnsembleError, run_ensemble
+from harness.promotion.selection import blend_score, greedy_selection, honest_scores, person_halves
 from harness.study import run_study, trials_frame
 from harness.tracking import ensemble_run_id, read_offline_run
 

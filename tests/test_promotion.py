@@ -17,7 +17,6 @@ from optuna.trial import TrialState
 from sklearn.metrics import f1_score
 
 from conftest import REPO, harness_env, people, wait_for, write_competition
-from harness.audit import AuditError, audit_labels, labels_after, read_issues, write_corrections
 from harness.config import load_study
 from harness.data.labels import GENDER_NAMES, MASK_NAMES, decode
 from harness.data.prepare import prepare_data
@@ -25,7 +24,8 @@ from harness.data.readers import read_competition_train
 from harness.data.split import person_folds
 from harness.folders import PromotionFolder
 from harness.predict import predict_submission
-from harness.promotion import PromotionError, companion_name, describe_estimate, promote, restart
+from harness.promotion.audit import AuditError, audit_labels, labels_after, read_issues, write_corrections
+from harness.promotion.folds import PromotionError, companion_name, describe_estimate, promote, restart
 from harness.report import AUDIT_ROWS, external_references, write_report
 from harness.runtime import default_storage
 from harness.study import run_study, status, trials_frame

@@ -12,10 +12,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import REPO
-from harness.audit import CLEANLAB, audit_labels, read_issues
 from harness.config import load_study
 from harness.folders import PromotionFolder
-from harness.promotion import choose_configs
+from harness.promotion.audit import CLEANLAB, audit_labels, read_issues
+from harness.promotion.folds import choose_configs
 from harness.study import scored_frame, store_result, trials_frame
 from harness.train import TrialResult
 

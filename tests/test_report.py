@@ -104,7 +104,7 @@ def test_the_watchdog_counts_script_errors_and_network_loads(tmp_path):
 @needs_chromium
 def test_report_of_a_smoke_study_draws_every_figure_offline(smoke_study, tmp_path):
     from harness.data.prepare import prepare_data
-    from harness.ensemble import run_ensemble
+    from harness.promotion.ensemble import run_ensemble
     from harness.study import run_study
 
     cfg = smoke_study()

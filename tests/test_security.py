@@ -22,8 +22,8 @@ from conftest import REPO, people, write_competition, write_image
 from harness.cli import parse_overrides
 from harness.config import ConfigError, load_study, parse_study
 from harness.data.readers import DataError, read_competition_eval, read_competition_train, read_csv_index
-from harness.ensemble import run_ensemble
 from harness.io import atomic_torch_save, load_checkpoint
+from harness.promotion.ensemble import run_ensemble
 from harness.report import write_report
 from harness.runtime import redact
 from harness.study import run_study, status

@@ -149,7 +149,7 @@ def detection_row(bench: Bench, root: Path, data: Path) -> dict:
 
 
 def trap_eval_row(bench: Bench, root: Path, data: dict[float, Path]) -> dict:
-    from harness.ensemble import run_ensemble
+    from harness.promotion.ensemble import run_ensemble
     from harness.study import run_study, trials_frame
 
     scores, details = {}, {}

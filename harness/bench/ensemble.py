@@ -32,7 +32,7 @@ from harness.bench.common import Bench, row
 from harness.bench.loader import TARGET_HEIGHT, TARGET_WIDTH, write_source_images
 from harness.data.cache import build_cache
 from harness.predict import member_probabilities
-from harness.selection import greedy_selection
+from harness.promotion.selection import greedy_selection
 from harness.train import EVAL_BATCH, pick_device
 
 NUM_CLASSES = 18

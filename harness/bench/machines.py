@@ -35,7 +35,7 @@ SMOKE = {"search.pruner.name": "none", "train.epochs": 3, "search.trials": 3, "t
 def bench_machines(bench: Bench) -> list[dict]:
     from harness.bench.postgres import create_database, running_postgres
     from harness.bench.servers import S3_KEYS, running_s3
-    from harness.ensemble import run_ensemble
+    from harness.promotion.ensemble import run_ensemble
     from harness.runtime import load_existing_study
     from harness.study import trials_frame
 

@@ -45,7 +45,7 @@ def template_on_digits(bench: Bench) -> StudyConfig:
 def bench_own_data(bench: Bench) -> list[dict]:
     from harness.pipeline import make_study
     from harness.predict import predict_submission
-    from harness.promotion import promote
+    from harness.promotion.folds import promote
 
     cfg = template_on_digits(bench)
     shutil.rmtree(cfg.study_dir, ignore_errors=True)

@@ -49,8 +49,8 @@ def promotion_study(bench: Bench) -> StudyConfig:
 
 def audit_recall(cfg: StudyConfig) -> tuple[float, int, int]:
     """(recall of the planted errors within the audit's top 2N rows, found, N)."""
-    from harness.audit import read_issues
     from harness.folders import PromotionFolder
+    from harness.promotion.audit import read_issues
 
     planted = pd.read_csv(cfg.data.root / "train" / "label_noise.csv", dtype=str)
     issues = read_issues(PromotionFolder.of(cfg))
@@ -62,7 +62,7 @@ def audit_recall(cfg: StudyConfig) -> tuple[float, int, int]:
 def bench_promotion(bench: Bench) -> list[dict]:
     from harness.pipeline import make_study
     from harness.predict import predict_submission
-    from harness.promotion import promote, restart
+    from harness.promotion.folds import promote, restart
 
     cfg = promotion_study(bench)
     shutil.rmtree(cfg.study_dir, ignore_errors=True)

@@ -23,7 +23,7 @@ import numpy as np
 from harness.bench.common import Bench, row
 from harness.config import load_study
 from harness.metrics import macro_f1
-from harness.selection import person_halves
+from harness.promotion.selection import person_halves
 
 REAL_STUDY = Path("studies/digits.yaml")
 SAMPLES_RUN = ("digits", "faces")
@@ -34,7 +34,7 @@ def bench_real(bench: Bench) -> list[dict]:
 
 
 def sample_row(bench: Bench, sample: str) -> dict:
-    from harness.ensemble import run_ensemble
+    from harness.promotion.ensemble import run_ensemble
     from harness.study import run_study, trials_frame
 
     root = bench.out / "real" / sample

@@ -170,7 +170,7 @@ def make_fake_study(cfg: StudyConfig, trials: int, seed: int = 0, hostile: str |
 
 
 def write_fake_ensemble(cfg: StudyConfig, study: optuna.Study, top_k: int = 5, seed: int = 0) -> Path:
-    """runs/<study>/ensemble/ in the shape harness.ensemble writes, from the study's best trials (no logits needed)."""
+    """runs/<study>/ensemble/ in the shape harness.promotion.ensemble writes, from the study's best trials (no logits needed)."""
     rng = np.random.default_rng(seed)
     frame = trials_frame(study)
     top = frame[frame["state"] == "complete"].head(top_k)

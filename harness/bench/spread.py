@@ -50,7 +50,7 @@ def run_as_user(cfg: StudyConfig, promote_too: bool = True) -> dict:
     single-split ensemble's submission only, `eval_f1` None)."""
     from harness.pipeline import make_study
     from harness.predict import predict_submission
-    from harness.promotion import promote
+    from harness.promotion.folds import promote
     from harness.study import trials_frame
 
     shutil.rmtree(cfg.study_dir, ignore_errors=True)

@@ -36,8 +36,8 @@ from harness.config import StudyConfig
 from harness.data.prepare import class_names
 from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder, objective_files
 from harness.metrics import OBJECTIVES, confusion, per_class_f1
+from harness.promotion.selection import METHODS, Selection, Views, blend, blend_score, honest_scores, person_halves, strategies
 from harness.runtime import StudyError, load_existing_study
-from harness.selection import METHODS, Selection, Views, blend, blend_score, honest_scores, person_halves, strategies
 from harness.study import trials_frame
 
 

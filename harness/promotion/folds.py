@@ -16,7 +16,7 @@ out-of-fold prediction for every labelled image from a model that never trained 
                    each person's prediction comes from weights chosen on the other half of the persons
     cv_f1          macro F1 of those predictions, with a person-bootstrap 95% interval; each member's too
                    (one fold model per image), and on the labels after the audit's corrections
-    the audit      harness.audit: label issues per task with cleanlab (label_issues.csv)
+    the audit      harness.promotion.audit: label issues per task with cleanlab (label_issues.csv)
     the estimate   what the submission should score on its held-out set (submission_estimate): the same
                    predictions on draws of as many persons as the held-out set has, and the 95% interval
                    one such set's score falls in; shown first (make promote, make status, report, W&B)
@@ -40,10 +40,11 @@ import pandas as pd
 from harness.config import Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
 from harness.data.split import person_folds, split_hash
-from harness.ensemble import Stacked, top_trials
 from harness.folders import EnsembleFolder, PromotionFolder, objective_files
 from harness.io import json_ready
 from harness.metrics import OBJECTIVES, macro_f1
+from harness.promotion.ensemble import Stacked, top_trials
+from harness.promotion.selection import METHODS, blend, held_out_weights, person_halves, strategies
 from harness.runtime import (
     RecordAsFailed,
     StudyError,
@@ -55,7 +56,6 @@ from harness.runtime import (
     run_workers,
     trial_identity,
 )
-from harness.selection import METHODS, blend, held_out_weights, person_halves, strategies
 from harness.study import store_result, trials_frame
 from harness.uncertainty import f1_interval, f1_on_new_set
 
@@ -334,7 +334,7 @@ def out_of_fold(cfg: StudyConfig, plan: Plan, data: PreparedData, views: tuple[s
 
 def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
     """The out-of-fold ensemble, its honest cross-validated score, each member's, and the label audit."""
-    from harness.audit import audit_labels, labels_after, read_issues
+    from harness.promotion.audit import audit_labels, labels_after, read_issues
 
     url = storage or default_storage(cfg)
     companion = optuna.load_study(study_name=companion_name(cfg), storage=open_storage(url, cfg.search.heartbeat_s))

@@ -3,7 +3,7 @@
 Pure numpy. A candidate set is `Views`: for each valid view the objective needs ("valid", and
 "bgswap" for the background-robust objectives; see harness.metrics.OBJECTIVES), the candidates'
 probabilities (M candidates, N rows, C classes) on the same N rows. Every method maximises the
-study's objective of the blend; `harness.ensemble` decides which trials are candidates and writes
+study's objective of the blend; `harness.promotion.ensemble` decides which trials are candidates and writes
 the result. The methods are a registry (`METHODS`):
 
     best_single     the candidate with the best objective

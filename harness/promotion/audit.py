@@ -1,6 +1,6 @@
 """Label audit: the given labels the out-of-fold predictions doubt most, per task, with cleanlab.
 
-Out-of-fold probabilities (harness.promotion: every image predicted by models that never trained on its
+Out-of-fold probabilities (harness.promotion.folds: every image predicted by models that never trained on its
 person) are what cleanlab needs. For the competition each task is audited at its own level:
 
     mask     per image (a photo's mask state; the real data swaps incorrect_mask and normal files)

@@ -121,7 +121,7 @@ def _no_candidates_message(cfg: StudyConfig, frame: pd.DataFrame) -> str:
 
 
 def trial_folder_with(cfg: StudyConfig, stored: str | None, identity: int, needs: tuple[str, ...],
-                      missing_hint: str, error: type[StudyError] = None) -> TrialFolder:
+                      missing_hint: str, error: type[StudyError] | None = None) -> TrialFolder:
     """The trial's folder holding `needs` (see find_trial_folder), or `error` (EnsembleError unless given: the
     caller's own type) saying what is missing."""
     folder, looked = find_trial_folder(cfg, stored, identity, needs)

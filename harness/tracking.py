@@ -151,8 +151,10 @@ def _quiet_settings(tracking=None):
     wanted = dict(QUIET_SETTINGS)
     if tracking is not None:
         # base_url explicitly: wandb reads WANDB_BASE_URL once per process, the probe reads it every time
+        # finish_timeout_raises: a finish that gave up uploading says so (TimeoutError), so the run is not
+        # counted as uploaded
         wanted.update(init_timeout=tracking.init_timeout_s, finish_timeout=tracking.finish_timeout_s,
-                      base_url=server_url())
+                      finish_timeout_raises=True, base_url=server_url())
     known = wandb.Settings.model_fields
     return wandb.Settings(**{k: v for k, v in wanted.items() if k in known})
 
@@ -311,7 +313,11 @@ class _Tracker:
             return
         with self._guard("finish"):
             log_file = Path(self.run.settings.sync_file)
-            self.run.finish(exit_code=exit_code)  # bounded by tracking.finish_timeout_s when the server is gone
+            try:
+                self.run.finish(exit_code=exit_code)  # bounded by tracking.finish_timeout_s
+                gave_up = False
+            except TimeoutError:  # W&B stopped uploading at the timeout; what it did not send is on disk
+                gave_up = True
             # finish() returns before wandb-core has flushed the run's log to disk; wait, so that a
             # finished tracker means complete files (for readers, and for a worker killed next).
             flushed = _wait_for_exit_record(log_file, FLUSH_TIMEOUT_S)
@@ -319,15 +325,16 @@ class _Tracker:
                 log.warning("W&B had not written the end of run %s to %s after %.0f s; the file may be incomplete",
                             self.run_id, log_file, FLUSH_TIMEOUT_S)
             if self.mode == "online":
-                self._confirm_upload(log_file.parent, flushed)
+                self._confirm_upload(log_file.parent, flushed and not gave_up)
         _LIVE.discard(self)
         self.run = None
 
-    def _confirm_upload(self, folder: Path, flushed: bool) -> None:
-        """An online run counts as uploaded only when the server still answers, without a server error, once
-        the run finished and W&B wrote its exit record (the run's files are complete); else the connection
-        was lost or the server could not take the records: its files keep everything, `make sync` sends it."""
-        if flushed and server_answers(self.tracking.init_timeout_s, healthy=True):
+    def _confirm_upload(self, folder: Path, complete: bool) -> None:
+        """An online run counts as uploaded only when W&B finished without giving up on the upload and wrote its
+        exit record (`complete`), and the server still answers without a server error; else the connection
+        was lost, the upload was too slow or the server could not take the records: its files keep
+        everything, `make sync` sends it."""
+        if complete and server_answers(self.tracking.init_timeout_s, healthy=True):
             write_marker(folder, self.run_id, "online", uploaded=True)
             self.uploaded = True
             return

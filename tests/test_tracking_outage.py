@@ -228,6 +228,21 @@ def test_a_slow_but_healthy_server_means_online(smoke_study, wandb_home, monkeyp
     assert not (cfg.study_dir / "wandb" / OUTAGE_FILE).exists()
 
 
+def test_an_upload_cut_short_by_the_finish_timeout_is_left_for_make_sync(smoke_study, wandb_home, monkeypatch):
+    """The server answers every probe at once but takes 5 s per history post: W&B gives up at
+    tracking.finish_timeout_s (1 s) with records unsent, so the run is not counted as uploaded."""
+    cfg = online_study(smoke_study, **{"tracking.finish_timeout_s": 1})
+    with FakeWandbServer(lifetime_s=120) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        with TrialTracker(cfg, 0, {}, {}) as tracker:
+            assert tracker.mode == "online"
+            server.upload_delay_s = 5.0
+            for epoch in range(3):
+                tracker.log_epoch({"epoch": epoch, "val/f1": 0.5})
+    assert tracker.state == "offline" and len(pending_folders(cfg.study_dir)) == 1
+    assert run_states(cfg.study_dir) == {tracker.run_id: "offline"}
+
+
 def test_a_server_answering_5xx_after_the_run_does_not_make_it_uploaded(smoke_study, wandb_home, monkeypatch):
     """An answer is not an upload: a server error when the run finished leaves the run for `make sync`."""
     cfg = online_study(smoke_study)

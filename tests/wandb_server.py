@@ -128,6 +128,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ file_stream
     def _file_stream(self, parts, data: bytes):
+        time.sleep(self.server.fake.upload_delay_s)
         entity, project, run = parts
         try:
             body = json.loads(data or b"{}")
@@ -173,6 +174,7 @@ class FakeWandbServer:
         self.remember_runs = remember_runs  # False: RunResumeStatus always says "no such run"
         self.probe_delay_s = 0.0  # a slow but healthy server: the reachability probe's answer comes this late
         self.probe_status = 200  # 5xx: a server that is there but cannot take records
+        self.upload_delay_s = 0.0  # a slow upload: every history post is answered this late
 
     def _track(self, conn: socket.socket, alive: bool) -> None:
         with self._lock:

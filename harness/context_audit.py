@@ -265,8 +265,9 @@ def study_methods(cfg) -> list[str]:
 
 def audit_study_data(cfg, data) -> list[TaskAudit]:
     """The audit of a study's prepared data (harness.data.prepare.PreparedData): its train and valid images.
-    Kept beside the decoded cache under a key of everything it reads, so that every later study, remedy run
-    or check of the same data reads it instead of fitting it again (seconds at smoke size, minutes at full)."""
+    Kept beside the decoded cache under a key of everything it reads, so that every later study of the same
+    data (and the bench's applicability group) reads it instead of fitting it again (seconds at smoke size,
+    minutes at full); check-data audits the cache it builds itself."""
     import json
 
     from harness.io import atomic_write_text
@@ -286,14 +287,15 @@ def audit_study_data(cfg, data) -> list[TaskAudit]:
 
 def audit_key(cfg, data, methods: list[str]) -> str:
     """sha256 over what the audit reads: the cache's images (its own key), the labels and persons in cache
-    order, the person masks, the views and the audit's settings."""
-    digest = hashlib.sha256(repr((AUDIT_VERSION, data.cache.key, methods, cfg.shortcuts.audit_folds,
+    order, the person masks (a function of the cache's key and the foreground method's version, as
+    harness.foreground stores them: the version stands for them, no pass over the masks), the views and
+    the audit's settings."""
+    masks = data.foreground.stats.get("version") if data.foreground is not None else None
+    digest = hashlib.sha256(repr((AUDIT_VERSION, data.cache.key, masks, methods, cfg.shortcuts.audit_folds,
                                   cfg.shortcuts.audit_permutations, cfg.seed, bool(data.frame.attrs.get("tasks")))
                                  ).encode())
     for column in ("label", "person"):
         digest.update(pd.util.hash_pandas_object(data.frame[column], index=False).to_numpy().tobytes())
-    if data.foreground is not None:
-        digest.update(np.ascontiguousarray(data.foreground.masks).data)
     return digest.hexdigest()
 
 

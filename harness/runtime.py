@@ -51,15 +51,12 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IDLE_POLL_S = 1.0  # how often a process with nothing to run looks at the study again
 
 
-
 class StudyError(RuntimeError):
     """A study that cannot be opened or resumed as asked; the message says what to do."""
 
 
-
 class RecordAsFailed(Exception):
     """Raised from the objective so Optuna records the trial as FAIL with its reason."""
-
 
 
 # ------------------------------------------------------------------ storage
@@ -67,7 +64,6 @@ class RecordAsFailed(Exception):
 
 def default_storage(cfg: StudyConfig) -> str:
     return f"sqlite:///{(cfg.study_dir / 'study.db').resolve()}"
-
 
 
 def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
@@ -92,7 +88,6 @@ def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
     return storage
 
 
-
 def redact(url: str) -> str:
     """The URL without its password (in the credentials or as a query parameter), for messages and logs."""
     scheme, sep, rest = url.partition("://")
@@ -102,7 +97,6 @@ def redact(url: str) -> str:
     if at and ":" in credentials:
         rest = f"{credentials.split(':')[0]}:***@{host}"
     return f"{scheme}://" + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
-
 
 
 def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:
@@ -116,14 +110,12 @@ def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.
         raise ConfigError(f"storage {redact(url)} holds no study named {cfg.name!r}") from None
 
 
-
 # ------------------------------------------------------------------- trials
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
     states = [t.state for t in study.get_trials(deepcopy=False)]
     return {state.name.lower(): states.count(state) for state in TrialState if states.count(state)}
-
 
 
 def trial_identity(trial: optuna.trial.BaseTrial) -> int:
@@ -137,7 +129,6 @@ def trial_identity(trial: optuna.trial.BaseTrial) -> int:
     frozen = trial if isinstance(trial, optuna.trial.FrozenTrial) else trial.study.get_trials(deepcopy=False)[trial.number]
     original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     return int(original if original is not None else trial.number)
-
 
 
 def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: StudyConfig, timeout: float | None,
@@ -166,7 +157,6 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: Study
         study.optimize(objective, n_trials=1, catch=(RecordAsFailed,), gc_after_trial=False, callbacks=callbacks)
 
 
-
 def heartbeat_trials_that_never_beat(study: optuna.Study, grace_s: float) -> None:
     """Give one heartbeat to RUNNING trials that never sent any and are older than the grace period.
 
@@ -181,14 +171,12 @@ def heartbeat_trials_that_never_beat(study: optuna.Study, grace_s: float) -> Non
             record_heartbeat(study, t)
 
 
-
 def _failed_on_their_own(study: optuna.Study) -> int:
     """Failed trials, not counting stale or interrupted ones (those are retried, not failures)."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     return sum(t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get("interrupted")
                for t in trials)
-
 
 
 def requeue_interrupted(study: optuna.Study) -> None:
@@ -200,7 +188,6 @@ def requeue_interrupted(study: optuna.Study) -> None:
             attrs = {k: v for k, v in t.user_attrs.items() if k != "interrupted"}
             study.enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
             log.info("trial %s was interrupted; it will continue from its last checkpoint", attrs.get("identity"))
-
 
 
 # ------------------------------------------------------------------ workers
@@ -256,7 +243,6 @@ def worker_gpus(workers: int) -> list[str | None]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     return [devices[i % len(devices)] for i in range(workers)]
-
 
 
 def _worker(run: Callable, cfg: StudyConfig, trials: int | None, timeout: float | None, storage: str | None,

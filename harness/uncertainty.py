@@ -35,8 +35,9 @@ def person_weights(persons: np.ndarray, resamples: int = RESAMPLES, seed: int = 
     rng = np.random.default_rng(seed)
     if size is not None and size < len(unique):  # a smaller set of distinct persons, as a new set would be
         groups = _groups(owner, len(unique), strata)
+        takes = _shares(groups, size)
         draws = np.stack([np.concatenate([rng.choice(members, take, replace=False)
-                                          for members, take in zip(groups, _shares(groups, size), strict=True)])
+                                          for members, take in zip(groups, takes, strict=True)])
                           for _ in range(resamples)])
     else:
         draws = rng.integers(0, len(unique), (resamples, size or len(unique)))

@@ -14,6 +14,8 @@ import yaml
 from harness.config import ConfigError, Params, load_study
 from harness.data.cache import ImageDecodeError
 from harness.data.readers import DataError
+from harness.folders import StudyFolder
+from harness.records import shown_figures
 from harness.runtime import StudyError
 
 log = logging.getLogger("harness")
@@ -116,8 +118,7 @@ def print_top(cfg, frame, limit: int = 5) -> None:
     if frame.empty:
         print("no trials yet")
         return
-    columns = ["trial", "state", "objective", "objective_low", "objective_high", "tied_with_best", "val_f1",
-               "val_f1_bgswap", "eval_f1", "gap_f1", "best_epoch", "epochs", "duration_s", "wandb"]
+    columns = ["trial", "state", *shown_figures(frame), "best_epoch", "epochs", "duration_s", "wandb"]
     params = [c for c in frame.columns if c.startswith("param_")]
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns + params].head(limit).to_string(index=False))
@@ -154,7 +155,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
             print(f"eval_f1: each trial's best epoch on the held-out images against {truth_source(cfg.data)} "
                   "(shown only: nothing is selected by it)")
-        print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {cfg.study_dir / 'trials.csv'}")
+        print(f"\nstudy {cfg.name!r}: {len(frame)} trial(s); table in {StudyFolder.of(cfg).trials_table}")
         print_top(cfg, frame)
         if cfg.ensemble.enabled:
             print()
@@ -167,8 +168,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def keep_wandb_files_in_study(cfg) -> None:
     """W&B stages tables and writes logs outside the run folders unless told: keep them in the study's."""
-    os.environ.setdefault("WANDB_DATA_DIR", str(cfg.study_dir / "wandb" / "data"))
-    os.environ.setdefault("WANDB_CACHE_DIR", str(cfg.study_dir / "wandb" / "cache"))
+    wandb_dir = StudyFolder.of(cfg).wandb
+    os.environ.setdefault("WANDB_DATA_DIR", str(wandb_dir / "data"))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(wandb_dir / "cache"))
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -247,7 +249,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     columns = [c for c in frame.columns if c not in ("run_dir", "wandb_run_id", "optuna_trial", "weights")]
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(frame[columns].to_string(index=False) if not frame.empty else "no trials yet")
-    print(f"\nwritten to {cfg.study_dir / 'trials.csv'}")
+    print(f"\nwritten to {StudyFolder.of(cfg).trials_table}")
     print(INTERVAL_NOTE)
     if not frame.empty:
         print(describe_states(frame, cfg))
@@ -293,7 +295,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     cfg = load(args)
     keep_wandb_files_in_study(cfg)
     if not run_folders(cfg.study_dir):
-        raise ConfigError(f"no W&B runs under {cfg.study_dir / 'wandb'}; run the study first")
+        raise ConfigError(f"no W&B runs under {StudyFolder.of(cfg).wandb}; run the study first")
     pending = pending_folders(cfg.study_dir)
     if not pending:
         print(f"nothing to upload: every W&B run of study {cfg.name!r} is online or synced")

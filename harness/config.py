@@ -384,10 +384,6 @@ class StudyConfig(_Frozen):
     def study_dir(self) -> Path:
         return self.runs_dir / self.name
 
-    def trial_dir(self, identity: int) -> Path:
-        """The folder of trial `identity` (a retried trial keeps its original number's folder)."""
-        return self.study_dir / "trials" / str(identity)
-
     def replace(self, overrides: dict[str, Any]) -> StudyConfig:
         """A new config with dotted-key overrides (``{"train.epochs": 2}``) validated again."""
         raw = self.model_dump(mode="json")

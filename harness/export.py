@@ -30,6 +30,7 @@ from torch import nn
 
 from harness.augment import IMAGENET_MEAN, IMAGENET_STD
 from harness.config import StudyConfig
+from harness.folders import StudyFolder
 from harness.predict import (
     PredictError,
     checked_tta,
@@ -39,7 +40,6 @@ from harness.predict import (
     member_params,
 )
 
-EXPORT_FILE = "model.pt2"
 METADATA_FILE = "harness.json"  # an extra file inside the archive: where the members came from
 
 
@@ -102,7 +102,7 @@ def export_model(cfg: StudyConfig, out: Path | None = None, tta: str | None = No
                 "output": "(N, classes) probabilities", "torch": torch.__version__,
                 "members": [{"name": m.name, "trial": m.trial, "fold": m.fold, "weight": m.weight,
                              **params[m.name].model_dump()} for m in members]}
-    path = Path(out) if out is not None else cfg.study_dir / EXPORT_FILE
+    path = Path(out) if out is not None else StudyFolder.of(cfg).export
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:

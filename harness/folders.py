@@ -1,7 +1,23 @@
-"""The layout of a trial's folder and of a study's ensemble folder: the only module that names their files.
+"""The layout of runs/<study>/: the only module that names its files and folders.
 
-Every reader and writer of these files goes through `TrialFolder` or `EnsembleFolder`;
-nothing else spells a file name inside them. Writes are atomic (temp file + os.replace).
+Every path under a study's folder comes from `StudyFolder` (the study's own files, and the folders
+below it), and every file of a trial's or an ensemble's folder from `TrialFolder` / `EnsembleFolder`;
+nothing else spells a name inside them. Writes are atomic (temp file + os.replace).
+
+    runs/<study>/                       StudyFolder
+        study.db            the Optuna study (SQLite; absent on a server storage)
+        trials.csv          the trials table (`harness status`)
+        report.html         the HTML report
+        remedies.json       the remedies table; remedies/<name>/seed-<k>/ their runs
+        submission.csv      the submission (submission-trial-<n>.csv: one trial's)
+        test_predictions.csv  predictions on a labelled data.test (-trial-<n> likewise)
+        predictions.csv     `harness predict --images`
+        model.pt2           `harness export`
+        single/<time>/      `harness train` runs outside a study
+        wandb/              W&B's run folders, and outage.json (the study-wide outage record)
+        trials/<n>/         TrialFolder
+        ensemble/           EnsembleFolder
+        promotion/          PromotionFolder
 
     runs/<study>/trials/<n>/            TrialFolder
         config.yaml         resolved study config and this trial's params
@@ -25,6 +41,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,10 +75,21 @@ def _read_json(path: Path) -> Any:
 
 
 @dataclass(frozen=True)
-class TrialFolder:
-    """One trial's folder: its files' names and their readers and writers."""
+class Folder:
+    """A folder under runs/<study>/ (a str or Path); its subclasses name its files."""
 
     path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+@dataclass(frozen=True)
+class TrialFolder(Folder):
+    """One trial's folder: its files' names and their readers and writers."""
 
     CONFIG = "config.yaml"
     METRICS = "metrics.csv"
@@ -83,12 +111,6 @@ class TrialFolder:
     def files_for(cls, views: tuple[str, ...]) -> tuple[str, ...]:
         """The files a reader of these views' log-probabilities needs (the valid index and each view's file)."""
         return tuple(dict.fromkeys((cls.VALID_LOGITS, *(cls.VIEW_FILES[view] for view in views), cls.VALID_INDEX)))
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    def file(self, name: str) -> Path:
-        return self.path / name
 
     def has(self, names: tuple[str, ...]) -> bool:
         return all((self.path / name).is_file() for name in names)
@@ -190,11 +212,12 @@ def find_trial_folder(cfg: StudyConfig, stored: str | None, identity: int,
     (the runs folder may have moved), else the study's trial folder filled from the store (store.url: the
     trial ran on another machine). Returns (folder or None, the places looked at)."""
     options = [Path(stored)] if stored else []
-    options.append(cfg.trial_dir(identity))
+    own = StudyFolder.of(cfg).trial(identity).path
+    options.append(own)
     for path in options:
         if path.is_dir() and TrialFolder(path).has(needs):
             return TrialFolder(path), options
-    fetched = fetch_folder(cfg, cfg.trial_dir(identity), needs)
+    fetched = fetch_folder(cfg, own, needs)
     return (fetched, options) if fetched is not None else (None, options)
 
 
@@ -212,10 +235,8 @@ def fetch_folder(cfg: StudyConfig, path: Path, needs: tuple[str, ...]) -> TrialF
 
 
 @dataclass(frozen=True)
-class EnsembleFolder:
+class EnsembleFolder(Folder):
     """runs/<study>/ensemble/: what `harness ensemble` chose and how it scored, and the eval scores."""
-
-    path: Path
 
     MEMBERS = "members.json"
     METRICS = "metrics.json"
@@ -223,15 +244,9 @@ class EnsembleFolder:
     PER_CLASS_F1 = "per_class_f1.npy"
     CONFUSION = "confusion.npy"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
     @classmethod
     def of(cls, cfg: StudyConfig) -> EnsembleFolder:
-        return cls(cfg.study_dir / "ensemble")
-
-    def file(self, name: str) -> Path:
-        return self.path / name
+        return StudyFolder.of(cfg).ensemble
 
     def eval_metrics_file(self, trial: int | None = None) -> Path:
         return self.path / ("eval_metrics.json" if trial is None else f"eval_metrics-trial-{trial}.json")
@@ -296,7 +311,7 @@ class PromotionFolder(EnsembleFolder):
 
     @classmethod
     def of(cls, cfg: StudyConfig) -> PromotionFolder:
-        return cls(cfg.study_dir / "promotion")
+        return StudyFolder.of(cfg).promotion
 
     def fold(self, config: int, fold: int) -> TrialFolder:
         return TrialFolder(self.path / f"trial-{config}" / f"fold-{fold}")
@@ -311,3 +326,77 @@ class PromotionFolder(EnsembleFolder):
             return _read_json(self.file(self.SUMMARY)) if self.file(self.SUMMARY).is_file() else None
         except (OSError, json.JSONDecodeError):
             return None
+
+
+@dataclass(frozen=True)
+class StudyFolder(Folder):
+    """runs/<study>/: the one owner of every path under a study's folder."""
+
+    DATABASE = "study.db"
+    TRIALS_TABLE = "trials.csv"
+    REPORT = "report.html"
+    REMEDIES = "remedies.json"
+    PREDICTIONS = "predictions.csv"
+    EXPORT = "model.pt2"
+    OUTAGE = "outage.json"
+
+    @classmethod
+    def of(cls, cfg: StudyConfig) -> StudyFolder:
+        return cls(cfg.study_dir)
+
+    @property
+    def database(self) -> Path:
+        return self.file(self.DATABASE)
+
+    @property
+    def trials_table(self) -> Path:
+        return self.file(self.TRIALS_TABLE)
+
+    @property
+    def report(self) -> Path:
+        return self.file(self.REPORT)
+
+    @property
+    def remedies_table(self) -> Path:
+        return self.file(self.REMEDIES)
+
+    def remedy_run(self, name: str, seed: int) -> Path:
+        return self.path / "remedies" / name / f"seed-{seed}"
+
+    def submission(self, trial: int | None = None, competition: bool = True) -> Path:
+        """The competition's submission, or the predictions on a labelled data.test; of one trial's models
+        when `trial` is given."""
+        suffix = "" if trial is None else f"-trial-{trial}"
+        return self.file(f"{'submission' if competition else 'test_predictions'}{suffix}.csv")
+
+    @property
+    def predictions(self) -> Path:
+        return self.file(self.PREDICTIONS)
+
+    @property
+    def export(self) -> Path:
+        return self.file(self.EXPORT)
+
+    def single_run(self) -> Path:
+        """A new folder for one `harness train` run outside the study (named by the time it started)."""
+        return self.path / "single" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's folder: it names its run folders itself (wandb.init(dir=<study folder>) writes here)."""
+        return self.path / "wandb"
+
+    @property
+    def outage(self) -> Path:
+        return self.wandb / self.OUTAGE
+
+    def trial(self, identity: int) -> TrialFolder:
+        return TrialFolder(self.path / "trials" / str(identity))
+
+    @property
+    def ensemble(self) -> EnsembleFolder:
+        return EnsembleFolder(self.path / "ensemble")
+
+    @property
+    def promotion(self) -> PromotionFolder:
+        return PromotionFolder(self.path / "promotion")

@@ -29,7 +29,7 @@ from harness.config import Params, StudyConfig
 from harness.data.cache import build_cache
 from harness.data.prepare import class_names
 from harness.data.readers import IMAGE_SUFFIXES, DataError, is_junk, read_eval, truth_source
-from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder, fetch_folder
+from harness.folders import EnsembleFolder, PromotionFolder, StudyFolder, TrialFolder, fetch_folder
 from harness.foreground import foreground
 from harness.io import atomic_write_text
 from harness.metrics import confusion, macro_f1, per_class_f1
@@ -97,7 +97,7 @@ def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None
 
 
 def _one_trial(cfg: StudyConfig, trial: int, storage: str | None) -> TrialFolder:
-    folder = TrialFolder(cfg.trial_dir(trial))
+    folder = StudyFolder.of(cfg).trial(trial)
     if folder.has(TrialFolder.MODEL_FILES):
         return folder
     frame = trials_frame(load_existing_study(cfg, storage))
@@ -243,12 +243,10 @@ def predict_submission(cfg: StudyConfig, tta: str | None = None, trial: int | No
     images = EvalImages(cfg, progress)
     probs, member_probs = ensemble_probabilities(cfg, members, images, tta, progress)
     answers = probs.argmax(axis=1)
-    suffix = "" if trial is None else f"-trial-{trial}"
+    path = StudyFolder.of(cfg).submission(trial, competition=images.competition)
     if images.competition:
-        path = cfg.study_dir / f"submission{suffix}.csv"
         table = pd.DataFrame({"ImageID": images.frame["image_id"].to_numpy(), "ans": answers})
     else:
-        path = cfg.study_dir / f"test_predictions{suffix}.csv"
         table = predictions_table(images.frame["image_id"], probs, images.class_names, images.frame["label"])
     atomic_write_text(path, table.to_csv(index=False))
     print(f"wrote {path}: {len(table)} rows, {len(members)} member model(s), tta {tta or 'none'}")
@@ -311,7 +309,7 @@ def predict_images(cfg: StudyConfig, directory: Path, out: Path | None = None, t
     if images.frame.empty:
         raise DataError(f"--images {directory}: none of its {len(skipped)} image file(s) could be read")
     probs, _ = ensemble_probabilities(cfg, members, images, tta, progress)
-    path = Path(out) if out is not None else cfg.study_dir / "predictions.csv"
+    path = Path(out) if out is not None else StudyFolder.of(cfg).predictions
     path.parent.mkdir(parents=True, exist_ok=True)
     table = predictions_table(images.frame["image_id"], probs, images.class_names)
     atomic_write_text(path, table.to_csv(index=False))

@@ -19,15 +19,16 @@ it); `make bench` group "shortcut" runs it on the trap data.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import math
 
 import numpy as np
 
 from harness.config import StudyConfig
+from harness.folders import StudyFolder
 from harness.io import atomic_write_text, json_ready
 from harness.metrics import classification_metrics
+from harness.records import VAL_F1, VAL_F1_BGSWAP
 
-REMEDIES_FILE = "remedies.json"
 REMEDIES = {
     "none": {"preprocess": "none", "bgswap_p": 0.0},
     "center_crop": {"preprocess": "center_crop", "bgswap_p": 0.0},
@@ -35,10 +36,6 @@ REMEDIES = {
     "remove_background": {"preprocess": "remove_background", "bgswap_p": 0.0},
     "bgswap_aug": {"preprocess": "none", "bgswap_p": 0.5},
 }
-
-
-def remedies_dir(cfg: StudyConfig) -> Path:
-    return cfg.study_dir / "remedies"
 
 
 def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = None) -> dict:
@@ -66,10 +63,10 @@ def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = Non
         runs = []
         for seed in range(cfg.seed, cfg.seed + seeds):
             params = cfg.params.replace(**REMEDIES[name])
-            run_dir = remedies_dir(cfg) / name / f"seed-{seed}"
+            run_dir = StudyFolder.of(cfg).remedy_run(name, seed)
             result = run_trial(cfg.replace({"seed": seed}), params, data=data, run_dir=run_dir)
-            scores = {"seed": seed, "state": result.state, "val_f1": result.best_f1,
-                      "val_f1_bgswap": result.best_f1_bgswap}
+            scores = {"seed": seed, "state": result.state,
+                      **{figure.column: result.best.get(figure.key, math.nan) for figure in (VAL_F1, VAL_F1_BGSWAP)}}
             if truth is not None and result.state == "complete":
                 images, labels = truth
                 folder = TrialFolder(run_dir)
@@ -87,7 +84,7 @@ def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = Non
             f"and seed ({seeds} seed(s), mean shown); eval F1 against eval/gt.csv"
             + ("" if truth is not None else " (no eval/gt.csv here: eval columns are empty)") + ".")
     table = {"note": note, "seeds": seeds, "rows": rows}
-    atomic_write_text(cfg.study_dir / REMEDIES_FILE, json.dumps(json_ready(table), indent=2))
+    atomic_write_text(StudyFolder.of(cfg).remedies_table, json.dumps(json_ready(table), indent=2))
     print(remedies_table(table))
     return table
 
@@ -130,7 +127,7 @@ def remedies_table(table: dict) -> str:
 
 
 def read_remedies(cfg: StudyConfig) -> dict | None:
-    path = cfg.study_dir / REMEDIES_FILE
+    path = StudyFolder.of(cfg).remedies_table
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, json.JSONDecodeError):

@@ -46,18 +46,18 @@ import yaml
 import harness
 from harness.config import StudyConfig
 from harness.data.prepare import class_names, data_summary
-from harness.folders import EnsembleFolder, PromotionFolder, TrialFolder, find_trial_folder
+from harness.folders import EnsembleFolder, PromotionFolder, StudyFolder, TrialFolder, find_trial_folder
 from harness.io import atomic_write_text
+from harness.records import shown_figures
 from harness.remedies import read_remedies
 from harness.runtime import default_storage, load_existing_study, redact
 from harness.study import scored_frame
 from harness.tracking import describe_states, strip_secrets
 
-REPORT_FILE = "report.html"
 AUDIT_ROWS = 24  # label-audit rows shown with thumbnails
 THUMBNAIL_PX = 96
 TOP_CURVES = 5  # learning curves of this many best trials
-STATE_COLOURS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "fail": "#d62728", "running": "#7f7f7f",
+STATE_COLOURS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "failed": "#d62728", "running": "#7f7f7f",
                  "waiting": "#bcbd22"}
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 EXTERNAL_REFERENCE = re.compile(r"""<(?:script|link|img|iframe|source|embed|object)\b[^>]*?"""
@@ -463,8 +463,7 @@ def trials_section(cfg: StudyConfig, frame: pd.DataFrame) -> Section:
         return section
     add_intervals(section, frame)
     section.html(f'<p class="caption">{esc(describe_states(frame, cfg))}</p>')
-    columns = ["trial", "state", "objective", "objective_low", "objective_high", "tied_with_best", "val_f1",
-               "val_f1_bgswap", "eval_f1", "gap_f1", "gap_bgswap", "best_epoch", "epochs", "duration_s"]
+    columns = ["trial", "state", *shown_figures(frame), "best_epoch", "epochs", "duration_s"]
     columns += [c for c in frame.columns if c.startswith("param_")] + ["machine", "stored", "wandb_run_id", "wandb", "reason"]
     shown = frame[[c for c in columns if c in frame]].astype(object)
     for name, spec in cfg.search.space.items():  # a conditional int param is float in the frame (NaN where inactive)
@@ -735,6 +734,6 @@ def write_report(cfg: StudyConfig, storage: str | None = None) -> Path:
                 shortcuts_section(study),
                 data_section(summary, data_source, data_problems), settings_section(cfg, study, storage or default_storage(cfg))]
     page = render_page(cfg, frame, sections, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    path = cfg.study_dir / REPORT_FILE
+    path = StudyFolder.of(cfg).report
     atomic_write_text(path, page)
     return path

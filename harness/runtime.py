@@ -29,6 +29,8 @@ from optuna.trial import TrialState
 
 from harness.compat import has_heartbeat, immediate_sqlite_transactions, record_heartbeat
 from harness.config import ConfigError, StudyConfig
+from harness.folders import StudyFolder
+from harness.records import state_name
 
 log = logging.getLogger("harness.runtime")
 # heartbeats and the stale-trial retry are "experimental" in Optuna's terms; they are the resume mechanism here
@@ -63,7 +65,7 @@ class RecordAsFailed(Exception):
 
 
 def default_storage(cfg: StudyConfig) -> str:
-    return f"sqlite:///{(cfg.study_dir / 'study.db').resolve()}"
+    return f"sqlite:///{StudyFolder.of(cfg).database.resolve()}"
 
 
 def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
@@ -101,8 +103,9 @@ def redact(url: str) -> str:
 
 def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:
     url = storage or default_storage(cfg)
-    if storage is None and not (cfg.study_dir / "study.db").is_file():
-        raise ConfigError(f"no study {cfg.name!r} yet ({cfg.study_dir / 'study.db'} does not exist); "
+    database = StudyFolder.of(cfg).database
+    if storage is None and not database.is_file():
+        raise ConfigError(f"no study {cfg.name!r} yet ({database} does not exist); "
                           "run `harness study` first")
     try:
         return optuna.load_study(study_name=cfg.name, storage=open_storage(url, cfg.search.heartbeat_s))
@@ -115,7 +118,7 @@ def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.
 
 def count_states(study: optuna.Study) -> dict[str, int]:
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    return {state.name.lower(): states.count(state) for state in TrialState if states.count(state)}
+    return {state_name(state): states.count(state) for state in TrialState if states.count(state)}
 
 
 def trial_identity(trial: optuna.trial.BaseTrial) -> int:

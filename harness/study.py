@@ -15,7 +15,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,10 @@ import pandas as pd
 import harness
 from harness.config import Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
-from harness.folders import TrialFolder
+from harness.folders import StudyFolder, TrialFolder
 from harness.io import remove_dead_temporaries
 from harness.preflight import check_study
+from harness.records import TrialResult, state_name, table_columns
 from harness.runtime import (
     RecordAsFailed,
     StudyError,
@@ -42,7 +42,7 @@ from harness.runtime import (
     trial_identity,
 )
 from harness.store import machine_name
-from harness.train import TrialResult, run_trial
+from harness.train import run_trial
 
 log = logging.getLogger("harness.study")
 
@@ -166,7 +166,7 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
                data_summary: dict | None = None) -> optuna.Study:
     """Create the study or load it; refuse a resume whose split or search space changed."""
     cfg.study_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (cfg.study_dir, cfg.study_dir / "ensemble"):  # left by a process killed mid-write
+    for folder in (cfg.study_dir, StudyFolder.of(cfg).ensemble.path):  # left by a process killed mid-write
         remove_dead_temporaries(folder)
     url = storage_url or default_storage(cfg)
     storage = open_storage(url, cfg.search.heartbeat_s)
@@ -224,7 +224,7 @@ class Objective:
 
         cfg = self.cfg
         identity = trial_identity(trial)
-        run_dir = cfg.trial_dir(identity)
+        run_dir = StudyFolder.of(cfg).trial(identity).path
         # first, before sampling: a retry (stale or interrupted) copies these and keeps the identity
         trial.set_user_attr("identity", identity)
         trial.set_user_attr("run_dir", str(run_dir))
@@ -246,7 +246,7 @@ class Objective:
             raise optuna.TrialPruned(f"pruned after {result.epochs_run} epoch(s)")
         if result.state != "complete":
             raise RecordAsFailed(result.reason or result.state)
-        return result.best_objective
+        return result.objective
 
     def _run(self, trial, identity: int, params: Params, run_dir: Path, extra: dict, started: float) -> TrialResult:
         from harness.tracking import TrialTracker
@@ -257,8 +257,8 @@ class Objective:
             result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir, on_resume=tracker.catch_up,
                                on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
             tracker.finish(result, *self._confusion(run_dir))
-        self.tracked = {"online": ", W&B online", "offline": ", W&B offline (`make sync` uploads)"}.get(
-            tracker.state, "")
+        self.tracked = {"online": ", W&B online", "offline": ", W&B offline (`make sync` uploads)",
+                        "waiting": ", W&B waiting for the server's answer"}.get(tracker.state, "")
         return result
 
     def _confusion(self, run_dir: Path) -> tuple[np.ndarray | None, list[str]]:
@@ -282,21 +282,10 @@ class EpochPrinter:
               f"{row['images_per_s']:.0f} img/s ETA {eta:.0f}s", flush=True)
 
 
-# TrialResult field -> the trial user attribute a reviewer filters on (optuna-dashboard shows them)
-STORED_RESULT = {"best_objective": "objective", "best_f1": "val_f1", "best_f1_bgswap": "val_f1_bgswap", "gap_f1": "gap_f1",
-                 "gap_bgswap": "gap_bgswap", "best_epoch": "best_epoch", "epochs_run": "epochs_run",
-                 "images_per_s": "images_per_s", "seconds": "seconds", "state": "state", "reason": "reason",
-                 "weights": "weights", "foreground": "foreground"}
-
-
 def store_result(trial: optuna.Trial, result: TrialResult) -> None:
     """The figures of the best epoch and the outcome, as trial user attributes (the value is the objective)."""
-    values = asdict(result)
-    for field_name, attr in STORED_RESULT.items():
-        value = values[field_name]
-        if isinstance(value, float) and not math.isfinite(value):
-            continue
-        trial.set_user_attr(attr, value)
+    for name, value in result.user_attrs().items():
+        trial.set_user_attr(name, value)
 
 
 def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None = None,
@@ -319,6 +308,10 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     finally:
         if study_run:
             study_run.close(study)
+        else:
+            from harness.tracking import settle_parked
+
+            settle_parked()
     return study
 
 
@@ -413,12 +406,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
         identity = attrs.get("identity", t.number)
-        rows.append({"trial": identity, "optuna_trial": t.number, "state": t.state.name.lower(),
-                     "objective": trial_objective(t), "val_f1": attrs.get("val_f1", nan),
-                     "val_f1_bgswap": attrs.get("val_f1_bgswap", nan), "eval_f1": truth.get(str(identity), nan),
-                     "gap_f1": attrs.get("gap_f1", nan), "gap_bgswap": attrs.get("gap_bgswap", nan),
-                     "best_epoch": attrs.get("best_epoch", -1) + 1,  # counted from 1 (0: none)
-                     "epochs": attrs.get("epochs_run", 0),
+        rows.append({"trial": identity, "optuna_trial": t.number, "state": state_name(t.state),
+                     **table_columns(attrs), "objective": trial_objective(t), "eval_f1": truth.get(str(identity), nan),
                      "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
                      **{f"param_{k}": v for k, v in t.params.items()},
                      "weights": attrs.get("weights", ""),
@@ -437,7 +426,7 @@ def status(cfg: StudyConfig, storage: str | None = None) -> pd.DataFrame:
     from harness.io import atomic_write_text
 
     frame = scored_frame(cfg, load_existing_study(cfg, storage))
-    atomic_write_text(cfg.study_dir / "trials.csv", frame.to_csv(index=False))
+    atomic_write_text(StudyFolder.of(cfg).trials_table, frame.to_csv(index=False))
     return frame
 
 
@@ -456,5 +445,5 @@ def scored_frame(cfg: StudyConfig, study: optuna.Study, intervals: bool = True) 
     if cfg.store.url is not None and not frame.empty:
         from harness.store import stored_state
 
-        frame["stored"] = [stored_state(cfg, cfg.trial_dir(int(identity))) for identity in frame["trial"]]
+        frame["stored"] = [stored_state(cfg, StudyFolder.of(cfg).trial(int(identity)).path) for identity in frame["trial"]]
     return frame

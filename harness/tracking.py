@@ -30,22 +30,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from harness.compat import has_exit_record, read_offline_run, was_synced
+from harness.folders import StudyFolder
 from harness.io import json_ready
+from harness.records import FIGURES, TrialResult, state_name
 
 __all__ = ["StudyTracker", "TrialTracker", "log_ensemble", "read_offline_run", "run_id_for", "study_run_id",
            "ensemble_run_id", "strip_secrets"]
@@ -202,7 +204,23 @@ def _confusion_chart(matrix: np.ndarray, class_names: list[str] | None, title: s
 # -------------------------------------------------------------------------------- trackers
 
 
+ANSWER_GRACE_S = 0.5  # a run start waits for the answer until this long after the question, then keeps its
+# records in memory (a server that answers at once, or refuses, is known before the first record)
 MAX_RECOVERIES = 2  # W&B errors mid-run after which the run goes on offline; one more turns tracking off
+_PARKED: list[_Tracker] = []  # runs that ended before the server's answer came: started and closed once it does
+
+
+def settle_parked(block: bool = True) -> None:
+    """Start and close the runs that ended before the server's answer came, in the order they ended; with
+    `block`, waiting for the answer until tracking.init_timeout_s after the question (the end of a study's
+    trials calls it; a later run that finds the answer in calls it without waiting)."""
+    while _PARKED:
+        tracker = _PARKED[0]
+        tracker._settle(block)
+        if tracker._waiting is not None:  # still no answer
+            return
+        if _PARKED and _PARKED[0] is tracker:
+            _PARKED.pop(0)
 
 
 class _Tracker:
@@ -217,6 +235,7 @@ class _Tracker:
         self.failed = False  # a W&B error happened (and was reported)
         self.uploaded = False  # an online run whose every record reached the server
         self._recoveries = 0  # W&B errors mid-run after which the run went on offline
+        self._waiting: list[Callable[[], None]] | None = None  # records kept until the server's answer is in
         self.dir = Path(cfg.study_dir).resolve()
         self.tracking = cfg.tracking
         self.mode = _resolve_mode(cfg.tracking.mode)
@@ -231,8 +250,42 @@ class _Tracker:
             self.dir.mkdir(parents=True, exist_ok=True)
             _quiet_wandb_logger()
             if self.mode == "online":
-                self.mode = Outage(self.dir, cfg.tracking).mode()
+                self.mode = Outage(self.dir, cfg.tracking).mode(wait_s=ANSWER_GRACE_S)
+            if self.mode == "waiting":
+                self._waiting = []
+            else:
+                self._open()
+
+    def _defer(self, record: Callable[[], None]) -> bool:
+        """While the server's answer is not in, keep `record` (a call that logs it again) and say so; the run
+        starts, online or offline, at the first record after the answer (or, once it ended, when
+        `settle_parked` finds the answer in)."""
+        self._settle(block=False)
+        if self._waiting is None:
+            settle_parked(block=False)
+            return False
+        self._waiting.append(record)
+        return True
+
+    def _park(self) -> None:
+        """This run ended before the answer came: `settle_parked` starts and closes it once it does."""
+        if self not in _PARKED:
+            _PARKED.append(self)
+
+    def _settle(self, block: bool) -> None:
+        """Start a waiting run once the answer is in (with `block`, once it is in or init_timeout_s has passed
+        without one) and log the records it kept, in order."""
+        if self._waiting is None:
+            return
+        mode = Outage(self.dir, self.tracking).mode(wait_s=math.inf if block else 0.0)
+        if mode == "waiting":
+            return
+        kept, self._waiting, self.mode = self._waiting, None, mode
+        with self._guard("init"):
             self._open()
+        if self.run is not None:
+            for record in kept:
+                record()
 
     def _open(self) -> None:
         """Start the run in self.mode; an online start that fails becomes an offline run with the same id."""
@@ -259,13 +312,16 @@ class _Tracker:
 
     @property
     def active(self) -> bool:
-        return self.run is not None
+        return self.run is not None or self._waiting is not None
 
     @property
     def state(self) -> str:
-        """"online" (everything reached the server), "offline" (its files wait for `make sync`), "" (no run)."""
+        """"online" (everything reached the server), "offline" (its files wait for `make sync`), "waiting" (its
+        records wait in memory for the server's answer), "" (no run)."""
         if self.mode == "disabled" or (self.failed and not self._recoveries):
             return ""
+        if self._waiting is not None:
+            return "waiting"
         return "online" if self.uploaded else "offline"
 
     @contextmanager
@@ -276,7 +332,7 @@ class _Tracker:
             self.failed = True
             going_on = what != "init" and self.run is not None and self._recoveries < MAX_RECOVERIES
             log.warning("W&B %s failed for run %s under %s (%s: %s); %s. Check tracking.* in the study file and "
-                        "WANDB_MODE.", what, self.run_id, self.dir / "wandb", type(error).__name__,
+                        "WANDB_MODE.", what, self.run_id, StudyFolder(self.dir).wandb, type(error).__name__,
                         _first_line(error), "the run goes on offline with the same id, in a folder of its own "
                         "(`make sync` uploads it)" if going_on else "tracking is off for this run, training goes on")
             if going_on:
@@ -308,7 +364,13 @@ class _Tracker:
             except Exception:  # noqa: BLE001 - already reported; a broken run may refuse to close
                 pass
 
-    def _close(self, exit_code: int) -> None:
+    def _close(self, exit_code: int, block: bool = False) -> None:
+        """Finish the run; one whose answer is not in yet is parked (`settle_parked`) unless `block`."""
+        self._settle(block)
+        if self._waiting is not None:
+            self._waiting.append(lambda: self._close(exit_code))
+            self._park()
+            return
         if self.run is None:
             return
         with self._guard("finish"):
@@ -370,13 +432,14 @@ class TrialTracker(_Tracker):
     def _configure(self) -> None:
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")  # every chart's x axis is the epoch
-        for key in ("objective", "val/f1", "val/f1_bgswap"):
-            self.run.define_metric(key, summary="max")
+        for figure in FIGURES:
+            if figure.best_is_max:
+                self.run.define_metric(figure.key, summary="max")
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
         """Log one epoch's metrics row (keys like "val/f1", "gap/f1"); NaNs are left out. W&B's `epoch` counts
         epochs trained, from 1, as the console and the pruner do (metrics.csv's `epoch` is the 0-based index)."""
-        if not self.active:
+        if not self.active or self._defer(lambda: self.log_epoch(row)):
             return
         clean = {str(k): v for k, v in ((k, json_ready(v)) for k, v in row.items()) if v is not None}
         clean["epoch"] = int(row["epoch"]) + 1
@@ -394,34 +457,37 @@ class TrialTracker(_Tracker):
         epoch. Offline, the run's own files say which epochs it holds, so exactly the
         missing ones are logged; online, only the last checkpointed epoch is at risk.
         """
-        if not self.active or not rows:
+        if not self.active or not rows or self._defer(lambda: self.catch_up(rows)):
             return
         if self.run.settings.mode == "offline":
-            held = {h.get("epoch") for h in read_offline_run(self.dir / "wandb", self.run_id)["history"]}
+            held = {h.get("epoch") for h in read_offline_run(StudyFolder(self.dir).wandb, self.run_id)["history"]}
             missing = [row for row in rows if int(row["epoch"]) + 1 not in held]
         else:
             missing = list(rows[-1:])
         for row in missing:
             self.log_epoch(row)
 
-    def finish(self, result: Any = None, confusion: np.ndarray | None = None,
+    def finish(self, result: TrialResult | None = None, confusion: np.ndarray | None = None,
                class_names: list[str] | None = None) -> None:
         """Write the outcome (summary, tag = state, best epoch's confusion matrix) and close the run.
 
-        `result` is a TrialResult or anything with its attributes; None closes the run as is.
+        `result` None closes the run as is.
         The chart is one more history row (key "best/confusion_table", no "val/f1"; W&B fills in
         the last epoch logged).
         """
         if not self.active:
             return
-        state = getattr(result, "state", None)
+        if self._defer(lambda: self.finish(result, confusion, class_names)):
+            self._park()
+            return
+        state = result.state if result is not None else None
         with self._guard("finish summary"):
             if result is not None:
-                self.run.summary.update(_outcome_summary(result))
+                self.run.summary.update(result.wandb_summary())
             if state:
                 self.run.tags = (state,)
             if confusion is not None:
-                epoch = getattr(result, "best_epoch", -1) + 1  # counted from 1, as everywhere a person reads
+                epoch = (result.best_epoch if result is not None else -1) + 1  # counted from 1, as a person reads
                 self.run.log({"best/confusion": _confusion_chart(confusion, class_names,
                                                                  f"valid confusion, best epoch {epoch}")})
         self._close(exit_code=1 if state == "failed" else 0)
@@ -430,20 +496,7 @@ class TrialTracker(_Tracker):
         if exc is None:
             self._close(exit_code=0)
         else:
-            self.finish(SimpleNamespace(state="failed", reason=f"{type(exc).__name__}: {exc}"))
-
-
-def _outcome_summary(result: Any) -> dict[str, Any]:
-    best_epoch = getattr(result, "best_epoch", -1)
-    summary = {"state": getattr(result, "state", None), "reason": getattr(result, "reason", None),
-               "epochs_run": getattr(result, "epochs_run", None), "seconds": getattr(result, "seconds", None)}
-    if best_epoch is not None and best_epoch >= 0:
-        summary.update({"best/objective": getattr(result, "best_objective", None),
-                        "best/val_f1": getattr(result, "best_f1", None),
-                        "best/val_f1_bgswap": getattr(result, "best_f1_bgswap", None),
-                        "best/gap_f1": getattr(result, "gap_f1", None),
-                        "best/gap_bgswap": getattr(result, "gap_bgswap", None), "best/epoch": best_epoch + 1})
-    return {k: v for k, v in ((k, json_ready(v)) for k, v in summary.items()) if v is not None}
+            self.finish(TrialResult(state="failed", run_dir="", reason=f"{type(exc).__name__}: {exc}"))
 
 
 class StudyTracker(_Tracker):
@@ -455,7 +508,7 @@ class StudyTracker(_Tracker):
     def update(self, trials) -> None:
         """Log `trials` (the DataFrame of harness.study.trials_frame: trial, state, objective, val F1s, eval F1,
         gaps, params, epochs, duration)."""
-        if not self.active:
+        if not self.active or self._defer(lambda: self.update(trials)):
             return
         with self._guard("update of the trials table"):
             counts = _state_counts(trials)
@@ -468,7 +521,7 @@ class StudyTracker(_Tracker):
     def log_shortcuts(self, record: dict | None) -> None:
         """The study's "shortcuts" record (harness.context_audit): the audit's rows as a table, the count of
         flagged view/task pairs and whether the person-based probe applies, in the summary."""
-        if not self.active or not record:
+        if not self.active or not record or self._defer(lambda: self.log_shortcuts(record)):
             return
         import pandas as pd
 
@@ -485,23 +538,20 @@ class StudyTracker(_Tracker):
             self.run.log(row)
 
     def finish(self) -> None:
-        self._close(exit_code=0)
-
-
-def _state_name(state: Any) -> str:
-    name = str(getattr(state, "name", state)).lower()  # optuna TrialState or its name
-    return {"fail": "failed"}.get(name, name)
+        """Close the study's run at the end of its trials, and the trials' runs still waiting for the answer."""
+        settle_parked(block=True)
+        self._close(exit_code=0, block=True)
 
 
 def _state_counts(trials) -> dict[str, int]:
-    states = [_state_name(s) for s in trials["state"]] if "state" in trials else []
+    states = [state_name(s) for s in trials["state"]] if "state" in trials else []
     return {state: states.count(state) for state in ("complete", "pruned", "failed")}
 
 
 def _best_complete(trials) -> float | None:
     if "objective" not in trials or "state" not in trials:
         return None
-    values = [json_ready(v) for s, v in zip(trials["state"], trials["objective"]) if _state_name(s) == "complete"]
+    values = [json_ready(v) for s, v in zip(trials["state"], trials["objective"]) if state_name(s) == "complete"]
     values = [v for v in values if isinstance(v, int | float)]
     return max(values) if values else None
 
@@ -530,6 +580,7 @@ def _log_result(cfg, run_id: str, job: str, row: Mapping[str, Any], metrics: Map
                 extra_config: Mapping[str, Any] | None) -> str | None:
     """A run of one logged row (DataFrames become tables) and `metrics` in its summary."""
     tracker = _Tracker(cfg, run_id, job, job, dict(extra_config or {}))
+    tracker._settle(block=True)
     if not tracker.active:
         return None
     with tracker._guard(f"{job} logging"):
@@ -545,15 +596,16 @@ def _log_result(cfg, run_id: str, job: str, row: Mapping[str, Any], metrics: Map
 # An unreachable server must cost a study nothing and lose nothing. Whether the server answers is asked in
 # the background (`Probe`, bounded by tracking.init_timeout_s), started when a study opens, so the answer is
 # normally in before the first run starts; a run starts online only once the server has answered, and
-# offline with its own id when none came within tracking.init_timeout_s (a slow answer is an answer; the first
-# start waits for it at most that long, later ones find it in). No answer makes `Outage` remember
+# offline with its own id when none came within tracking.init_timeout_s (a slow answer is an answer). A run
+# whose answer is not in within ANSWER_GRACE_S does not wait for it: its records are kept in memory and the
+# run starts at the first record after the answer, or when it closes (which waits for the answer until
+# init_timeout_s after the probe began: training goes on meanwhile). No answer makes `Outage` remember
 # it study-wide (runs/<study>/wandb/outage.json, seen by every worker and rerun) until
 # tracking.retry_online_s has passed and the next start asks again. Each W&B run folder gets a marker
 # (`MARKER`): how the run was logged and whether everything reached the server; `make sync` uploads the
 # folders that did not and marks them synced.
 
 MARKER = "harness-run.json"
-OUTAGE_FILE = "outage.json"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 SYNC_PROBE_S = 10.0  # how long `make sync` waits for the server's first answer
 PROBE_FRESH_S = 60.0  # how long an answer stands for later starts
@@ -586,17 +638,20 @@ class Outage:
     """The study-wide memory of a W&B outage (runs/<study>/wandb/outage.json)."""
 
     def __init__(self, study_dir: Path, tracking) -> None:
-        self.path = Path(study_dir) / "wandb" / OUTAGE_FILE
+        self.path = StudyFolder(study_dir).outage
         self.key = str(study_dir)
         self.tracking = tracking
 
-    def mode(self) -> str:
-        """"online" once the server has answered; "offline" while an outage holds, when it did not answer, or
-        while the answer is not in yet (the probe goes on and records an outage if it times out)."""
+    def mode(self, wait_s: float) -> str:
+        """"online" once the server has answered; "offline" while an outage holds or when it did not answer
+        within tracking.init_timeout_s; "waiting" while the answer is not in `wait_s` after the question (the
+        probe goes on, and records an outage if it times out)."""
         state = self._read()
         if state and time.time() < state.get("retry_at", 0):
             return "offline"
-        answer = Probe.answer(self)
+        answer = Probe.answer(self, wait_s)
+        if answer is None:
+            return "waiting"
         if answer:
             if state:
                 self.end(state)
@@ -654,7 +709,7 @@ class Outage:
         """The study's outage record is changed by one process at a time (workers and machines share it)."""
         import fcntl
 
-        with open(self.path.with_name(OUTAGE_FILE + ".lock"), "a") as lock:
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -691,14 +746,16 @@ class Probe:
         return probe
 
     @classmethod
-    def answer(cls, outage: Outage) -> bool | None:
-        """The server's answer: a slow answer within tracking.init_timeout_s is an answer (online); only none
-        means offline. A start waits for it until init_timeout_s after the probe began (the probe starts when
-        the study opens, so the data's preparation usually covers the wait; later starts find it answered)."""
+    def answer(cls, outage: Outage, wait_s: float) -> bool | None:
+        """The server's answer, waited for until `wait_s` after the question was asked: True (it answered,
+        however slowly, within tracking.init_timeout_s), False (no answer by then: offline), None (not in yet)."""
         probe = cls.start(outage)
-        deadline = probe["started"] + outage.tracking.init_timeout_s + 0.5
+        timed_out = probe["started"] + outage.tracking.init_timeout_s + 0.5
+        deadline = min(timed_out, probe["started"] + wait_s)
         while probe["answer"] is None and time.time() < deadline:
             time.sleep(0.01)
+        if probe["answer"] is None and time.time() >= timed_out:
+            return False  # the probe's thread records the outage as it gives up
         return probe["answer"]
 
 
@@ -747,7 +804,7 @@ def run_folders(study_dir: Path) -> list[tuple[Path, str, dict]]:
     (`offline-run-*` and `run-*` interleave by time): (folder, run id, its marker; a folder without one is
     judged by its name: offline-run-* waits for an upload unless `wandb sync` marked it, run-* went online)."""
     found = []
-    for folder in sorted((Path(study_dir) / "wandb").glob("*run-*"), key=started_at):
+    for folder in sorted(StudyFolder(study_dir).wandb.glob("*run-*"), key=started_at):
         logs = sorted(folder.glob("run-*.wandb")) if folder.is_dir() else []
         if not logs:
             continue
@@ -818,7 +875,7 @@ def describe_states(trials, cfg) -> str:
     line = (f"W&B: {states.get('online', 0)} trial run(s) online, {states.get('offline', 0)} offline, "
             f"{states.get('synced', 0)} synced")
     if offline:
-        line += f"; offline ones ({', '.join(offline)}) wait under {cfg.study_dir / 'wandb'} for `make sync`"
+        line += f"; offline ones ({', '.join(offline)}) wait under {StudyFolder.of(cfg).wandb} for `make sync`"
     return line
 
 

@@ -25,8 +25,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +38,12 @@ from harness.augment import build_transform, normalize_batch, preprocess
 from harness.config import Params, StudyConfig
 from harness.data.cache import CachedImageDataset
 from harness.data.prepare import PreparedData, prepare_data
-from harness.folders import TrialFolder
+from harness.folders import StudyFolder, TrialFolder
 from harness.foreground import BackgroundSwap, ItemPrepare, swapped_backgrounds
 from harness.heads import HEADS, build_loss
 from harness.metrics import OBJECTIVES, classification_metrics, confusion, per_class_f1
 from harness.model import FREEZE_POLICIES, apply_freeze, build_model, eval_logits
+from harness.records import TrialResult
 from harness.store import folder_store
 
 log = logging.getLogger(__name__)
@@ -53,32 +53,6 @@ EVAL_BATCH = 256
 
 class TrialError(RuntimeError):
     """A trial that cannot go on; its message becomes the result's reason."""
-
-
-@dataclass
-class TrialResult:
-    state: str  # "complete", "pruned" or "failed"
-    run_dir: str
-    best_objective: float = float("nan")  # the study's objective (search.objective) at the best epoch
-    best_f1: float = float("nan")  # val F1 at the best epoch
-    best_f1_bgswap: float = float("nan")  # val F1 on background-swapped images at the best epoch
-    best_epoch: int = -1
-    epochs_run: int = 0
-    gap_f1: float = float("nan")  # train probe F1 - val F1, at the best epoch
-    gap_bgswap: float = float("nan")  # val F1 - val F1 on background-swapped images, at the best epoch
-    images_per_s: float = float("nan")
-    seconds: float = 0.0
-    reason: str | None = None
-    params: dict = field(default_factory=dict)
-    weights: str | None = None  # where the backbone's weights came from: a file, or "random init"
-    foreground: dict = field(default_factory=dict)  # the trial's images without a face found / with a template mask
-
-    def summary(self) -> str:
-        # epochs counted from 1, as in the progress lines (metrics.csv and best_epoch count from 0)
-        text = (f"{self.state}: objective {self.best_objective:.4f} at epoch {self.best_epoch + 1}, "
-                f"val/f1 {self.best_f1:.4f}, val/f1_bgswap {self.best_f1_bgswap:.4f}, gap/f1 {self.gap_f1:+.4f}, "
-                f"{self.epochs_run} epoch(s), {self.images_per_s:.0f} img/s")
-        return text + (f" ({self.reason})" if self.reason else "")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -327,9 +301,8 @@ def resume(folder: TrialFolder, model, optimizer, scheduler, scaler) -> tuple[in
 
 
 def trial_dir(cfg: StudyConfig, number: int | None) -> Path:
-    if number is None:
-        return cfg.study_dir / "single" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return cfg.trial_dir(number)
+    study = StudyFolder.of(cfg)
+    return study.single_run() if number is None else study.trial(number).path
 
 
 def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None, *, data: PreparedData | None = None,
@@ -368,7 +341,7 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
         except OSError:
             pass  # e.g. the disk is full: the reason in result.json is what matters
     result.seconds += time.perf_counter() - started
-    folder.write_result(asdict(result))
+    folder.write_result(result.as_json())
     if mirror is not None:
         mirror.push_quietly(folder.path)
     return result
@@ -435,7 +408,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
             report_to_pruner(trial, row)
         if rows and may_prune(len(rows), cfg.train.epochs) and trial.should_prune():
             result.state = "pruned"
-            _fill_result(result, rows, best)
+            result.fill(rows, best["epoch"])
             return result
 
     result.state = "complete"
@@ -465,7 +438,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
             if may_prune(epoch + 1, cfg.train.epochs) and trial.should_prune():
                 result.state = "pruned"
                 break
-    _fill_result(result, rows, best)
+    result.fill(rows, best["epoch"])
     return result
 
 
@@ -475,16 +448,3 @@ def _save_best(folder: TrialFolder, model, view_scores: dict[str, np.ndarray], d
     folder.save_best(model.state_dict(), view_scores, index)
     folder.save_best_scores(per_class_f1(predicted, labels, data.num_classes),
                             confusion(predicted, labels, data.num_classes))
-
-
-def _fill_result(result: TrialResult, rows: list[dict], best: dict) -> None:
-    """The result's figures from the best epoch's row (the epoch with the highest objective)."""
-    result.epochs_run = len(rows)
-    result.best_epoch = best["epoch"]
-    chosen = next((row for row in rows if row["epoch"] == best["epoch"]), None)
-    if chosen is not None:
-        result.best_objective, result.best_f1 = chosen["objective"], chosen["val/f1"]
-        result.best_f1_bgswap, result.gap_f1, result.gap_bgswap = (chosen["val/f1_bgswap"], chosen["gap/f1"],
-                                                                   chosen["gap/bgswap"])
-    if rows:
-        result.images_per_s = float(np.mean([r["images_per_s"] for r in rows]))

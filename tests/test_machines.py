@@ -24,6 +24,7 @@ from harness.bench.postgres import create_database
 from harness.bench.servers import S3_KEYS, closed_port, running_s3
 from harness.cli import main
 from harness.config import load_study
+from harness.folders import StudyFolder
 from harness.preflight import PreflightError, check_study
 from harness.store import MANIFEST, FolderStore, SharedDirectory, StoreError, folder_store
 
@@ -165,7 +166,7 @@ def test_a_new_version_replaces_the_old_object_only_after_the_manifest_names_it(
 def test_the_store_mirrors_folders_under_runs_dir_only(tmp_path):
     cfg = load_study(REPO / "studies" / "default.yaml", overrides={"runs_dir": str(tmp_path / "runs"),
                                                                    "store.url": str(tmp_path / "store")})
-    assert folder_store(cfg, cfg.trial_dir(4)).prefix == "default/trials/4"
+    assert folder_store(cfg, StudyFolder.of(cfg).trial(4).path).prefix == "default/trials/4"
     assert folder_store(cfg, tmp_path / "elsewhere") is None
     assert folder_store(load_study(REPO / "studies" / "default.yaml"), Path("runs/default/trials/4")) is None
 

@@ -22,6 +22,7 @@ from harness.cli import main
 from harness.config import ConfigError, load_study
 from harness.data.readers import DataError, read_eval, read_train
 from harness.export import METADATA_FILE, export_model
+from harness.folders import StudyFolder
 from harness.pipeline import make_study
 from harness.predict import EvalImages, PredictError, predict_images, predict_submission
 from harness.preflight import PreflightError, check_study
@@ -175,7 +176,7 @@ def test_the_readme_example_classifies_an_image_with_the_exported_model(finished
 def test_members_trained_on_crops_are_not_exported(finished, tmp_path):
     cfg, _ = finished
     copy = tmp_path / "runs" / cfg.name / "trials" / "0"
-    shutil.copytree(cfg.trial_dir(0), copy)
+    shutil.copytree(StudyFolder.of(cfg).trial(0).path, copy)
     config = yaml.safe_load((copy / "config.yaml").read_text())
     config["params"]["preprocess"] = "center_crop"
     (copy / "config.yaml").write_text(yaml.safe_dump(config))

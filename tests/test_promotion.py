@@ -22,7 +22,7 @@ from harness.data.labels import GENDER_NAMES, MASK_NAMES, decode
 from harness.data.prepare import prepare_data
 from harness.data.readers import read_competition_train
 from harness.data.split import person_folds
-from harness.folders import PromotionFolder
+from harness.folders import PromotionFolder, StudyFolder
 from harness.predict import predict_submission
 from harness.promotion.audit import AuditError, audit_labels, labels_after, read_issues, write_corrections
 from harness.promotion.folds import PromotionError, companion_name, describe_estimate, promote, restart
@@ -47,7 +47,7 @@ def promoted(tmp_path_factory):
     cfg = smoke_config(root, "promoted")
     study = run_study(cfg, progress=False)
     best = int(trials_frame(study).iloc[0]["trial"])
-    shutil.rmtree(cfg.trial_dir(best))
+    shutil.rmtree(StudyFolder.of(cfg).trial(best).path)
     summary = promote(cfg)
     return cfg, summary, best
 

@@ -16,8 +16,8 @@ from harness.config import load_study
 from harness.folders import PromotionFolder
 from harness.promotion.audit import CLEANLAB, audit_labels, read_issues
 from harness.promotion.folds import choose_configs
+from harness.records import TrialResult
 from harness.study import scored_frame, store_result, trials_frame
-from harness.train import TrialResult
 
 
 def finished_trial(study: optuna.Study, reports: list[float], best: float, state: TrialState, epochs: int) -> None:
@@ -25,7 +25,7 @@ def finished_trial(study: optuna.Study, reports: list[float], best: float, state
     trial.set_user_attr("identity", trial.number)
     for step, value in enumerate(reports, start=1):
         trial.report(value, step)
-    store_result(trial, TrialResult(state=state.name.lower(), run_dir="", params={}, best_objective=best,
+    store_result(trial, TrialResult(state=state.name.lower(), run_dir="", params={}, best={"objective": best},
                                     epochs_run=epochs, best_epoch=int(np.argmax(reports))))
     study.tell(trial, best if state == TrialState.COMPLETE else None, state=state)
 
@@ -84,3 +84,28 @@ def test_a_label_audit_cleanlab_refuses_says_so_in_the_summary_and_the_file(tmp_
     summary = audit_labels(probs, frame, tasks=False, folder=folder)
     assert "cleanlab could not estimate the noise rates: not enough examples" in summary["method"]
     assert read_issues(folder)["method"].str.contains("self-confidence below 0.5").all()
+
+
+def test_each_figure_and_state_has_one_name_from_the_epoch_row_to_the_trials_table_and_wandb(tmp_path):
+    """A trial's best-epoch figures go from the epoch rows to Optuna's attributes, the trials table and the W&B
+    summary under the names FIGURES gives them; a failed trial is "failed" in result.json and the table alike."""
+    from harness.records import FIGURES
+
+    rows = [{"epoch": e, "objective": 0.1 * e, "val/f1": 0.2 * e, "val/f1_bgswap": 0.15 * e, "gap/f1": 0.01 * e,
+             "gap/bgswap": 0.05 * e, "images_per_s": 10.0} for e in range(3)]
+    result = TrialResult(state="complete", run_dir="")
+    result.fill(rows, best_epoch=1)
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    for identity, outcome in enumerate([result, TrialResult(state="failed", run_dir="", reason="RuntimeError: x")]):
+        trial = study.ask()
+        trial.set_user_attr("identity", identity)
+        store_result(trial, outcome)
+        study.tell(trial, outcome.objective if outcome.state == "complete" else None,
+                   state=TrialState.COMPLETE if outcome.state == "complete" else TrialState.FAIL)
+    table = trials_frame(study).set_index("trial")
+    summary = result.wandb_summary()
+    for figure in FIGURES:
+        assert table.loc[0, figure.column] == pytest.approx(rows[1][figure.key]), figure
+        assert summary[figure.summary_key] == pytest.approx(rows[1][figure.key]), figure
+    assert (result.epochs_run, summary["best/epoch"], table.loc[0, "best_epoch"]) == (3, 2, 2)
+    assert (table.loc[1, "state"], table.loc[1, "reason"]) == ("failed", "RuntimeError: x")  # Optuna's FAIL

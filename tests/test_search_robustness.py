@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from conftest import REPO
 from harness.config import ConfigError, load_study
+from harness.folders import StudyFolder
 from harness.pruners import HIGH_ATTR, EvidencePruner
 from harness.study import open_study, run_study, trials_frame
 from harness.uncertainty import winner_certainty
@@ -163,7 +164,7 @@ def test_pruning_precision_continues_the_pruned_trials_from_their_last_checkpoin
     assert len(row["wrongly_pruned"]) == 1  # the top 3 of 4: both references and the better continued trial
     for trial in pruned:  # each continued in a copy of its folder up to train.epochs, the original untouched
         continued = pd.read_csv(cfg.study_dir / "unpruned" / str(trial) / "metrics.csv")
-        original = pd.read_csv(cfg.trial_dir(trial) / "metrics.csv")
+        original = pd.read_csv(StudyFolder.of(cfg).trial(trial).path / "metrics.csv")
         assert len(continued) == cfg.train.epochs and len(original) < cfg.train.epochs
         assert continued["objective"].iloc[:len(original)].tolist() == original["objective"].tolist()
     assert row["ratio"] == 1 - len(row["wrongly_pruned"]) / max(1, len(pruned))

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from conftest import harness_env, smoke_study_args, wait_for
 from harness.context_audit import BLANKED, as_records, audit_key, audit_study_data, study_methods
+from harness.folders import StudyFolder
 from harness.runtime import StudyError, default_storage
 from harness.study import default_trial_params, make_sampler, open_study, run_study, suggest_params, trials_frame
 from harness.tracking import read_offline_run, run_id_for, study_run_id
@@ -126,7 +127,7 @@ def test_killed_study_resumes_to_the_exact_target(smoke_study, shared_data, tmp_
     cfg = smoke_study(**{"search.heartbeat_s": 1, "train.epochs": 3, "search.pruner.name": "none"})
     args = smoke_study_args(tmp_path, shared_data, "--set", f"name={cfg.name}")
     victim = harness_study(args)
-    last = cfg.trial_dir(1) / "last.pt"
+    last = StudyFolder.of(cfg).trial(1).path / "last.pt"
     assert wait_for(last, victim), victim.communicate()[0][-3000:]
     victim.send_signal(signal.SIGKILL)  # mid-trial: after its first epoch's checkpoint
     victim.wait()

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from harness.config import parse_study
+from harness.records import TrialResult
 from harness.tracking import (
     StudyTracker,
     TrialTracker,
@@ -19,7 +20,6 @@ from harness.tracking import (
     run_id_for,
     study_run_id,
 )
-from harness.train import TrialResult
 
 W_AND_B_ID = re.compile(r"^[a-z0-9_-]{1,64}$")
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B API key
@@ -42,9 +42,10 @@ def epoch_row(epoch: int) -> dict:
 
 
 def result(state="complete", best_epoch=2, epochs_run=3, reason=None) -> TrialResult:
-    return TrialResult(state=state, run_dir="x", best_objective=0.15 + 0.1 * best_epoch, best_f1=0.2 + 0.1 * best_epoch,
-                       best_epoch=best_epoch, epochs_run=epochs_run, gap_f1=0.05 * best_epoch, gap_bgswap=0.01,
-                       seconds=3.5, reason=reason)
+    best = {"objective": 0.15 + 0.1 * best_epoch, "val/f1": 0.2 + 0.1 * best_epoch, "gap/f1": 0.05 * best_epoch,
+            "gap/bgswap": 0.01}
+    return TrialResult(state=state, run_dir="x", best=best, best_epoch=best_epoch, epochs_run=epochs_run, seconds=3.5,
+                       reason=reason)
 
 
 def by_epoch(history: list[dict]) -> dict[int, dict]:

@@ -21,10 +21,11 @@ import pytest
 from wandb_server import FAKE_API_KEY, BlackHole, FakeWandbServer, closed_port
 
 from conftest import REPO, harness_env
+from harness.folders import StudyFolder
+from harness.records import TrialResult
 from harness.report import write_report
 from harness.study import run_study, status
 from harness.tracking import (
-    OUTAGE_FILE,
     TrialTracker,
     pending_folders,
     read_offline_run,
@@ -79,7 +80,7 @@ def test_an_unreachable_server_is_asked_once_and_every_trial_logs_offline(smoke_
     assert set(frame["wandb"]) == {"offline"}  # waiting for `make sync`
     assert asked == (1 if server == "black hole" else 0)  # the breaker: one probe for the whole study
     assert len(outage_warnings(caplog)) == 1
-    outage = json.loads((cfg.study_dir / "wandb" / OUTAGE_FILE).read_text())
+    outage = json.loads(StudyFolder.of(cfg).outage.read_text())
     assert outage["url"] == url and outage["retry_at"] > time.time()
     assert run_states(cfg.study_dir)[study_run_id(cfg.name)] == "offline"  # the study's table too
     page = write_report(cfg).read_text()
@@ -98,7 +99,7 @@ def test_after_the_back_off_one_start_tries_online_again_and_says_so(smoke_study
         with TrialTracker(cfg, 1, {}, {}) as back:
             back.log_epoch({"epoch": 0, "val/f1": 0.5})
         assert back.mode == "online" and [h["epoch"] for h in server.history(back.run_id)] == [1]
-    assert not (cfg.study_dir / "wandb" / OUTAGE_FILE).exists()
+    assert not StudyFolder.of(cfg).outage.exists()
     messages = [r.getMessage() for r in caplog.records if r.name == "harness.tracking"]
     assert len(outage_warnings(caplog)) == 1 and sum("answers again" in m for m in messages) == 1
     assert run_states(cfg.study_dir) == {down.run_id: "offline", back.run_id: "online"}
@@ -124,7 +125,7 @@ def test_a_server_lost_mid_trial_loses_nothing_and_make_sync_uploads_it_all(smok
     cfg = online_study(smoke_study, **{"train.epochs": 3})
     server = FakeWandbServer(lifetime_s=300).start()
     monkeypatch.setenv("WANDB_BASE_URL", server.url)
-    watcher = stop_after_first_epoch(server, cfg.trial_dir(0) / "metrics.csv")
+    watcher = stop_after_first_epoch(server, StudyFolder.of(cfg).trial(0).path / "metrics.csv")
     run_study(cfg, progress=False)
     watcher.join(5)
     frame = status(cfg)
@@ -213,19 +214,58 @@ def test_a_probe_that_answers_ends_only_the_outage_it_saw(smoke_study, tmp_path)
     outage.end(seen)  # this worker's probe answered, but only for the record it saw
     assert outage._read()["reason"] == "another worker: no answer within 10 s"
     outage.end(outage._read())
-    assert not (cfg.study_dir / "wandb" / OUTAGE_FILE).exists()
+    assert not StudyFolder.of(cfg).outage.exists()
 
 
-def test_a_slow_but_healthy_server_means_online(smoke_study, wandb_home, monkeypatch):
-    """The probe's answer comes after 2 s, within tracking.init_timeout_s (5 s): the run starts online."""
+def test_a_slow_but_healthy_server_means_online_and_the_run_does_not_wait_for_it(smoke_study, wandb_home,
+                                                                              monkeypatch):
+    """The probe's answer comes after 2 s, within tracking.init_timeout_s (5 s): the run is online, and every
+    record logged before the answer came reaches the server, in order. The start did not wait for the answer
+    (training goes on): the run is still waiting for it after the first records."""
     cfg = online_study(smoke_study, **{"tracking.init_timeout_s": 5})
     with FakeWandbServer(lifetime_s=120) as server:
         server.probe_delay_s = 2.0
         monkeypatch.setenv("WANDB_BASE_URL", server.url)
         with TrialTracker(cfg, 0, {}, {}) as tracker:
-            assert tracker.mode == "online"
             tracker.log_epoch({"epoch": 0, "val/f1": 0.5})
-    assert not (cfg.study_dir / "wandb" / OUTAGE_FILE).exists()
+            tracker.log_epoch({"epoch": 1, "val/f1": 0.6})
+            assert tracker.mode == "waiting" and tracker.run is None
+            time.sleep(2.5)
+            tracker.log_epoch({"epoch": 2, "val/f1": 0.7})  # the answer is in: the run starts, the kept go first
+            assert tracker.mode == "online" and tracker.run is not None
+            tracker.log_epoch({"epoch": 3, "val/f1": 0.8})
+        assert [h["epoch"] for h in server.history(tracker.run_id) if "val/f1" in h] == [1, 2, 3, 4]
+    assert tracker.state == "online" and run_states(cfg.study_dir) == {tracker.run_id: "online"}
+    assert not StudyFolder.of(cfg).outage.exists()
+
+
+def test_runs_that_end_before_the_answer_are_written_once_it_comes_with_every_record(smoke_study, wandb_home,
+                                                                                    monkeypatch):
+    """A black-holed server: two runs end before the probe gives up (2 s) and do not wait for it; the first
+    record after it gave up starts and closes them offline, with every epoch and their outcome."""
+    cfg = online_study(smoke_study)
+    with BlackHole(lifetime_s=120) as hole:
+        monkeypatch.setenv("WANDB_BASE_URL", hole.url)
+        ended = []
+        for identity in range(2):
+            with TrialTracker(cfg, identity, {}, {}) as tracker:
+                for epoch in range(3):
+                    tracker.log_epoch({"epoch": epoch, "val/f1": 0.5})
+                tracker.finish(TrialResult(state="complete", run_dir="", best={"objective": 0.5}, best_epoch=2,
+                                           epochs_run=3))
+            assert tracker.state == "waiting" and tracker.run is None  # nothing waited for the server
+            ended.append(tracker)
+        assert not list(StudyFolder.of(cfg).wandb.glob("*run-*"))
+        time.sleep(3)
+        with TrialTracker(cfg, 2, {}, {}) as later:
+            later.log_epoch({"epoch": 0, "val/f1": 0.5})
+    assert [t.state for t in (*ended, later)] == ["offline"] * 3
+    for tracker in ended:
+        run = read_offline_run(StudyFolder.of(cfg).wandb, tracker.run_id)
+        assert [h["epoch"] for h in run["history"] if "val/f1" in h] == [1, 2, 3]
+        assert run["summary"]["state"] == "complete" and run["exit_code"] == 0
+    assert StudyFolder.of(cfg).outage.exists()
+    assert run_states(cfg.study_dir) == {t.run_id: "offline" for t in (*ended, later)}
 
 
 def test_an_upload_cut_short_by_the_finish_timeout_is_left_for_make_sync(smoke_study, wandb_home, monkeypatch):

@@ -39,8 +39,8 @@ def test_trial_writes_everything_a_reviewer_needs(cfg, data, tmp_path):
     assert np.allclose(metrics["gap/bgswap"], metrics["val/f1"] - metrics["val/f1_bgswap"])
     assert np.allclose(metrics["objective"], np.minimum(metrics["val/f1"], metrics["val/f1_bgswap"]))  # robust/f1
     best = metrics["objective"].idxmax()  # the best epoch is the best objective's
-    assert result.best_objective == pytest.approx(metrics["objective"].max()) and result.best_epoch == best
-    assert result.best_f1 == pytest.approx(metrics.loc[best, "val/f1"])
+    assert result.objective == pytest.approx(metrics["objective"].max()) and result.best_epoch == best
+    assert result.best["val/f1"] == pytest.approx(metrics.loc[best, "val/f1"])
     n_valid = len(data.split.valid)
     assert np.load(tmp_path / "t" / "valid_logits.npy").shape == (n_valid, 18)
     assert np.load(tmp_path / "t" / "bgswap_logits.npy").shape == (n_valid, 18)
@@ -67,7 +67,7 @@ def test_resume_gives_the_same_metrics_as_training_straight(cfg, data, tmp_path)
     assert list(b["epoch"]) == [0, 1, 2, 3]
     for column in ["train/loss", "val/loss", "val/f1", "train/f1_probe", "val/f1_bgswap", "objective", "lr"]:
         assert a[column].tolist() == b[column].tolist(), column
-    assert straight.best_f1 == resumed.best_f1
+    assert straight.best["val/f1"] == resumed.best["val/f1"]
 
 
 def test_a_row_written_after_the_last_checkpoint_is_redone_not_repeated(cfg, data, tmp_path):

@@ -30,6 +30,7 @@ import numpy as np
 
 from harness.bench.common import Bench, row
 from harness.config import StudyConfig, load_study
+from harness.folders import StudyFolder
 
 PORTRAIT_ONLY = {"search.space.head.choices": ["multiclass"], "params.head": "multiclass",
                  "params.preprocess": "none", "search.space.preprocess.choices": ["none", "center_crop"],
@@ -84,7 +85,8 @@ def refusal_row(bench: Bench, name: str, cfg: StudyConfig) -> dict:
     except NotApplicable as error:
         refused, message = True, str(error)
     seconds = time.perf_counter() - started
-    untouched = not (cfg.study_dir / "trials").exists() and not any(cfg.study_dir.glob("*.db"))
+    study = StudyFolder.of(cfg)
+    untouched = not study.trial(0).path.parent.exists() and not study.database.exists()
     result = row(f"applicability_{name}_refused", float(refused and untouched), 1.0, "refused before any trial", 1.0)
     result.update(seconds_to_refusal=round(seconds, 1), message=message.splitlines()[0] if message else None)
     return result
@@ -171,14 +173,14 @@ def remedies_row(bench: Bench, root: Path, data: Path) -> dict:
     """`harness remedies` on the trapped real photos: the remedies that apply trained and scored on eval, the
     others reported as not applying (faces are half the subjects)."""
     from harness.folders import TrialFolder
-    from harness.remedies import remedies_dir, run_remedies
+    from harness.remedies import run_remedies
 
     cfg = realphoto_as_user(bench, root, data, "digits", smoke=bench.quick).replace({"name": "bench-realphoto-remedies"})
     table = run_remedies(cfg)
     scores = {}
     for entry in table["rows"]:
         if entry["applies"]:
-            folders = [TrialFolder(remedies_dir(cfg) / entry["remedy"] / f"seed-{run['seed']}") for run in entry["runs"]
+            folders = [TrialFolder(StudyFolder.of(cfg).remedy_run(entry["remedy"], run["seed"])) for run in entry["runs"]
                        if run["state"] == "complete"]
             scores[entry["remedy"]] = round(eval_f1(cfg, data, folders), 4)
     remedies = {name: score for name, score in scores.items() if name != "none"}

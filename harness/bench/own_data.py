@@ -25,6 +25,7 @@ import numpy as np
 
 from harness.bench.common import Bench, row
 from harness.config import StudyConfig, load_study
+from harness.folders import StudyFolder
 
 TEMPLATE = Path("studies/template.yaml")
 TEST_F1_TARGET = 0.985
@@ -100,13 +101,13 @@ def throughput(bench: Bench, cfg: StudyConfig) -> dict:
         target = folder / source.parent.name / f"{index:05d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-    model_file = export_model(cfg, bench.out / "own_data" / "model.pt2")
+    model_file = export_model(cfg, bench.out / "own_data" / StudyFolder.EXPORT)
     harness_s, plain_s = [], []
     for repeat in range(REPEATS):
         fresh = cfg.replace({"data.cache_dir": str(bench.out / "own_data" / f"predict-cache-{repeat}")})
         shutil.rmtree(fresh.data.cache_dir, ignore_errors=True)
         started = time.perf_counter()
-        predict_images(fresh, folder, bench.out / "own_data" / "predictions.csv", progress=False)
+        predict_images(fresh, folder, bench.out / "own_data" / StudyFolder.PREDICTIONS, progress=False)
         harness_s.append(time.perf_counter() - started)
         plain_s.append(plain_loop_seconds(model_file, folder))
         shutil.rmtree(fresh.data.cache_dir, ignore_errors=True)

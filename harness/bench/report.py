@@ -28,7 +28,8 @@ import harness
 from harness.bench.common import DEFAULT_STUDY, Bench, row
 from harness.config import StudyConfig, load_study
 from harness.data.labels import NUM_CLASSES, class_name
-from harness.folders import EnsembleFolder, TrialFolder
+from harness.folders import EnsembleFolder, StudyFolder, TrialFolder
+from harness.records import TrialResult
 from harness.runtime import default_storage
 from harness.study import trials_frame
 
@@ -106,14 +107,16 @@ def per_class_from(confusion: np.ndarray) -> np.ndarray:
     return np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
 
 
-def write_trial_folder(folder: TrialFolder, rows: list[dict], state: str, rng: np.random.Generator) -> None:
+def write_trial_folder(folder: TrialFolder, rows: list[dict], state: str, rng: np.random.Generator) -> TrialResult:
+    """The trial's folder as harness.train leaves it; its result (the best epoch's figures)."""
     folder.prepare()
     folder.write_metrics(rows)
-    best = max(rows, key=lambda r: r["objective"])
-    confusion = fake_confusion(best["val/f1"], rng)
+    result = TrialResult(state=state, run_dir=str(folder.path), seconds=35.0 * len(rows))
+    result.fill(rows, max(rows, key=lambda r: r["objective"])["epoch"])
+    confusion = fake_confusion(result.best["val/f1"], rng)
     folder.save_best_scores(per_class_from(confusion), confusion)
-    folder.write_result({"state": state, "best_objective": best["objective"], "best_f1": best["val/f1"],
-                         "best_epoch": best["epoch"], "epochs_run": len(rows)})
+    folder.write_result(result.as_json())
+    return result
 
 
 def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile: str | None = None):
@@ -121,7 +124,7 @@ def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile:
     params, distributions = sample_params(cfg, rng)
     if hostile is not None:  # a user string that must come out escaped (tests); one of the backbone choices
         params["backbone"] = hostile
-    run_dir = cfg.trial_dir(number)
+    run_dir = StudyFolder.of(cfg).trial(number).path
     attrs: dict[str, Any] = {"identity": number, "run_dir": str(run_dir), "wandb_run_id": f"{cfg.name}-t{number:04d}"}
     if number % 11 == 10:
         attrs.update(state="failed", reason="RuntimeError: non-finite loss (nan) at epoch 1, step 3", epochs_run=1)
@@ -129,15 +132,11 @@ def fake_trial(cfg: StudyConfig, number: int, rng: np.random.Generator, hostile:
                                          user_attrs=attrs)
     pruned = number % 7 == 6
     rows = epoch_rows(plausible_f1(params, rng), 2 if pruned else EPOCHS, rng)
-    write_trial_folder(TrialFolder(run_dir), rows, "pruned" if pruned else "complete", rng)
-    best = max(rows, key=lambda r: r["objective"])
-    attrs.update(val_f1=best["val/f1"], val_f1_bgswap=best["val/f1_bgswap"], gap_f1=best["gap/f1"],
-                 gap_bgswap=best["gap/bgswap"], best_epoch=best["epoch"], epochs_run=len(rows),
-                 images_per_s=float(np.mean([r["images_per_s"] for r in rows])), seconds=35.0 * len(rows),
-                 state="pruned" if pruned else "complete")
+    result = write_trial_folder(TrialFolder(run_dir), rows, "pruned" if pruned else "complete", rng)
+    attrs.update(result.user_attrs())
     return optuna.trial.create_trial(
         state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
-        value=rows[-1]["objective"] if pruned else best["objective"],
+        value=rows[-1]["objective"] if pruned else result.objective,
         params=params, distributions=distributions, user_attrs=attrs,
         intermediate_values={r["epoch"] + 1: r["objective"] for r in rows})
 

@@ -104,7 +104,7 @@ def pruning_precision(cfg: StudyConfig) -> dict:
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(trial.run_dir, copy)
         params = Params.model_validate(TrialFolder(copy).read_config()["params"])
-        final[int(trial.trial)] = run_trial(cfg, params, data=data, run_dir=copy).best_objective
+        final[int(trial.trial)] = run_trial(cfg, params, data=data, run_dir=copy).objective
     top = sorted(final, key=lambda n: (-final[n], n))[:3]
     wrong = [n for n in pruned["trial"].astype(int) if n in top]
     result = row("pruning_precision", len(wrong), len(pruned), "pruned configurations in the final top 3",

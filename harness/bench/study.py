@@ -59,6 +59,7 @@ import torch
 from harness.bench.common import Bench, load_average, row, unmeasured
 from harness.bench.postgres import PostgresUnavailable, create_database, running_postgres
 from harness.config import StudyConfig
+from harness.folders import StudyFolder
 from harness.io import atomic_write_text
 
 EPOCHS_TARGET = 0.6  # pruned epochs / unpruned epochs
@@ -83,7 +84,7 @@ def bench_search(bench: Bench) -> list[dict]:
         started, load_before = time.perf_counter(), load_average()[0]
         frame = trials_frame(run_study(cfg, progress=False))
         seconds = time.perf_counter() - started
-        atomic_write_text(cfg.study_dir / "trials.csv", frame.to_csv(index=False))
+        atomic_write_text(StudyFolder.of(cfg).trials_table, frame.to_csv(index=False))
         outcome[label] = {**summarize(frame, seconds), "load_average_1min": [load_before, load_average()[0]]}
     pruned, unpruned = outcome["pruned"], outcome["unpruned"]
     size = (f"{pruned_cfg.search.trials} trials x {pruned_cfg.train.epochs} epochs, pruner "

@@ -241,7 +241,7 @@ class FoldObjective:
         print(f"trial {config} fold {fold}: {result.summary()}", flush=True)
         if result.state != "complete":
             raise RecordAsFailed(result.reason or result.state)
-        return result.best_objective
+        return result.objective
 
     def _next_needed(self, trial: optuna.Trial) -> tuple[int, int]:
         """A pair that is neither trained nor in another process's hands; two processes retrying at once
@@ -262,7 +262,12 @@ def train_folds(cfg: StudyConfig, trials: int | None = None, timeout: float | No
     companion, data, folds = open_promotion(cfg, storage, progress)
     plan = Plan.of(companion)
     target = len(plan.pairs()) + _lost_pairs(cfg, companion)  # a fold whose folder was deleted trains again
-    run_trials(companion, FoldObjective(cfg, data, folds, plan), target, cfg, timeout)
+    from harness.tracking import settle_parked
+
+    try:
+        run_trials(companion, FoldObjective(cfg, data, folds, plan), target, cfg, timeout)
+    finally:
+        settle_parked()  # the fold runs that ended before W&B's answer came
     return companion
 
 

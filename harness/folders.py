@@ -14,6 +14,7 @@ nothing else spells a name inside them. Writes are atomic (temp file + os.replac
         predictions.csv     `harness predict --images`
         model.pt2           `harness export`
         single/<time>/      `harness train` runs outside a study
+        unpruned/<n>/       `make bench`: a pruned trial trained on to the last epoch
         wandb/              W&B's run folders, and outage.json (the study-wide outage record)
         trials/<n>/         TrialFolder
         ensemble/           EnsembleFolder
@@ -392,6 +393,10 @@ class StudyFolder(Folder):
 
     def trial(self, identity: int) -> TrialFolder:
         return TrialFolder(self.path / "trials" / str(identity))
+
+    def unpruned_copy(self, identity: int) -> TrialFolder:
+        """A pruned trial's copy trained on to the last epoch (`make bench`'s pruning precision)."""
+        return TrialFolder(self.path / "unpruned" / str(identity))
 
     @property
     def ensemble(self) -> EnsembleFolder:

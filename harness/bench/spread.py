@@ -90,7 +90,7 @@ def pruning_precision(cfg: StudyConfig) -> dict:
     its folder; count the pruned configurations that would have ended among the top 3 by the objective."""
     from harness.config import Params
     from harness.data.prepare import prepare_data
-    from harness.folders import TrialFolder
+    from harness.folders import StudyFolder, TrialFolder
     from harness.runtime import load_existing_study
     from harness.study import trials_frame
     from harness.train import run_trial
@@ -100,7 +100,7 @@ def pruning_precision(cfg: StudyConfig) -> dict:
     pruned = frame[frame["state"] == "pruned"]
     data = prepare_data(cfg, progress=False)
     for trial in pruned.itertuples():
-        copy = cfg.study_dir / "unpruned" / str(trial.trial)
+        copy = StudyFolder.of(cfg).unpruned_copy(int(trial.trial)).path
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(trial.run_dir, copy)
         params = Params.model_validate(TrialFolder(copy).read_config()["params"])

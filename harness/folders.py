@@ -391,8 +391,13 @@ class StudyFolder(Folder):
     def outage(self) -> Path:
         return self.wandb / self.OUTAGE
 
+    @property
+    def trials(self) -> Path:
+        """The folder of every trial's folder."""
+        return self.path / "trials"
+
     def trial(self, identity: int) -> TrialFolder:
-        return TrialFolder(self.path / "trials" / str(identity))
+        return TrialFolder(self.trials / str(identity))
 
     def unpruned_copy(self, identity: int) -> TrialFolder:
         """A pruned trial's copy trained on to the last epoch (`make bench`'s pruning precision)."""

@@ -49,13 +49,9 @@ GAP_F1 = Figure("gap/f1", "train-probe F1 - val F1 (overfitting)", signed=True)
 GAP_BGSWAP = Figure("gap/bgswap", "val F1 - background-swapped val F1 (reliance on the background)", signed=True)
 FIGURES = (OBJECTIVE, VAL_F1, VAL_F1_BGSWAP, GAP_F1, GAP_BGSWAP)
 
-# Optuna's states (TrialState names, lower-cased), FAIL as "failed"; "interrupted": stopped on request (resume
-# tests), never stored as a finished trial
-STATES = ("complete", "pruned", "failed", "running", "waiting", "interrupted")
-
-
 def state_name(state: Any) -> str:
-    """The one name of a state, from an Optuna TrialState or any spelling of it ("FAIL", "fail", "failed")."""
+    """The one name of a state, from an Optuna TrialState or any spelling of it ("FAIL", "fail", "failed"):
+    Optuna's state names lower-cased, FAIL as "failed"."""
     name = str(getattr(state, "name", state)).lower()
     return "failed" if name == "fail" else name
 
@@ -69,7 +65,7 @@ OUTCOME_FIELDS = ("best_epoch", "epochs_run", "images_per_s", "seconds", "state"
 class TrialResult:
     """What one trial ended with: its state, its best epoch's figures (`best`, by figure key) and its outcome."""
 
-    state: str  # one of STATES
+    state: str  # "complete", "pruned", "failed" (`state_name`), or "interrupted": stopped on request, never stored
     run_dir: str
     best: dict[str, float] = field(default_factory=dict)  # figure key -> value at the best epoch
     best_epoch: int = -1  # counted from 0, as metrics.csv's epoch column

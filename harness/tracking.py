@@ -215,12 +215,11 @@ def settle_parked(block: bool = True) -> None:
     `block`, waiting for the answer until tracking.init_timeout_s after the question (the end of a study's
     trials calls it; a later run that finds the answer in calls it without waiting)."""
     while _PARKED:
-        tracker = _PARKED[0]
+        tracker = _PARKED.pop(0)
         tracker._settle(block)
-        if tracker._waiting is not None:  # still no answer
+        if tracker._waiting is not None:  # still no answer: it stays first
+            _PARKED.insert(0, tracker)
             return
-        if _PARKED and _PARKED[0] is tracker:
-            _PARKED.pop(0)
 
 
 class _Tracker:

@@ -86,7 +86,7 @@ def refusal_row(bench: Bench, name: str, cfg: StudyConfig) -> dict:
         refused, message = True, str(error)
     seconds = time.perf_counter() - started
     study = StudyFolder.of(cfg)
-    untouched = not study.trial(0).path.parent.exists() and not study.database.exists()
+    untouched = not study.trials.exists() and not study.database.exists()
     result = row(f"applicability_{name}_refused", float(refused and untouched), 1.0, "refused before any trial", 1.0)
     result.update(seconds_to_refusal=round(seconds, 1), message=message.splitlines()[0] if message else None)
     return result

@@ -76,8 +76,8 @@ def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None
     promoted = PromotionFolder.of(cfg)
     summary = promoted.summary() if source != "ensemble" else None
     if summary is not None:
-        members = [Member(int(m["trial"]), int(m["weight"]), promoted.fold(int(m["trial"]), fold), fold)
-                   for m in summary["members"] for fold in range(summary["folds"])]
+        members = fold_members(promoted, {int(m["trial"]): int(m["weight"]) for m in summary["members"]},
+                               summary["folds"])
         missing = [m.name for m in members if not m.folder.has(TrialFolder.MODEL_FILES)
                    and fetch_folder(cfg, m.folder.path, TrialFolder.MODEL_FILES) is None]
         if missing:
@@ -94,6 +94,13 @@ def load_members(cfg: StudyConfig, trial: int | None = None, storage: str | None
                    trial_folder_with(cfg, m["run_dir"], int(m["trial"]), TrialFolder.MODEL_FILES, NO_MODEL_HINT,
                                      error=PredictError))
             for m in ensemble.members()["members"]], ensemble
+
+
+def fold_members(promoted: PromotionFolder, weights: dict[int, int], folds: int) -> list[Member]:
+    """Every fold model of the promoted configurations (configuration -> weight), each with its configuration's
+    weight."""
+    return [Member(config, weight, promoted.fold(config, fold), fold)
+            for config, weight in weights.items() for fold in range(folds)]
 
 
 def _one_trial(cfg: StudyConfig, trial: int, storage: str | None) -> TrialFolder:

@@ -512,9 +512,8 @@ def promotion_section(cfg: StudyConfig) -> Section:
         return section
     low, high = summary["cv_f1_ci95"]
     if estimate := describe_estimate(summary):
-        section.html(f"<p class='estimate'><b>Estimate of the submission:</b> {html.escape(estimate)}. From the "
-                     "out-of-fold predictions (one fold model per configuration) scored on draws of as many persons "
-                     "as the held-out set has; the figures it was made from follow.</p>")
+        section.html(f"<p class='estimate'><b>Estimate of the submission:</b> {html.escape(estimate)}. The "
+                     "out-of-fold figures it was made from follow.</p>")
     section.html(key_values({"folds": summary["folds"], "persons": summary["n_persons"], "images": summary["n_images"],
                              "cv F1 (honest, all persons)": f"{fmt(summary['cv_f1'])} [{fmt(low)}, {fmt(high)}]",
                              "cv F1 on the audit's corrected labels": fmt(summary.get("cv_f1_corrected_labels")),

@@ -9,6 +9,9 @@ confusion matrices for all resamples at once (one matrix product), for any numbe
     f1_on_new_set(pred, ..., size)          the macro F1 to expect on a new set of `size` persons (stratified
                                             by label, as held-out splits are), and the 95% interval one such
                                             set's score falls in
+    f1_on_held_out(held_out, ...)           the macro F1 to expect of predictions on one given set of unlabelled
+                                            images, from their probabilities (the expected confusion matrix),
+                                            with an interval from out-of-fold sets where the truth is known
     with_intervals(cfg, frame)              trials_frame + each trial's objective interval on valid and
                                             whether it can be told apart from the best trial (paired: the
                                             same resamples for every trial, the interval of the difference)
@@ -112,6 +115,42 @@ def f1_on_new_set(pred: np.ndarray, labels: np.ndarray, persons: np.ndarray, num
     new_set = weighted_f1(pred, labels, person_weights(persons, seed=seed, size=size, strata=strata), num_classes)[0]
     these = weighted_f1(pred, labels, person_weights(persons, seed=seed + 1), num_classes)[0]
     return float(new_set.mean()), interval(np.clip(new_set + these - these.mean(), 0.0, 1.0))
+
+
+def expected_f1(probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(B,) the macro F1 that the argmax of `probs` (N, C) is expected to score if each image's class were
+    drawn from its row of `probs`, under each weighting (B, N) of the images (one, all weights 1, without).
+
+    Per class: 2 E[TP] / (predicted + E[actual]), the expected confusion matrix's F1 (confidence-based
+    performance estimation). It needs no label: it reads which classes the predictions miss on these
+    images, so a set whose rare class the model never predicts is expected to score low on it."""
+    probs = np.asarray(probs, dtype=np.float64)
+    weights = np.ones((1, len(probs))) if weights is None else np.atleast_2d(weights)
+    predicted = np.eye(probs.shape[1])[probs.argmax(axis=1)]  # (N, C) one-hot
+    true_positives = weights @ (predicted * probs)
+    totals = weights @ predicted + weights @ probs  # predicted + expected actual, per class
+    f1 = np.divide(2 * true_positives, totals, out=np.zeros_like(true_positives), where=totals > 0)
+    return f1.mean(axis=1)
+
+
+def f1_on_held_out(held_out: np.ndarray, probs: np.ndarray, labels: np.ndarray, persons: np.ndarray, size: int,
+                   seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """The macro F1 to expect of the argmax of `held_out` (the submitted model's probabilities on the held-out
+    images, whose labels are unknown) and a 95% interval for it.
+
+    The figure is `expected_f1(held_out)`. Its error is measured where the truth is known: out-of-fold
+    `probs` with their `labels`, on stratified draws of `size` persons (`person_weights`), each draw's macro F1
+    minus the expected one. The interval is the figure plus the spread of that error, centred (its mean is not
+    added: docs/performance.md, "The estimate of the submission") and widened by the finite population
+    correction: `size` of these persons at a time vary less than `size` new ones would."""
+    estimate = float(expected_f1(held_out)[0])
+    weights = person_weights(persons, seed=seed, size=size, strata=labels)
+    error = weighted_f1(np.asarray(probs).argmax(axis=1), labels, weights, probs.shape[1])[0] - expected_f1(probs, weights)
+    known = len(np.unique(persons))
+    if size < known:  # draws of `size` of `known` persons vary less than independent sets do: the finite
+        error = error / np.sqrt(1 - size / known)  # population correction, undone
+    low, high = interval(error - error.mean())
+    return estimate, (float(np.clip(estimate + low, 0, 1)), float(np.clip(estimate + high, 0, 1)))
 
 
 def objective_samples(view_preds: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray,

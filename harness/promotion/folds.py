@@ -17,9 +17,12 @@ out-of-fold prediction for every labelled image from a model that never trained 
     cv_f1          macro F1 of those predictions, with a person-bootstrap 95% interval; each member's too
                    (one fold model per image), and on the labels after the audit's corrections
     the audit      harness.promotion.audit: label issues per task with cleanlab (label_issues.csv)
-    the estimate   what the submission should score on its held-out set (submission_estimate): the same
-                   predictions on draws of as many persons as the held-out set has, and the 95% interval
-                   one such set's score falls in; shown first (make promote, make status, report, W&B)
+    the estimate   what the submission should score on its held-out set (submission_estimate): read from the
+                   submitted fold models' own probabilities on the held-out images (their expected confusion
+                   matrix), its interval from how far that reading misses on out-of-fold sets of as many
+                   persons; beside it the same predictions on draws of as many persons as the held-out set has
+                   (a new set like the labelled one), on the given and the corrected labels; shown first
+                   (make promote, make status, report, W&B)
 
 runs/<study>/promotion/ holds summary.json, the folds' folders (trial-<n>/fold-<k>/, each a TrialFolder) and
 the audit; `harness predict` then uses every fold model of every member.
@@ -39,6 +42,7 @@ import pandas as pd
 
 from harness.config import Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
+from harness.data.readers import DataError
 from harness.data.split import person_folds, split_hash
 from harness.folders import EnsembleFolder, PromotionFolder, objective_files
 from harness.io import json_ready
@@ -57,7 +61,7 @@ from harness.runtime import (
     trial_identity,
 )
 from harness.study import store_result, trials_frame
-from harness.uncertainty import f1_interval, f1_on_new_set
+from harness.uncertainty import f1_interval, f1_on_held_out, f1_on_new_set
 
 log = logging.getLogger("harness.promotion")
 SETTINGS = ("folds", "top_k", "min_epochs", "fold_hash")  # a resume must find these as they were
@@ -297,7 +301,8 @@ def log_summary(cfg: StudyConfig, summary: dict) -> str | None:
 
     estimate, fixed = summary["estimate"], summary["estimate"]["corrected_labels"]
     metrics = {"estimate/f1": estimate["f1"], "estimate/low": estimate["ci95"][0], "estimate/high": estimate["ci95"][1],
-               "estimate/persons": estimate["persons"], "estimate/corrected_labels_f1": fixed["f1"],
+               "estimate/persons": estimate["persons"], "estimate/basis": estimate.get("basis", "new set"),
+               "estimate/new_set_f1": estimate.get("new_set", estimate)["f1"], "estimate/corrected_labels_f1": fixed["f1"],
                "cv_f1": summary["cv_f1"], "cv_f1/low": summary["cv_f1_ci95"][0], "cv_f1/high": summary["cv_f1_ci95"][1],
                "cv_f1/corrected_labels": summary["cv_f1_corrected_labels"],
                "corrected_labels": summary["corrected_labels"], "label_issues": summary["label_issues"]["rows"],
@@ -373,7 +378,7 @@ def summarize(cfg: StudyConfig, storage: str | None = None) -> dict:
     summary = {
         "folds": plan.folds, "method": cfg.ensemble.method, "objective": cfg.search.objective,
         "members": [{"trial": m["trial"], "weight": m["weight"]} for m in members if m["weight"] > 0],
-        "estimate": submission_estimate(cfg, honest, oof, corrected, num_classes),
+        "estimate": submission_estimate(cfg, honest, probs, oof, corrected, plan, chosen.weights),
         "cv_f1": macro_f1(honest, oof.labels, num_classes),
         "cv_f1_ci95": list(f1_interval(honest, oof.labels, oof.persons, num_classes, seed=cfg.seed)),
         "cv_f1_corrected_labels": macro_f1(honest, corrected, num_classes),
@@ -400,20 +405,50 @@ def held_out_persons(cfg: StudyConfig, labelled: pd.DataFrame) -> tuple[int, int
     return images, max(1, round(images / per_person))
 
 
-def submission_estimate(cfg: StudyConfig, honest: np.ndarray, oof: Stacked, corrected: np.ndarray,
-                        num_classes: int) -> dict:
-    """The macro F1 to expect of the submission on its held-out set, with the interval its score falls in:
-    the honest out-of-fold ensemble's predictions scored on draws of as many persons as the held-out set
-    has (uncertainty.f1_on_new_set), on the given labels and on the labels after the audit's corrections.
-    Where no held-out set exists, a new set as large as the labelled data."""
+def held_out_probabilities(cfg: StudyConfig, plan: Plan, weights: np.ndarray) -> np.ndarray | None:
+    """What the submission will predict: the held-out images' class probabilities from every fold model of the
+    configurations with a weight (as `harness predict` blends them, without test-time augmentation); None
+    where there is no held-out set or its images cannot be read (the estimate then stands on a new set)."""
+    from harness.data.readers import read_eval
+    from harness.predict import EvalImages, PredictError, ensemble_probabilities, fold_members
+
+    index = read_eval(cfg.data)
+    if index is None or index.frame.empty:
+        return None
+    members = fold_members(PromotionFolder.of(cfg), {c: int(w) for c, w in zip(plan.configs, weights, strict=True)
+                                                     if w > 0}, plan.folds)
+    try:
+        return ensemble_probabilities(cfg, members, EvalImages(cfg), tta=None)[0]
+    except (PredictError, DataError) as error:
+        log.warning("the estimate of the submission stands on a new set, not on the held-out images: %s", error)
+        return None
+
+
+def submission_estimate(cfg: StudyConfig, honest: np.ndarray, probs: np.ndarray, oof: Stacked,
+                        corrected: np.ndarray, plan: Plan, weights: np.ndarray) -> dict:
+    """The macro F1 to expect of the submission, with a 95% interval for it.
+
+    With held-out images (held_out_probabilities: the submission's own probabilities on them) the figure is read from
+    those probabilities, so it is of the bag that is submitted (every fold model) on the very images it is
+    scored on, and its interval comes from how far the same reading missed on out-of-fold sets of as many
+    persons (uncertainty.f1_on_held_out). Beside it, and in its place without held-out images: the honest
+    out-of-fold ensemble's predictions scored on draws of as many persons as the held-out set has
+    (uncertainty.f1_on_new_set), on the given labels and on the labels after the audit's corrections."""
     started = time.perf_counter()
+    num_classes = probs.shape[1]
     size = held_out_persons(cfg, oof.frame)
     persons = size[1] if size else len(np.unique(oof.persons))
     f1, ci95 = f1_on_new_set(honest, oof.labels, oof.persons, num_classes, persons, seed=cfg.seed)
     f1_corrected, ci95_corrected = f1_on_new_set(honest, corrected, oof.persons, num_classes, persons, seed=cfg.seed)
-    return {"f1": f1, "ci95": list(ci95), "persons": persons, "images": size[0] if size else None,
-            "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected)},
-            "seconds": round(time.perf_counter() - started, 3)}
+    new_set = {"f1": f1, "ci95": list(ci95)}
+    estimate = {"f1": f1, "ci95": list(ci95), "basis": "new set", "persons": persons,
+                "images": size[0] if size else None, "new_set": new_set,
+                "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected)}}
+    held_out = held_out_probabilities(cfg, plan, weights)
+    if held_out is not None:
+        f1, ci95 = f1_on_held_out(held_out, probs, oof.labels, oof.persons, persons, seed=cfg.seed)
+        estimate.update(f1=f1, ci95=list(ci95), basis="held-out images", images=len(held_out))
+    return {**estimate, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def summary_table(summary: dict) -> str:
@@ -444,9 +479,18 @@ def describe_estimate(summary: dict) -> str:
     if not estimate:
         return ""
     low, high = estimate["ci95"]
+    fixed = estimate["corrected_labels"]
+    new_set = estimate.get("new_set", estimate)
+    like = (f"a new set of {estimate['persons']} persons like the labelled ones (each label its share): "
+            f"{new_set['f1']:.4f} [{new_set['ci95'][0]:.4f}, {new_set['ci95'][1]:.4f}], {fixed['f1']:.4f} "
+            f"[{fixed['ci95'][0]:.4f}, {fixed['ci95'][1]:.4f}] if the audit's {summary['corrected_labels']} changed "
+            "image label(s) are right")
+    if estimate.get("basis") == "held-out images":
+        return (f"the submission should score macro F1 {estimate['f1']:.4f} [{low:.4f}, {high:.4f}] (95%) on its "
+                f"{estimate['images']} held-out images (read from its own probabilities on them, every fold model); "
+                f"on {like}")
     where = (f"a held-out set of {estimate['images']} images (~{estimate['persons']} persons, each label its share)"
              if estimate["images"] else f"a new set of {estimate['persons']} persons (each label its share)")
-    fixed = estimate["corrected_labels"]
     return (f"the submission should score macro F1 {estimate['f1']:.4f} on {where}, 95% of such sets within "
             f"[{low:.4f}, {high:.4f}]; {fixed['f1']:.4f} [{fixed['ci95'][0]:.4f}, {fixed['ci95'][1]:.4f}] if the "
             f"audit's {summary['corrected_labels']} changed image label(s) are right")

@@ -8,8 +8,8 @@ from pathlib import Path
 import optuna
 import pytest
 import timm
-
 import wandb
+
 from harness import compat
 from harness.tracking import _wait_for_exit_record
 

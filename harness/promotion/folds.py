@@ -408,13 +408,10 @@ def held_out_persons(cfg: StudyConfig, labelled: pd.DataFrame) -> tuple[int, int
 def held_out_probabilities(cfg: StudyConfig, plan: Plan, weights: np.ndarray) -> np.ndarray | None:
     """What the submission will predict: the held-out images' class probabilities from every fold model of the
     configurations with a weight (as `harness predict` blends them, without test-time augmentation); None
-    where there is no held-out set or its images cannot be read (the estimate then stands on a new set)."""
-    from harness.data.readers import read_eval
+    where its images cannot be read (the estimate then stands on a new set). Called where a held-out set
+    exists (held_out_persons)."""
     from harness.predict import EvalImages, PredictError, ensemble_probabilities, fold_members
 
-    index = read_eval(cfg.data)
-    if index is None or index.frame.empty:
-        return None
     members = fold_members(PromotionFolder.of(cfg), {c: int(w) for c, w in zip(plan.configs, weights, strict=True)
                                                      if w > 0}, plan.folds)
     try:
@@ -444,7 +441,7 @@ def submission_estimate(cfg: StudyConfig, honest: np.ndarray, probs: np.ndarray,
     estimate = {"f1": f1, "ci95": list(ci95), "basis": "new set", "persons": persons,
                 "images": size[0] if size else None, "new_set": new_set,
                 "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected)}}
-    held_out = held_out_probabilities(cfg, plan, weights)
+    held_out = held_out_probabilities(cfg, plan, weights) if size else None
     if held_out is not None:
         f1, ci95 = f1_on_held_out(held_out, probs, oof.labels, oof.persons, persons, seed=cfg.seed)
         estimate.update(f1=f1, ci95=list(ci95), basis="held-out images", images=len(held_out))
@@ -480,17 +477,15 @@ def describe_estimate(summary: dict) -> str:
         return ""
     low, high = estimate["ci95"]
     fixed = estimate["corrected_labels"]
-    new_set = estimate.get("new_set", estimate)
-    like = (f"a new set of {estimate['persons']} persons like the labelled ones (each label its share): "
-            f"{new_set['f1']:.4f} [{new_set['ci95'][0]:.4f}, {new_set['ci95'][1]:.4f}], {fixed['f1']:.4f} "
-            f"[{fixed['ci95'][0]:.4f}, {fixed['ci95'][1]:.4f}] if the audit's {summary['corrected_labels']} changed "
-            "image label(s) are right")
+    corrected = (f"{fixed['f1']:.4f} [{fixed['ci95'][0]:.4f}, {fixed['ci95'][1]:.4f}] if the audit's "
+                 f"{summary['corrected_labels']} changed image label(s) are right")
     if estimate.get("basis") == "held-out images":
+        new_set = estimate["new_set"]
         return (f"the submission should score macro F1 {estimate['f1']:.4f} [{low:.4f}, {high:.4f}] (95%) on its "
                 f"{estimate['images']} held-out images (read from its own probabilities on them, every fold model); "
-                f"on {like}")
+                f"on a new set of {estimate['persons']} persons like the labelled ones (each label its share): "
+                f"{new_set['f1']:.4f} [{new_set['ci95'][0]:.4f}, {new_set['ci95'][1]:.4f}], {corrected}")
     where = (f"a held-out set of {estimate['images']} images (~{estimate['persons']} persons, each label its share)"
              if estimate["images"] else f"a new set of {estimate['persons']} persons (each label its share)")
     return (f"the submission should score macro F1 {estimate['f1']:.4f} on {where}, 95% of such sets within "
-            f"[{low:.4f}, {high:.4f}]; {fixed['f1']:.4f} [{fixed['ci95'][0]:.4f}, {fixed['ci95'][1]:.4f}] if the "
-            f"audit's {summary['corrected_labels']} changed image label(s) are right")
+            f"[{low:.4f}, {high:.4f}]; {corrected}")

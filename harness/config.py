@@ -460,7 +460,11 @@ def parse_study(text: str, source: str = "<string>", smoke: bool = False) -> Stu
     if smoke:
         if not cfg.smoke:
             raise ConfigError(f"{source}: has no `smoke:` section to shrink it with")
-        cfg = cfg.replace(cfg.smoke)
+        try:
+            cfg = cfg.replace(cfg.smoke)
+        except ConfigError as error:  # name the section to edit, not the generic "overrides"
+            raise ConfigError(f"{source}: its `smoke:` section does not fit the study; edit it to match "
+                              f"the study's data and space:\n{error}") from None
     return cfg
 
 

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,19 @@ def test_every_study_file_and_its_smoke_variant_load(path):
     assert cfg.name == path.stem
     assert smoke.train.epochs <= cfg.train.epochs
     assert smoke.search.trials <= cfg.search.trials
+
+
+def test_a_smoke_section_that_no_longer_fits_its_study_is_named_in_the_refusal(tmp_path):
+    """A user's image-folder study copied from default.yaml keeps default's synthetic `smoke:` section."""
+    text = (REPO / "studies" / "default.yaml").read_text()
+    text = text.replace("format: competition", "format: imagefolder\n  sample: digits", 1)
+    text = re.sub(r"\n  synthetic: \{.*\}", "\n  synthetic: null", text, count=1)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as refused:
+        load_study(path, smoke=True)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: its `smoke:` section does not fit the study")
+    assert "data.sample" in message and "no synthetic" in message  # what the section sets and why it clashes
 
 
 def test_minimal_study_gets_component_defaults():

@@ -3,6 +3,7 @@ fold model; the label audit and the corrections it writes; person-bootstrap inte
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -25,7 +26,15 @@ from harness.data.split import person_folds
 from harness.folders import PromotionFolder, StudyFolder
 from harness.predict import predict_submission
 from harness.promotion.audit import AuditError, audit_labels, labels_after, read_issues, write_corrections
-from harness.promotion.folds import PromotionError, companion_name, describe_estimate, promote, restart
+from harness.promotion.folds import (
+    Plan,
+    PromotionError,
+    companion_name,
+    describe_estimate,
+    open_promotion,
+    promote,
+    restart,
+)
 from harness.report import AUDIT_ROWS, external_references, write_report
 from harness.runtime import default_storage
 from harness.study import run_study, status, trials_frame
@@ -243,16 +252,18 @@ def test_resume_with_other_settings_is_refused_and_loses_nothing(promoted, chang
     assert fold_files(cfg) == before and len(companion(cfg).get_trials()) == attempts
 
 
-def test_more_folds_than_the_smallest_stratum_allows_is_refused_before_training(promoted, tmp_path):
+def test_more_folds_than_the_smallest_stratum_has_persons_still_hold_every_person_out_once(promoted, tmp_path, caplog):
     cfg, _, _ = promoted
-    too_many = load_study(REPO / "studies" / "default.yaml", smoke=True, overrides={
+    more = load_study(REPO / "studies" / "default.yaml", smoke=True, overrides={
         **flat(cfg), "promotion.folds": 3, "runs_dir": str(tmp_path / "other-runs")})
-    shutil.copytree(cfg.study_dir, too_many.study_dir, ignore=shutil.ignore_patterns("promotion", "wandb"))
-    optuna.delete_study(study_name=companion_name(too_many), storage=default_storage(too_many))  # a study not promoted
-    with pytest.raises(PromotionError, match=r"promotion.folds: 3 folds need at least 3 persons .* has 2"):
-        promote(too_many)
-    names = [s.study_name for s in optuna.get_all_study_summaries(default_storage(too_many))]
-    assert companion_name(too_many) not in names and not PromotionFolder.of(too_many).path.exists()
+    shutil.copytree(cfg.study_dir, more.study_dir, ignore=shutil.ignore_patterns("promotion", "wandb"))
+    optuna.delete_study(study_name=companion_name(more), storage=default_storage(more))  # a study not promoted
+    with caplog.at_level(logging.WARNING, logger="harness.data.split"):
+        started, data, folds = open_promotion(more, None, progress=False)  # the plan only: nothing trained
+    held_out = [set(data.frame["person"].iloc[f.valid]) for f in folds]
+    assert len(folds) == 3 and sum(map(len, held_out)) == data.frame["person"].nunique() == len(set().union(*held_out))
+    assert "3 folds, but these strata have fewer persons" in caplog.text and "promotion.folds: 2" in caplog.text
+    assert len(Plan.of(started).pairs()) == 3 * len(Plan.of(started).configs)
 
 
 @pytest.mark.slow
@@ -361,12 +372,19 @@ def test_weighted_f1_is_sklearns_macro_f1_under_any_person_weighting():
     assert low < f1_score(labels, preds[0], average="macro") < high
 
 
-def test_person_folds_refuse_a_stratum_too_small_and_name_it(tmp_path):
+def test_person_folds_hold_every_person_out_once_and_name_a_stratum_smaller_than_the_folds(tmp_path, caplog):
     frame = read_competition_train(write_competition(tmp_path / "data", people(30))).frame
     folds = person_folds(frame, 5, seed=0)
     held_out = [set(frame["person"].iloc[f.valid]) for f in folds]
     assert len(set().union(*held_out)) == 30 and sum(map(len, held_out)) == 30
     for fold in folds:  # every stratum is held out in every fold
         assert frame.iloc[fold.valid].groupby(["gender", "age"]).ngroups == 6
-    with pytest.raises(ValueError, match=r"6 folds need at least 6 persons .* has 5: use at most 5 folds"):
-        person_folds(frame, 6)
+    with caplog.at_level(logging.WARNING, logger="harness.data.split"):
+        folds = person_folds(frame, 6, seed=0)  # five persons per stratum: one fold misses each stratum
+    held_out = [set(frame["person"].iloc[f.valid]) for f in folds]
+    assert len(folds) == 6 and len(set().union(*held_out)) == 30 and sum(map(len, held_out)) == 30
+    assert all(set(frame["person"].iloc[f.train]).isdisjoint(h) for f, h in zip(folds, held_out))
+    assert "6 folds, but these strata have fewer persons" in caplog.text and "promotion.folds: 5" in caplog.text
+    lonely = frame[~frame["person"].isin(frame.loc[(frame["gender"] == 1) & (frame["age"] == 2), "person"].unique()[1:])]
+    with pytest.raises(ValueError, match=r"female old has a single person .* add persons to it"):
+        person_folds(lonely, 2)

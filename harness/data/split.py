@@ -9,6 +9,8 @@ otherwise) so the rare >=60 group always appears in valid.
 from __future__ import annotations
 
 import hashlib
+import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from harness.data.labels import AGE_NAMES, GENDER_NAMES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,20 +68,32 @@ def stratum_name(frame: pd.DataFrame, stratum: int) -> str:
 
 def person_folds(frame: pd.DataFrame, folds: int, seed: int = 0) -> list[Split]:
     """K person-grouped folds over every row, stratified as `split_by_person` is: fold k's `valid` is its
-    held-out persons, its `train` everyone else. Refused when a stratum has fewer persons than folds: some
-    fold would hold none of them out, and its held-out score would miss a class."""
+    held-out persons, its `train` everyone else. Every person is held out exactly once.
+
+    A stratum with fewer persons than folds (a rare class of a user's data, two old men of a small set) is
+    spread over as many folds as it has persons: the other folds hold none of it out, so their own held-out
+    scores miss that class, while the out-of-fold predictions, which the promotion scores and audits, still
+    cover every person. That is logged, not refused: fewer folds would train every model on fewer persons.
+    A stratum of one person is refused: the fold holding it out would train without its class."""
     persons = frame["person"].to_numpy()
     strata = person_strata(frame)
     per_stratum = pd.Series(strata.to_numpy()).groupby(persons).first().value_counts()
     smallest, fewest = per_stratum.idxmin(), int(per_stratum.min())
+    if fewest < 2:
+        raise ValueError(f"{stratum_name(frame, int(smallest))} has a single person (strata: gender x age group, or "
+                         "class): no K-fold split can both train on and hold out a stratum of one person; add "
+                         "persons to it")
     if fewest < folds:
-        what = (f"use at most {fewest} folds (promotion.folds: {fewest})" if fewest >= 2 else
-                "no K-fold split can both train on and hold out a stratum of one person; add persons to it")
-        raise ValueError(f"{folds} folds need at least {folds} persons in every stratum (gender x age group, or "
-                         f"class), but {stratum_name(frame, int(smallest))} has {fewest}: {what}")
+        short = ", ".join(f"{stratum_name(frame, int(s))} ({n})" for s, n in per_stratum[per_stratum < folds].items())
+        log.warning("%d folds, but these strata have fewer persons: %s; the folds without one of them score "
+                    "their held-out persons without that class (every person is still held out once). "
+                    "promotion.folds: %d holds each of them out in every fold, training on fewer persons",
+                    folds, short, fewest)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     result = []
-    for train, valid in splitter.split(np.zeros(len(frame)), strata, groups=persons):
-        train, valid = np.sort(train), np.sort(valid)
-        result.append(Split(train, valid, split_hash(sorted(set(persons[train])), sorted(set(persons[valid])))))
+    with warnings.catch_warnings():  # sklearn's "least populated class" warning: said above, in our terms
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for train, valid in splitter.split(np.zeros(len(frame)), strata, groups=persons):
+            train, valid = np.sort(train), np.sort(valid)
+            result.append(Split(train, valid, split_hash(sorted(set(persons[train])), sorted(set(persons[valid])))))
     return result

@@ -12,6 +12,8 @@ confusion matrices for all resamples at once (one matrix product), for any numbe
     f1_on_held_out(held_out, ...)           the macro F1 to expect of predictions on one given set of unlabelled
                                             images, from their probabilities (the expected confusion matrix),
                                             with an interval from out-of-fold sets where the truth is known
+    undiluted(members, weights)             an average of models' probabilities with their own confidence: what
+                                            f1_on_held_out reads for a bag of models
     with_intervals(cfg, frame)              trials_frame + each trial's objective interval on valid and
                                             whether it can be told apart from the best trial (paired: the
                                             same resamples for every trial, the interval of the difference)
@@ -151,6 +153,39 @@ def f1_on_held_out(held_out: np.ndarray, probs: np.ndarray, labels: np.ndarray, 
         error = error / np.sqrt(1 - size / known)  # population correction, undone
     low, high = interval(error - error.mean())
     return estimate, (float(np.clip(estimate + low, 0, 1)), float(np.clip(estimate + high, 0, 1)))
+
+
+def undiluted(members: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The weighted average of the members' class probabilities (M, N, C), sharpened by one temperature until
+    its mean top probability is the members' own (their weighted mean); left as it is where it is already at
+    least that. One temperature keeps every prediction of the average. Returns (N, C) and what it did.
+
+    Averaging models that disagree spreads the average over the classes they disagree on: its confidence falls
+    below each member's while it is right more often than they are (a measured bag of six fold models: mean
+    top probability 0.76 against its members' 0.79, right on 0.84 of the images against their 0.70-0.80).
+    The expected confusion matrix of the plain average therefore reads low. The members are what out-of-fold
+    predictions check (one fold model per labelled image); the average is what no labelled image can check
+    (all but one fold model trained on every labelled person), so its confidence is set to the members'. That
+    is pool-then-calibrate with the members' confidence as the target in place of a held-out set the bag does
+    not have, and conservative where bagging gains: the bag is right at least as often as its members."""
+    members, weights = np.asarray(members, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    average = np.tensordot(weights / weights.sum(), members, axes=1)
+    target = float(np.average(members.max(axis=2).mean(axis=1), weights=weights))
+    before = float(average.max(axis=1).mean())
+    temperature = 1.0
+    if before < target:
+        from scipy.optimize import brentq
+
+        log_average = np.log(np.clip(average, 1e-12, 1.0))
+        temperature = brentq(lambda t: _tempered(log_average, t).max(axis=1).mean() - target, 1e-3, 1.0, xtol=1e-6)
+        average = _tempered(log_average, temperature)
+    return average, {"members_confidence": target, "average_confidence": before, "temperature": float(temperature)}
+
+
+def _tempered(log_probs: np.ndarray, temperature: float) -> np.ndarray:
+    scaled = log_probs / temperature
+    scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def objective_samples(view_preds: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray,

@@ -39,7 +39,15 @@ from harness.report import AUDIT_ROWS, external_references, write_report
 from harness.runtime import default_storage
 from harness.study import run_study, status, trials_frame
 from harness.tracking import fold_run_id, promotion_run_id, read_offline_run
-from harness.uncertainty import expected_f1, f1_interval, f1_on_held_out, f1_on_new_set, person_weights, weighted_f1
+from harness.uncertainty import (
+    expected_f1,
+    f1_interval,
+    f1_on_held_out,
+    f1_on_new_set,
+    person_weights,
+    undiluted,
+    weighted_f1,
+)
 
 
 def smoke_config(root, name: str, **overrides):
@@ -126,19 +134,55 @@ def test_estimate_of_the_submission_is_taken_at_the_held_out_sets_size_and_logge
     run = read_offline_run(cfg.study_dir / "wandb", promotion_run_id(cfg.name))
     assert run["job_type"] == "promotion"
     assert run["summary"]["estimate/f1"] == pytest.approx(estimate["f1"])
+    assert run["summary"]["estimate/f1_as_averaged"] == pytest.approx(estimate["dilution"]["f1_as_averaged"])
     assert run["summary"]["cv_f1"] == pytest.approx(summary["cv_f1"])
     assert run["summary"]["cv_f1/corrected_labels"] == pytest.approx(summary["cv_f1_corrected_labels"])
     line = describe_estimate(summary)  # what `make status` and the summary print
     assert f"{estimate['f1']:.4f}" in line and f"{eval_images} held-out images" in line
+    assert f"as averaged {estimate['dilution']['f1_as_averaged']:.4f}" in line
 
 
 def test_the_estimate_reads_the_submitted_bags_own_probabilities_on_the_held_out_images(promoted):
     cfg, summary, _ = promoted
     estimate = summary["estimate"]
     assert estimate["basis"] == "held-out images"
-    submitted = predict_submission(cfg, log_to_wandb=False)["probs"]  # every fold model of every member
-    assert estimate["f1"] == pytest.approx(expected_f1(submitted)[0], abs=1e-6)
+    result = predict_submission(cfg, log_to_wandb=False)  # every fold model of every member
+    weight = {member["trial"]: member["weight"] for member in summary["members"]}
+    names = list(result["member_probs"])
+    each = np.stack([result["member_probs"][name] for name in names])
+    weights = np.array([weight[int(name.split("/")[0])] for name in names])
+    assert estimate["f1"] == pytest.approx(expected_f1(undiluted(each, weights)[0])[0], abs=1e-6)
+    dilution = estimate["dilution"]
+    assert dilution["f1_as_averaged"] == pytest.approx(expected_f1(result["probs"])[0], abs=1e-6)
+    assert dilution["members_confidence"] == pytest.approx(np.average(each.max(axis=2).mean(axis=1), weights=weights))
     assert estimate["new_set"]["f1"] != estimate["f1"]  # the new-set figure is kept beside it
+
+
+def test_an_average_of_models_that_disagree_is_given_back_their_confidence_and_reads_closer_to_the_truth():
+    """Five models, each right on an image with the probability it gives its answer (calibrated), independently
+    of one another: their average is right more often than any of them and less sure than each, so its expected
+    confusion matrix reads below even its members' scores. Given back the members' confidence it reads what they
+    score: closer to the truth, and still below it (independent models are where bagging gains most)."""
+    rng = np.random.default_rng(11)
+    images, classes, models = 3000, 4, 5
+    truth = rng.integers(0, classes, images)
+    sure = rng.uniform(0.45, 0.95, (models, images))  # how often model m is right on image i, and what it says
+    right = rng.random((models, images)) < sure
+    answer = np.where(right, truth, (truth + rng.integers(1, classes, (models, images))) % classes)
+    members = np.repeat(((1 - sure) / (classes - 1))[:, :, None], classes, axis=2)
+    np.put_along_axis(members, answer[:, :, None], sure[:, :, None], axis=2)
+    weights = np.array([1, 1, 2, 1, 1])
+    average = np.tensordot(weights / weights.sum(), members, axes=1)
+    restored, what = undiluted(members, weights)
+    assert (restored.argmax(axis=1) == average.argmax(axis=1)).all() and what["temperature"] < 1
+    assert restored.max(axis=1).mean() == pytest.approx(what["members_confidence"], abs=1e-4)
+    assert what["average_confidence"] < what["members_confidence"]
+    true_f1 = f1_score(truth, average.argmax(axis=1), average="macro")
+    members_f1 = np.average([f1_score(truth, each, average="macro") for each in answer], weights=weights)
+    assert expected_f1(average)[0] < members_f1 - 0.1 < true_f1 - 0.2  # the plain average reads low
+    assert expected_f1(restored)[0] == pytest.approx(members_f1, abs=0.02)
+    alone, what = undiluted(members[:1], weights[:1])  # one model: nothing is diluted, nothing changes
+    assert what["temperature"] == 1 and np.allclose(alone, members[0])
 
 
 def test_a_new_sets_score_falls_in_the_estimates_interval_stratified_or_not():

@@ -18,10 +18,11 @@ out-of-fold prediction for every labelled image from a model that never trained 
                    (one fold model per image), and on the labels after the audit's corrections
     the audit      harness.promotion.audit: label issues per task with cleanlab (label_issues.csv)
     the estimate   what the submission should score on its held-out set (submission_estimate): read from the
-                   submitted fold models' own probabilities on the held-out images (their expected confusion
-                   matrix), its interval from how far that reading misses on out-of-fold sets of as many
-                   persons; beside it the same predictions on draws of as many persons as the held-out set has
-                   (a new set like the labelled one), on the given and the corrected labels; shown first
+                   submitted fold models' own probabilities on the held-out images (the expected confusion
+                   matrix of their average, given back the fold models' own confidence), its interval from
+                   how far that reading misses on out-of-fold sets of as many persons; beside it the same
+                   predictions on draws of as many persons as the held-out set has (a new set like the
+                   labelled one), on the given and the corrected labels; shown first
                    (make promote, make status, report, W&B)
 
 runs/<study>/promotion/ holds summary.json, the folds' folders (trial-<n>/fold-<k>/, each a TrialFolder) and
@@ -61,7 +62,7 @@ from harness.runtime import (
     trial_identity,
 )
 from harness.study import store_result, trials_frame
-from harness.uncertainty import f1_interval, f1_on_held_out, f1_on_new_set
+from harness.uncertainty import expected_f1, f1_interval, f1_on_held_out, f1_on_new_set, undiluted
 
 log = logging.getLogger("harness.promotion")
 SETTINGS = ("folds", "top_k", "min_epochs", "fold_hash")  # a resume must find these as they were
@@ -303,6 +304,8 @@ def log_summary(cfg: StudyConfig, summary: dict) -> str | None:
     metrics = {"estimate/f1": estimate["f1"], "estimate/low": estimate["ci95"][0], "estimate/high": estimate["ci95"][1],
                "estimate/persons": estimate["persons"], "estimate/basis": estimate.get("basis", "new set"),
                "estimate/new_set_f1": estimate.get("new_set", estimate)["f1"], "estimate/corrected_labels_f1": fixed["f1"],
+               **({"estimate/f1_as_averaged": estimate["dilution"]["f1_as_averaged"],
+                   "estimate/temperature": estimate["dilution"]["temperature"]} if "dilution" in estimate else {}),
                "cv_f1": summary["cv_f1"], "cv_f1/low": summary["cv_f1_ci95"][0], "cv_f1/high": summary["cv_f1_ci95"][1],
                "cv_f1/corrected_labels": summary["cv_f1_corrected_labels"],
                "corrected_labels": summary["corrected_labels"], "label_issues": summary["label_issues"]["rows"],
@@ -405,20 +408,21 @@ def held_out_persons(cfg: StudyConfig, labelled: pd.DataFrame) -> tuple[int, int
     return images, max(1, round(images / per_person))
 
 
-def held_out_probabilities(cfg: StudyConfig, plan: Plan, weights: np.ndarray) -> np.ndarray | None:
-    """What the submission will predict: the held-out images' class probabilities from every fold model of the
-    configurations with a weight (as `harness predict` blends them, without test-time augmentation); None
-    where its images cannot be read (the estimate then stands on a new set). Called where a held-out set
-    exists (held_out_persons)."""
+def held_out_probabilities(cfg: StudyConfig, plan: Plan, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """What the submission will predict from: every fold model's class probabilities on the held-out images
+    (F, N, C) and each one's weight, its configuration's (`harness predict` blends them so, without test-time
+    augmentation); None where its images cannot be read (the estimate then stands on a new set). Called where
+    a held-out set exists (held_out_persons)."""
     from harness.predict import EvalImages, PredictError, ensemble_probabilities, fold_members
 
     members = fold_members(PromotionFolder.of(cfg), {c: int(w) for c, w in zip(plan.configs, weights, strict=True)
                                                      if w > 0}, plan.folds)
     try:
-        return ensemble_probabilities(cfg, members, EvalImages(cfg), tta=None)[0]
+        each = ensemble_probabilities(cfg, members, EvalImages(cfg), tta=None)[1]
     except (PredictError, DataError) as error:
         log.warning("the estimate of the submission stands on a new set, not on the held-out images: %s", error)
         return None
+    return np.stack([each[m.name] for m in members]), np.array([m.weight for m in members], dtype=np.float64)
 
 
 def submission_estimate(cfg: StudyConfig, honest: np.ndarray, probs: np.ndarray, oof: Stacked,
@@ -428,8 +432,10 @@ def submission_estimate(cfg: StudyConfig, honest: np.ndarray, probs: np.ndarray,
     With held-out images (held_out_probabilities: the submission's own probabilities on them) the figure is read from
     those probabilities, so it is of the bag that is submitted (every fold model) on the very images it is
     scored on, and its interval comes from how far the same reading missed on out-of-fold sets of as many
-    persons (uncertainty.f1_on_held_out). Beside it, and in its place without held-out images: the honest
-    out-of-fold ensemble's predictions scored on draws of as many persons as the held-out set has
+    persons (uncertainty.f1_on_held_out). Both are read with the average given back its members' confidence
+    (uncertainty.undiluted: averaging models that disagree lowers it while raising accuracy; `dilution` keeps
+    the confidences, the temperature and the plain average's reading). Beside it, and in its place without
+    held-out images: the honest out-of-fold ensemble's predictions scored on draws of as many persons as the held-out set has
     (uncertainty.f1_on_new_set), on the given labels and on the labels after the audit's corrections."""
     started = time.perf_counter()
     num_classes = probs.shape[1]
@@ -442,10 +448,18 @@ def submission_estimate(cfg: StudyConfig, honest: np.ndarray, probs: np.ndarray,
                 "images": size[0] if size else None, "new_set": new_set,
                 "corrected_labels": {"f1": f1_corrected, "ci95": list(ci95_corrected)}}
     held_out = held_out_probabilities(cfg, plan, weights) if size else None
-    if held_out is not None:
-        f1, ci95 = f1_on_held_out(held_out, probs, oof.labels, oof.persons, persons, seed=cfg.seed)
-        estimate.update(f1=f1, ci95=list(ci95), basis="held-out images", images=len(held_out))
+    if held_out is not None:  # the bag's and the out-of-fold blend's probabilities, each with its members' confidence
+        bag, dilution = undiluted(*held_out)
+        f1, ci95 = f1_on_held_out(bag, undiluted(oof.probs, weights)[0], oof.labels, oof.persons, persons,
+                                  seed=cfg.seed)
+        dilution["f1_as_averaged"] = float(expected_f1(blend(*held_out))[0])
+        estimate.update(f1=f1, ci95=list(ci95), basis="held-out images", images=len(bag), dilution=dilution)
     return {**estimate, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _as_averaged(estimate: dict) -> str:
+    dilution = estimate.get("dilution")
+    return f"; as averaged {dilution['f1_as_averaged']:.4f}" if dilution else ""
 
 
 def summary_table(summary: dict) -> str:
@@ -482,7 +496,8 @@ def describe_estimate(summary: dict) -> str:
     if estimate.get("basis") == "held-out images":
         new_set = estimate["new_set"]
         return (f"the submission should score macro F1 {estimate['f1']:.4f} [{low:.4f}, {high:.4f}] (95%) on its "
-                f"{estimate['images']} held-out images (read from its own probabilities on them, every fold model); "
+                f"{estimate['images']} held-out images (read from its own probabilities on them, every fold model, at "
+                f"the fold models' own confidence{_as_averaged(estimate)}); "
                 f"on a new set of {estimate['persons']} persons like the labelled ones (each label its share): "
                 f"{new_set['f1']:.4f} [{new_set['ci95'][0]:.4f}, {new_set['ci95'][1]:.4f}], {corrected}")
     where = (f"a held-out set of {estimate['images']} images (~{estimate['persons']} persons, each label its share)"

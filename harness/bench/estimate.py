@@ -4,7 +4,8 @@ The default study (--quick: its smoke variant) run as a user runs it (`make stud
 submit`; bench.spread.run_as_user) on synthetic data: the default data (the trap, generator seed 0), then
 trap-free data of SEEDS generator seeds, with NOISE of the persons given a wrong label and without. Per
 run: the promotion's estimate of the submission (promotion.submission_estimate: read from the submitted
-fold models' probabilities on the eval images, its interval from out-of-fold sets as large) and its 95%
+fold models' probabilities on the eval images at their own confidence, its interval from out-of-fold sets
+as large) and its 95%
 interval, the new-set estimate it replaced (the honest out-of-fold ensemble scored on draws of as many
 persons as the eval set has), the same on the audit's corrected labels, the cv F1 over all persons, and the
 submission's eval F1 against eval/gt.csv.

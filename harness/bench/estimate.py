@@ -5,10 +5,9 @@ submit`; bench.spread.run_as_user) on synthetic data: the default data (the trap
 trap-free data of SEEDS generator seeds, with NOISE of the persons given a wrong label and without. Per
 run: the promotion's estimate of the submission (promotion.submission_estimate: read from the submitted
 fold models' probabilities on the eval images at their own confidence, its interval from out-of-fold sets
-as large) and its 95%
-interval, the new-set estimate it replaced (the honest out-of-fold ensemble scored on draws of as many
-persons as the eval set has), the same on the audit's corrected labels, the cv F1 over all persons, and the
-submission's eval F1 against eval/gt.csv.
+as large) and its 95% interval, the new-set estimate it replaced (the honest out-of-fold ensemble scored on
+draws of as many persons as the eval set has), the same on the audit's corrected labels, the cv F1 over all
+persons, and the submission's eval F1 against eval/gt.csv.
 
   estimate_error_default     harness = |estimate - eval F1| on the default data, reference = |new-set
                              estimate - eval F1| (the figure shown before); ratio = harness, met at <= 0.05.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from harness.metrics import OBJECTIVES
+from harness.metrics import OBJECTIVES, softmax_np
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -177,15 +177,10 @@ def undiluted(members: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, dic
         from scipy.optimize import brentq
 
         log_average = np.log(np.clip(average, 1e-12, 1.0))
-        temperature = brentq(lambda t: _tempered(log_average, t).max(axis=1).mean() - target, 1e-3, 1.0, xtol=1e-6)
-        average = _tempered(log_average, temperature)
+        temperature = brentq(lambda t: softmax_np(log_average / t, axis=1).max(axis=1).mean() - target, 1e-3, 1.0,
+                             xtol=1e-6)
+        average = softmax_np(log_average / temperature, axis=1)
     return average, {"members_confidence": target, "average_confidence": before, "temperature": float(temperature)}
-
-
-def _tempered(log_probs: np.ndarray, temperature: float) -> np.ndarray:
-    scaled = log_probs / temperature
-    scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def objective_samples(view_preds: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray,

@@ -42,7 +42,9 @@ def test_unreadable_and_missing_images_are_listed_and_fail(tmp_path):
 def test_cli_exit_codes_and_messages(tmp_path):
     write_competition(tmp_path / "data", people(12))
     good = tmp_path / "good.yaml"
-    good.write_text(f"name: t\ndata: {{root: {tmp_path / 'data'}, cache_dir: {tmp_path / 'cache'}}}\n")
+    # the context audit is checked in-process (test_the_foreground_and_its_fallbacks_...); here it only adds seconds
+    good.write_text(f"name: t\ndata: {{root: {tmp_path / 'data'}, cache_dir: {tmp_path / 'cache'}}}\n"
+                    "shortcuts: {audit: false}\n")
     result = harness("check-data", str(good), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "persons: 12" in result.stdout
@@ -95,7 +97,7 @@ def _figures(line: str) -> tuple[float, float]:
 def test_synthetic_data_made_with_other_settings_is_refused_not_reused(tmp_path):
     good = tmp_path / "study.yaml"
     good.write_text(f"name: t\ndata: {{root: {tmp_path / 'data'}, cache_dir: {tmp_path / 'cache'}, "
-                    "synthetic: {people: 12, seed: 1}}\n")
+                    "synthetic: {people: 12, seed: 1}}\nshortcuts: {audit: false}\n")
     assert harness("check-data", str(good), "--quiet").returncode == 0
     before = sorted(p.name for p in (tmp_path / "data").iterdir())
     other = tmp_path / "other.yaml"

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from harness.metrics import OBJECTIVES, softmax_np
+from harness.promotion.selection import blend
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -169,7 +170,7 @@ def undiluted(members: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, dic
     is pool-then-calibrate with the members' confidence as the target in place of a held-out set the bag does
     not have, and conservative where bagging gains: the bag is right at least as often as its members."""
     members, weights = np.asarray(members, dtype=np.float64), np.asarray(weights, dtype=np.float64)
-    average = np.tensordot(weights / weights.sum(), members, axes=1)
+    average = blend(members, weights)
     target = float(np.average(members.max(axis=2).mean(axis=1), weights=weights))
     before = float(average.max(axis=1).mean())
     temperature = 1.0

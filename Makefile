@@ -7,6 +7,7 @@ ARGS   ?=
 STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 IMAGES ?=
+BUDGET ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install study resume status promote corrections ensemble submit predict export remedies report dashboard sync check-data weights train test test-long bench lint clean
@@ -24,8 +25,8 @@ $(STAMP): setup.cfg requirements.lock
 
 install: $(STAMP) ## create .venv and install harness with dev extras (only when out of date)
 
-study: $(STAMP) ## run STUDY (default: studies/default.yaml) until its target; rerun to resume (ARGS="--trials 20")
-	$(BIN)/harness study $(STUDY) $(ARGS)
+study: $(STAMP) ## run STUDY (default: studies/default.yaml) until its target; rerun to resume (ARGS="--trials 20"; BUDGET=20m: the whole pipeline, promotion and submission included, inside 20 minutes)
+	$(BIN)/harness study $(STUDY) $(if $(BUDGET),--budget $(BUDGET)) $(ARGS)
 
 resume: study ## the same command as study: continue where a crashed or stopped study left off
 

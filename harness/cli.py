@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from harness.config import ConfigError, Params, load_study
+from harness.config import ConfigError, Params, load_study, parse_duration
 from harness.data.cache import ImageDecodeError
 from harness.data.readers import DataError
 from harness.folders import StudyFolder
@@ -19,6 +20,7 @@ from harness.records import shown_figures
 from harness.runtime import StudyError
 
 log = logging.getLogger("harness")
+STARTED = time.time()  # a budget (harness study --budget) counts from the command's start
 
 # errors that carry a message for the user: printed without a traceback
 USER_ERRORS = (ConfigError, DataError, ImageDecodeError, FileExistsError, StudyError, OSError)
@@ -160,8 +162,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         if cfg.ensemble.enabled:
             print()
 
+    budget = None
+    if args.budget:
+        try:
+            budget = parse_duration(args.budget)
+        except ValueError as error:
+            raise ConfigError(f"--budget: {error}") from None
     outcome = make_study(cfg, trials=args.trials, timeout=args.timeout, storage=args.storage, workers=args.workers,
-                         warm_start=warm, after_search=show)
+                         warm_start=warm, after_search=show, budget=budget, started=STARTED)
     print(f"report: {outcome.report}")
     return 0
 
@@ -261,6 +269,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"promotion: {line}")
     if line := describe_held_out(cfg):
         print(line)
+    from harness.budget import describe, read_record
+
+    if line := describe(read_record(cfg)):
+        print(line)
     return 0
 
 
@@ -337,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     study = verb("study", cmd_study, "create or resume the study and run trials until the target is met", with_storage)
     study.add_argument("--trials", type=int, help="target number of finished trials (raises the file's)")
     study.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    study.add_argument("--budget", metavar="DURATION", help="wall clock for the whole pipeline (e.g. 20m, 1h30m): "
+                       "search, eval scores, ensemble, a promotion sized to what is left and its submission, planned "
+                       "from measured costs (default: search.budget; none: the search runs its trials)")
     study.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     study.add_argument("--warm-start", metavar="OTHER_STUDY", help="another study file of the same search space: "
                        "its best configurations are trained first (once per study)")

@@ -27,6 +27,34 @@ class ConfigError(ValueError):
     """A study file that cannot be used; the message says where and why."""
 
 
+DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds of a duration: a number of seconds, or hours, minutes and seconds as in "1h30m", "20m", "90s"."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        match = DURATION.fullmatch(text)
+        if not text or match is None:
+            raise ValueError(f"{value!r} is not a duration; write seconds (900) or e.g. 20m, 1h30m, 90s")
+        seconds = sum(float(match[unit] or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1)))
+    if not seconds > 0:
+        raise ValueError(f"{value!r}: a duration must be more than 0 seconds")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """900 -> "15m00s", 4000 -> "1h06m40s", 42.5 -> "42s"."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -245,8 +273,16 @@ class SearchConfig(_Frozen):
     # known recipes, enqueued after trial 0 when the study is created: each a partial params mapping (the rest
     # are the study file's defaults), e.g. the best configuration of an earlier study of the same data
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    # wall clock for the whole of `make study` (search, eval scores, ensemble, promotion, submission), e.g. 20m:
+    # harness.budget plans every step inside it from measured costs; None: no budget (the search runs its trials)
+    budget: float | None = None
     heartbeat_s: int = Field(10, ge=1)  # a trial with no heartbeat for 3x this long is stale and retried
     max_failed: int = Field(10, ge=1)  # stop the study after this many failed trials (it is probably broken)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return None if value in (None, "", "none") else parse_duration(value)
 
     @model_validator(mode="after")
     def _known_names(self) -> SearchConfig:
@@ -291,6 +327,9 @@ class PromotionConfig(_Frozen):
     top_k: int = Field(3, ge=1, le=100)  # configurations, best by the study's objective
     # epochs a pruned trial must have trained to be promoted (a late rung); None: half of train.epochs
     min_epochs: int | None = Field(None, ge=1)
+    # epochs of each fold run: "full" (train.epochs), or "best": the configuration's own best epoch on the single
+    # split, at least min_epochs (a budget chooses "best" when full epochs do not fit)
+    epochs: Literal["full", "best"] = "full"
 
 
 class ShortcutConfig(_Frozen):

@@ -340,6 +340,7 @@ class StudyFolder(Folder):
     PREDICTIONS = "predictions.csv"
     EXPORT = "model.pt2"
     OUTAGE = "outage.json"
+    BUDGET = "budget.json"
 
     @classmethod
     def of(cls, cfg: StudyConfig) -> StudyFolder:
@@ -356,6 +357,11 @@ class StudyFolder(Folder):
     @property
     def report(self) -> Path:
         return self.file(self.REPORT)
+
+    @property
+    def budget(self) -> Path:
+        """What a budgeted `make study` planned, what each step took and what it left out (harness.budget)."""
+        return self.file(self.BUDGET)
 
     @property
     def remedies_table(self) -> Path:

@@ -532,6 +532,25 @@ def promotion_section(cfg: StudyConfig) -> Section:
     return section
 
 
+def budget_section(record: dict) -> Section:
+    """What a budgeted `make study` planned, what each step took and what the budget left out (harness.budget)."""
+    from harness.budget import describe
+
+    section = Section("budget", "Budget")
+    section.html(f"<p class='budget'>{esc(describe(record))}</p>")
+    left_out = record.get("left_out") or []
+    section.html("<h3>Left out by the budget</h3>" + (
+        "<ul>" + "".join(f"<li>{esc(item)}</li>" for item in left_out) + "</ul>" if left_out else "<p>nothing</p>"))
+    steps = [{"step": name, "seconds": seconds} for name, seconds in record.get("steps", {}).items()]
+    section.html("<h3>Steps</h3><p class='caption'>Seconds each step took (the report, the last one, is written "
+                 "before its own time is known).</p>" + table(steps))
+    plans = [{k: v for k, v in plan.items() if not isinstance(v, dict)} for plan in record.get("plans", [])]
+    section.html("<h3>Plans</h3><p class='caption'>The plan at the start and each revision after a trial: seconds "
+                 "since the start, the search's time left, the promotion's reserve, the steps after the search and "
+                 "the expected end.</p>" + table(plans))
+    return section
+
+
 def held_out_section(cfg: StudyConfig, summary: dict | None) -> Section:
     """The last scored prediction of the held-out set (`harness predict`): macro and per-class F1, confusion."""
     from harness.data.readers import truth_source
@@ -732,6 +751,10 @@ def write_report(cfg: StudyConfig, storage: str | None = None) -> Path:
                 promotion_section(cfg), held_out_section(cfg, summary), trials_section(cfg, frame),
                 shortcuts_section(study),
                 data_section(summary, data_source, data_problems), settings_section(cfg, study, storage or default_storage(cfg))]
+    from harness.budget import read_record
+
+    if (record := read_record(cfg)) is not None:
+        sections.insert(0, budget_section(record))
     page = render_page(cfg, frame, sections, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     path = StudyFolder.of(cfg).report
     atomic_write_text(path, page)

@@ -135,10 +135,12 @@ def trial_identity(trial: optuna.trial.BaseTrial) -> int:
 
 
 def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: StudyConfig, timeout: float | None,
-               on_change: Callable[[optuna.Study], None] | None = None) -> None:
+               on_change: Callable[[optuna.Study], None] | None = None,
+               may_start: Callable[[], bool] | None = None) -> None:
     """The resumable trial loop of every study the harness runs (the search, the promotion's folds): trials until
     `target` have finished, a dead process's trial retried once its heartbeat is stale, other processes' trials
-    left to them, and a stop after `search.max_failed` failures. `on_change` is called after each trial."""
+    left to them, and a stop after `search.max_failed` failures. `on_change` is called after each trial;
+    `may_start()` False (a budget's search is over) starts no more trials."""
     deadline = time.monotonic() + timeout if timeout else math.inf
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     while time.monotonic() < deadline:
@@ -152,6 +154,8 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: Study
         if failed >= cfg.search.max_failed:
             raise StudyError(f"{failed} trials failed (search.max_failed = {cfg.search.max_failed}); "
                              f"see their reasons with `harness status`; the study stops here")
+        if may_start is not None and not may_start():
+            break
         if finished + running >= target:
             # the rest is in other processes' hands, or waits for a dead one's trial to go stale
             time.sleep(IDLE_POLL_S)

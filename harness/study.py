@@ -26,7 +26,7 @@ from harness.config import Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
 from harness.folders import StudyFolder, TrialFolder
 from harness.io import remove_dead_temporaries
-from harness.preflight import check_study
+from harness.preflight import check_study, study_backbones
 from harness.records import TrialResult, state_name, table_columns
 from harness.runtime import (
     RecordAsFailed,
@@ -215,8 +215,8 @@ def device_label(cfg: StudyConfig) -> str:
 class Objective:
     """One Optuna trial: sample params, run the trial with W&B tracking, store the outcome."""
 
-    def __init__(self, cfg: StudyConfig, data: PreparedData) -> None:
-        self.cfg, self.data = cfg, data
+    def __init__(self, cfg: StudyConfig, data: PreparedData, deadline: Callable[[], float] | None = None) -> None:
+        self.cfg, self.data, self.deadline = cfg, data, deadline  # deadline: a budget's end of the search
         self.tracked = ""  # how the last trial's W&B run went, for its console line
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -255,7 +255,7 @@ class Objective:
         with TrialTracker(cfg, identity, params.model_dump(), extra) as tracker:
             progress = EpochPrinter(f"trial {identity:4d}", cfg.train.epochs, started)
             result = run_trial(cfg, params, trial, data=self.data, run_dir=run_dir, on_resume=tracker.catch_up,
-                               on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
+                               on_epoch=lambda row: (tracker.log_epoch(row), progress(row)), deadline=self.deadline)
             tracker.finish(result, *self._confusion(run_dir))
         self.tracked = {"online": ", W&B online", "offline": ", W&B offline (`make sync` uploads)",
                         "waiting": ", W&B waiting for the server's answer"}.get(tracker.state, "")
@@ -290,11 +290,12 @@ def store_result(trial: optuna.Trial, result: TrialResult) -> None:
 
 def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None = None,
               storage: str | None = None, progress: bool = True, track_study: bool = True,
-              warm_start: tuple[str, list[dict]] | None = None) -> optuna.Study:
+              warm_start: tuple[str, list[dict]] | None = None, budget=None) -> optuna.Study:
     """Run (or resume) the study until `trials` (default: the study file's) trials have finished.
 
     `track_study=False` leaves the study's own W&B run to someone else (the parent of `run_search_workers`):
-    one run id must have one writer.
+    one run id must have one writer. `budget` (harness.budget.Budget) is planned once the data is prepared, ends
+    the search when its plan says, and is revised after every trial.
     """
     target = trials or cfg.search.trials
     if not cfg.search.space and target > 1:
@@ -303,8 +304,19 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     study, data = open_search(cfg, storage, progress, warm_start)
     requeue_interrupted(study)
     study_run = StudyRun(cfg, data) if track_study else None
+    deadline = may_start = None
+    if budget is not None:
+        budget.start_search(data, study, study_backbones(cfg))
+        deadline, may_start = budget.search_until, lambda: budget.may_start_trial(study)
+
+    def changed(study: optuna.Study) -> None:
+        if study_run:
+            study_run.changed(study)
+        if budget is not None:
+            budget.revise(study)
+
     try:
-        run_trials(study, Objective(cfg, data), target, cfg, timeout, on_change=study_run.changed if study_run else None)
+        run_trials(study, Objective(cfg, data, deadline), target, cfg, timeout, on_change=changed, may_start=may_start)
     finally:
         if study_run:
             study_run.close(study)

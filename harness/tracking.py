@@ -73,6 +73,7 @@ QUIET_SETTINGS = {
 }
 
 TRIAL_JOB, STUDY_JOB, ENSEMBLE_JOB, FOLD_JOB, PROMOTION_JOB = "trial", "study", "ensemble", "fold", "promotion"
+BUDGET_JOB = "budget"
 FLUSH_TIMEOUT_S = 30.0  # how long `finish` waits for wandb-core to write the run's last records
 
 
@@ -112,6 +113,10 @@ def ensemble_run_id(study_name: str) -> str:
 
 def promotion_run_id(study_name: str) -> str:
     return _run_id(study_name, "promotion")
+
+
+def budget_run_id(study_name: str) -> str:
+    return _run_id(study_name, "budget")
 
 
 # --------------------------------------------------------------------------- plain values
@@ -573,6 +578,24 @@ def log_promotion(cfg, configurations, metrics: Mapping[str, Any],
     submission's estimate first, then the cross-validated figures it was made from. The run id, or None."""
     return _log_result(cfg, promotion_run_id(cfg.name), PROMOTION_JOB, {"configurations": configurations}, metrics,
                        extra_config)
+
+
+def log_budget(cfg, record: Mapping[str, Any]) -> str | None:
+    """One run (job_type "budget") in the study's group: the plans as a table (each revision), and in the summary
+    the budget, the wall time, each step's seconds and what the budget left out. The run id, or None."""
+    import pandas as pd
+
+    from harness.budget import describe
+
+    plans = pd.DataFrame([{k: v for k, v in plan.items() if not isinstance(v, dict)} for plan in record["plans"]])
+    metrics = {"budget/seconds": record["budget_s"], "budget/wall_s": record.get("wall_s"),
+               **{f"budget/step/{name}_s": seconds for name, seconds in record["steps"].items()},
+               "budget/trials_finished": record.get("search", {}).get("trials_finished"),
+               "budget/left_out": "; ".join(record.get("left_out") or []) or "nothing",
+               "budget/summary": describe(record),
+               "budget/submission": record.get("submission", {}).get("source")}
+    return _log_result(cfg, budget_run_id(cfg.name), BUDGET_JOB, {"plans": plans}, metrics,
+                       {"budget_s": record["budget_s"]})
 
 
 def _log_result(cfg, run_id: str, job: str, row: Mapping[str, Any], metrics: Mapping[str, Any],

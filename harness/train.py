@@ -308,7 +308,8 @@ def trial_dir(cfg: StudyConfig, number: int | None) -> Path:
 def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None, *, data: PreparedData | None = None,
               run_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
               on_resume: Callable[[list[dict]], None] | None = None,
-              stop_after_epochs: int | None = None, keep: str = "best") -> TrialResult:
+              stop_after_epochs: int | None = None, keep: str = "best",
+              deadline: Callable[[], float] | None = None) -> TrialResult:
     """Train one trial; never raises for a trial's own failure (see the module docstring).
 
     `trial` is an Optuna trial to report `val/f1` to and ask whether to prune;
@@ -316,7 +317,9 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     `on_resume` receives the rows of the epochs a resumed trial already ran;
     `stop_after_epochs` ends the run early as if interrupted (tests of resume);
     `keep` is which epoch's model and valid log-probabilities the folder keeps: the "best" by the objective,
-    or the "last" (a fold of a promotion: its held-out fold must not pick its own epoch).
+    or the "last" (a fold of a promotion: its held-out fold must not pick its own epoch);
+    `deadline()` is when a budget ends the search (time.time()): a trial whose next epoch, at the length of the
+    one it just ran, would end past it stops there as pruned, with the reason "budget: ...".
     """
     params = _as_params(cfg, params)
     folder = TrialFolder(run_dir or trial_dir(cfg, trial.number if trial is not None else None))
@@ -329,7 +332,8 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
         _pull_quietly(mirror, folder)
         on_epoch = _pushing(mirror, folder, on_epoch)
     try:
-        result = _train(cfg, params, trial, data, folder, on_epoch, on_resume, stop_after_epochs, keep, result)
+        result = _train(cfg, params, trial, data, folder, on_epoch, on_resume, stop_after_epochs, keep, result,
+                        deadline)
     except torch.OutOfMemoryError as error:
         result.state = "failed"
         result.reason = f"out of memory: {str(error).splitlines()[0]}; lower train.batch_size or the image size"
@@ -372,7 +376,7 @@ def _as_params(cfg: StudyConfig, params: Params | dict | None) -> Params:
 
 
 def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_resume, stop_after_epochs, keep: str,
-           result: TrialResult):
+           result: TrialResult, deadline: Callable[[], float] | None = None):
     folder.write_config(cfg.model_dump(mode="json"), params.model_dump(mode="json"))
     data = data or prepare_data(cfg, progress=False)
     if HEADS.get(params.head).needs_tasks and not data.tasks:
@@ -419,6 +423,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
         epoch_seed = cfg.seed * 100_003 + epoch  # the same shuffle and augmentations after a resume
         loaders.generator.manual_seed(epoch_seed)
         loaders.train_transform.reseed(epoch_seed)
+        epoch_started = time.time()
         train_loss, images, seconds = train_one_epoch(model, policy.frozen_modules(model, epoch), loaders.train,
                                                       loss_fn, optimizer, scheduler, scaler, device, cfg, epoch)
         metrics, view_scores = evaluate(model, loaders, loss_fn, device, data, cfg.search.objective,
@@ -438,8 +443,18 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
             if may_prune(epoch + 1, cfg.train.epochs) and trial.should_prune():
                 result.state = "pruned"
                 break
+        if deadline is not None and epoch + 1 < cfg.train.epochs and out_of_time(deadline(), epoch_started):
+            result.state = "pruned"
+            result.reason = f"budget: epoch {epoch + 2} would end after the search's end"
+            break
     result.fill(rows, best["epoch"])
     return result
+
+
+def out_of_time(deadline: float, epoch_started: float) -> bool:
+    """Whether one more epoch as long as the one that started at `epoch_started` would end past `deadline`."""
+    now = time.time()
+    return now + (now - epoch_started) > deadline
 
 
 def _save_best(folder: TrialFolder, model, view_scores: dict[str, np.ndarray], data: PreparedData) -> None:

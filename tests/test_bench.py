@@ -85,3 +85,18 @@ def test_the_pruners_floors_count_the_epochs_they_must_train():
     halving = {"name": "successive_halving", "n_warmup_steps": 1}
     assert fewest_epochs(cfg.replace({"search.pruner": halving})) == 4 + 9 * 1  # the first trial has no rival
     assert fewest_epochs(cfg.replace({"search.pruner.name": "none"})) is None
+
+
+@pytest.mark.slow
+def test_quick_budget_bench_runs_the_plain_script_the_reference_and_both_budgets_on_one_seed(tmp_path):
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--only", "budget", "--out", str(out)]) == 0
+    rows = {row["name"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    assert set(rows) == {"budget_half_eval_f1", "budget_full_eval_f1", "budget_wall", "budget_half_cost"}
+    run = rows["budget_wall"]["runs"]["0"] if "0" in rows["budget_wall"]["runs"] else rows["budget_wall"]["runs"][0]
+    assert run["plain"]["trials"] == 2 and run["plain"]["epochs"] >= 2
+    assert run["full"]["budget_s"] == pytest.approx(max(run["plain"]["seconds"], 90), abs=0.1)
+    assert run["half"]["budget_s"] == pytest.approx(max(run["plain"]["seconds"], 90) / 2, abs=0.1)
+    for label in ("full", "half"):  # each budgeted run ends with a submission, whatever it came from
+        assert run[label]["source"] in ("promotion", "ensemble", "best trial alone") and run[label]["eval_f1"] >= 0
+    assert rows["budget_wall"]["reference_is"].startswith("a constant, not measured")

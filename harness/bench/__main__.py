@@ -1,6 +1,7 @@
 """`make bench`: every benchmark row, each a harness figure against a reference measured in the same run.
 
     python -m harness.bench [--only loader,trial] [--quick] [--out runs/bench] [--resume] [--study FILE]
+                            [--seeds 33,44,55]
 
 Rows go to OUT/bench.json (OUT: --out, else $HARNESS_BENCH_OUT, else runs/bench), rewritten
 after every group so a crash late in a long run keeps the rows already measured; --resume
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.bench.applicability import bench_applicability
+from harness.bench.budget import bench_budget
 from harness.bench.common import DEFAULT_STUDY, Bench, load_average, machine, print_rows
 from harness.bench.ensemble import bench_ensemble
 from harness.bench.estimate import bench_estimate
@@ -43,7 +45,7 @@ GROUPS: dict[str, Callable[[Bench], list[dict]]] = {
     "report": bench_report, "workers": bench_workers, "search": bench_search, "real": bench_real,
     "shortcut": bench_shortcut, "remedies": bench_remedies, "promotion": bench_promotion,
     "tracking": bench_tracking_outage, "applicability": bench_applicability, "spread": bench_spread,
-    "own_data": bench_own_data, "machines": bench_machines, "estimate": bench_estimate}
+    "own_data": bench_own_data, "machines": bench_machines, "estimate": bench_estimate, "budget": bench_budget}
 
 
 def write_bench_json(out: Path, report: dict) -> None:
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", type=Path, default=DEFAULT_STUDY, help=f"the study file (default {DEFAULT_STUDY})")
     parser.add_argument("--resume", action="store_true",
                         help="keep the groups OUT/bench.json already holds (a crashed run, or one of --only), run the rest")
+    parser.add_argument("--seeds", help="comma-separated generator seeds for the groups that take them (budget); "
+                        "each group names its own tuning and report seeds")
     args = parser.parse_args(argv)
     groups = args.only.split(",")
     for name in groups:
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown group {name!r}; choose from {list(GROUPS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     report = earlier_report(args.out, args.quick) if args.resume else None
-    bench = Bench(quick=args.quick, out=args.out, study_file=args.study, notes=report["notes"] if report else [])
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
+    bench = Bench(quick=args.quick, out=args.out, study_file=args.study, notes=report["notes"] if report else [],
+                  seeds=seeds)
     report = report or {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "quick": args.quick,
                         "load_average_start": load_average(), "complete": False, "group_seconds": {}, "rows": []}
     report["notes"] = bench.notes

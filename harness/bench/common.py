@@ -23,6 +23,7 @@ class Bench:
     out: Path
     study_file: Path = DEFAULT_STUDY
     notes: list[str] = field(default_factory=list)
+    seeds: list[int] | None = None  # --seeds: generator seeds for the groups that take them (their own defaults else)
 
     def default_study(self, overrides: dict[str, Any] | None = None, smoke: bool | None = None) -> StudyConfig:
         """The study file at its real size, or its smoke variant (`quick`) with the data and cache under `out`."""

@@ -65,7 +65,8 @@ from harness.study import store_result, trials_frame
 from harness.uncertainty import expected_f1, f1_interval, f1_on_held_out, f1_on_new_set, undiluted
 
 log = logging.getLogger("harness.promotion")
-SETTINGS = ("folds", "top_k", "min_epochs", "fold_hash")  # a resume must find these as they were
+SETTINGS = ("folds", "top_k", "min_epochs", "epochs", "fold_hash")  # a resume must find these as they were
+EARLIER = {"epochs": "full"}  # what a promotion started before a setting existed ran with
 
 
 class PromotionError(StudyError):
@@ -87,12 +88,13 @@ def min_epochs(cfg: StudyConfig) -> int:
 @dataclass(frozen=True)
 class Plan:
     """What a promotion trains, fixed when it starts: configurations (source trials, best first), their
-    params and figures on the single split, and the folds."""
+    params and figures on the single split, the folds, and the epochs of each configuration's fold runs."""
 
     configs: list[int]
     params: dict[int, dict]
     single_split: dict[int, dict]
     folds: int
+    epochs: dict[int, int]
 
     def pairs(self) -> list[tuple[int, int]]:
         """Every (configuration, fold) the promotion trains, in plan order."""
@@ -101,8 +103,15 @@ class Plan:
     @classmethod
     def of(cls, companion: optuna.Study) -> Plan:
         stored = companion.user_attrs["plan"]
-        return cls([int(c) for c in stored["configs"]], {int(k): v for k, v in stored["params"].items()},
-                   {int(k): v for k, v in stored["single_split"].items()}, int(stored["folds"]))
+        configs = [int(c) for c in stored["configs"]]
+        epochs = {int(k): int(v) for k, v in stored.get("epochs", {}).items()}  # none stored: the recipe's own
+        return cls(configs, {int(k): v for k, v in stored["params"].items()},
+                   {int(k): v for k, v in stored["single_split"].items()}, int(stored["folds"]), epochs)
+
+    def fold_config(self, cfg: StudyConfig, config: int) -> StudyConfig:
+        """The study's settings for a fold run of `config`: its epochs where the plan cut them."""
+        epochs = self.epochs.get(config, cfg.train.epochs)
+        return cfg if epochs == cfg.train.epochs else cfg.replace({"train.epochs": epochs})
 
 
 def choose_configs(cfg: StudyConfig, frame: pd.DataFrame) -> pd.DataFrame:
@@ -116,7 +125,8 @@ def open_promotion(cfg: StudyConfig, storage: str | None, progress: bool = True
     when a resume would change the folds, top_k or the persons of the folds."""
     url = storage or default_storage(cfg)
     main = load_existing_study(cfg, storage)
-    settings = {"folds": cfg.promotion.folds, "top_k": cfg.promotion.top_k, "min_epochs": min_epochs(cfg)}
+    settings = {"folds": cfg.promotion.folds, "top_k": cfg.promotion.top_k, "min_epochs": min_epochs(cfg),
+                "epochs": cfg.promotion.epochs}
     _refuse_changed_settings(cfg, _stored_settings(cfg, url), settings)  # before the data: the cheap check first
     data = prepare_data(cfg, progress=progress)
     try:
@@ -146,7 +156,7 @@ def _create_plan(cfg: StudyConfig, main: optuna.Study, companion: optuna.Study, 
                                "val_f1_bgswap": row.val_f1_bgswap, "epochs": int(row.epochs)}
               for row in chosen.itertuples()}
     plan = {"configs": [int(c) for c in chosen["trial"]], "params": params, "single_split": single,
-            "folds": cfg.promotion.folds}
+            "folds": cfg.promotion.folds, "epochs": fold_epochs(cfg, chosen)}
     position = 0
     for config in plan["configs"]:
         for fold in range(cfg.promotion.folds):
@@ -157,6 +167,15 @@ def _create_plan(cfg: StudyConfig, main: optuna.Study, companion: optuna.Study, 
     companion.set_user_attr("plan", json_ready(plan))  # last: the mark of a promotion set up completely
 
 
+def fold_epochs(cfg: StudyConfig, chosen: pd.DataFrame) -> dict[int, int]:
+    """Epochs of each configuration's fold runs: train.epochs, or with promotion.epochs "best" the epochs up to its
+    best epoch on the single split (at least min_epochs: the late rung a pruned trial is promoted after)."""
+    if cfg.promotion.epochs == "full":
+        return {int(row.trial): cfg.train.epochs for row in chosen.itertuples()}
+    return {int(row.trial): min(cfg.train.epochs, max(int(row.best_epoch), min_epochs(cfg), 1))
+            for row in chosen.itertuples()}
+
+
 def _stored_settings(cfg: StudyConfig, url: str) -> dict | None:
     """The settings a promotion of this study started with, or None when none has started."""
     try:
@@ -164,6 +183,16 @@ def _stored_settings(cfg: StudyConfig, url: str) -> dict | None:
     except KeyError:
         return None
     return stored.user_attrs if "plan" in stored.user_attrs else None
+
+
+def started_settings(cfg: StudyConfig, storage: str | None) -> dict | None:
+    """The promotion settings a started promotion of this study runs with, as overrides (a budget resumes it with
+    them rather than size it again); None when none has started."""
+    stored = _stored_settings(cfg, storage or default_storage(cfg))
+    if stored is None:
+        return None
+    return {"promotion.folds": stored["folds"], "promotion.top_k": stored["top_k"],
+            "promotion.min_epochs": stored["min_epochs"], "promotion.epochs": stored.get("epochs", EARLIER["epochs"])}
 
 
 def _check_resume(cfg: StudyConfig, companion: optuna.Study, settings: dict, main: optuna.Study) -> None:
@@ -178,8 +207,9 @@ def _check_resume(cfg: StudyConfig, companion: optuna.Study, settings: dict, mai
 def _refuse_changed_settings(cfg: StudyConfig, stored: dict | None, settings: dict) -> None:
     if stored is None:
         return
-    changed = [f"{key} {stored.get(key)} then, {settings[key]} now" for key in SETTINGS
-               if key in settings and stored.get(key) != settings[key]]
+    then = {key: stored.get(key, EARLIER.get(key)) for key in SETTINGS}
+    changed = [f"{key} {then[key]} then, {settings[key]} now" for key in SETTINGS
+               if key in settings and then[key] != settings[key]]
     if changed:
         raise PromotionError(
             f"the promotion of study {cfg.name!r} was started with other settings ({'; '.join(changed)}); resuming "
@@ -232,13 +262,14 @@ class FoldObjective:
         identity = trial_identity(trial)
         config, fold = int(trial.user_attrs["config"]), int(trial.user_attrs["fold"])
         params = Params.model_validate(self.plan.params[config])
+        cfg = self.plan.fold_config(self.cfg, config)
         folder = PromotionFolder.of(self.cfg).fold(config, fold)
         trial.set_user_attr("run_dir", str(folder.path))
         extra = {"config": config, "fold": fold, "folds": self.plan.folds, "fold_split_hash": self.folds[fold].hash}
         started = time.perf_counter()
-        with TrialTracker(self.cfg, identity, params, extra, fold=(config, fold)) as tracker:
-            progress = EpochPrinter(f"trial {config} fold {fold}", self.cfg.train.epochs, started)
-            result = run_trial(self.cfg, params, data=self.data.with_split(self.folds[fold]), run_dir=folder.path,
+        with TrialTracker(cfg, identity, params, extra, fold=(config, fold)) as tracker:
+            progress = EpochPrinter(f"trial {config} fold {fold}", cfg.train.epochs, started)
+            result = run_trial(cfg, params, data=self.data.with_split(self.folds[fold]), run_dir=folder.path,
                                on_resume=tracker.catch_up, keep="last",
                                on_epoch=lambda row: (tracker.log_epoch(row), progress(row)))
             tracker.finish(result, folder.confusion(), list(self.data.frame.attrs["class_names"]))

@@ -284,7 +284,8 @@ def test_rerun_trains_nothing_finished_and_retrains_a_deleted_fold(promoted):
 
 @pytest.mark.parametrize("change, said", [({"promotion.folds": 3}, "folds 2 then, 3 now"),
                                           ({"promotion.top_k": 3}, "top_k 2 then, 3 now"),
-                                          ({"promotion.min_epochs": 2}, "min_epochs 1 then, 2 now")])
+                                          ({"promotion.min_epochs": 2}, "min_epochs 1 then, 2 now"),
+                                          ({"promotion.epochs": "best"}, "epochs full then, best now")])
 def test_resume_with_other_settings_is_refused_and_loses_nothing(promoted, change, said):
     cfg, _, _ = promoted
     before, attempts = fold_files(cfg), len(companion(cfg).get_trials())

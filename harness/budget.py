@@ -131,6 +131,8 @@ class CostBook:
         if backbone not in self.timed:
             raise KeyError(f"no cost for backbone {backbone!r}: it was neither timed nor trained")
         timed, (train_added, eval_added) = self.timed[backbone], self.added
+        if not self.measured:
+            return EpochCost(timed.train_s, timed.eval_s, "timed steps (no epoch has run here yet)")
         return EpochCost(max(timed.train_s / 2, timed.train_s + train_added), max(timed.eval_s / 2, timed.eval_s + eval_added),
                          f"timed steps + {train_added * 1000:.1f} ms per image measured on the trained backbones")
 

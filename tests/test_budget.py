@@ -186,3 +186,19 @@ def test_best_epochs_train_each_configurations_fold_runs_to_its_own_best_epoch(b
         assert plan.epochs[config] == max(int(frame.loc[config, "best_epoch"]), 1)
         for fold in range(plan.folds):
             assert len(PromotionFolder.of(cfg).fold(config, fold).metrics()) == plan.epochs[config]
+
+
+def test_with_no_time_left_no_promotion_is_planned_and_the_record_says_the_ensemble_is_submitted(smoke_study):
+    import time
+
+    from harness.budget import Budget
+
+    cfg = smoke_study()
+    planner = Budget(cfg, 600, started=time.time() - 3600)  # the budget ran out an hour ago
+    planner.costs = costs_of(smoke_study)
+    assert planner.plan_promotion(CANDIDATES) is None
+    record = read_record(cfg)
+    assert record["promotion"]["skipped"].startswith("the smallest promotion (1 configuration x 2 folds) does not fit")
+    assert record["left_out"] == ["promotion: none (no time); the single-split ensemble is submitted"]
+    assert record["promotion"]["candidates"][0] == {"trial": 2, "backbone": "efficientnet_lite2", "best_epochs": 4,
+                                                    "tied": True}

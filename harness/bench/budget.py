@@ -77,11 +77,14 @@ def one_seed(bench: Bench, seed: int) -> dict:
     quick = {"trials": 2, "epochs": 1, "max_batches": 2} if bench.quick else {}
     plain = run_plain(base.data.root, size, study_backbones(base), seed=seed, **quick)
     started = time.perf_counter()
-    reference = run_as_user(base.replace({"name": f"bench-budget-reference-seed{seed}"}))
+    # every pipeline decodes, segments and audits the data afresh (a cache of its own), as a first run does
+    reference = run_as_user(base.replace({"name": f"bench-budget-reference-seed{seed}",
+                                          "data.cache_dir": str(bench.out / "budget" / f"cache-reference-seed{seed}")}))
     reference["wall_s"] = round(time.perf_counter() - started, 1)
     result = {"plain": plain, "reference": reference}
     for label, share in (("full", 1.0), ("half", 0.5)):
-        cfg = base.replace({"name": f"bench-budget-{label}-seed{seed}"})
+        cfg = base.replace({"name": f"bench-budget-{label}-seed{seed}",
+                            "data.cache_dir": str(bench.out / "budget" / f"cache-{label}-seed{seed}")})
         seconds = plain["seconds"] * share
         result[label] = budgeted(cfg, max(seconds, QUICK_FLOOR_S * share) if bench.quick else seconds)
     return result

@@ -108,3 +108,29 @@ def run_plain(root: Path, size: tuple[int, int], backbones: list[str], trials: i
             "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
             "best_valid_f1": round(best.value, 4), "eval_f1": None if eval_f1 is None else round(eval_f1, 4),
             "epochs": sum(len(t.intermediate_values) for t in study.trials)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.bench.plain [STUDY.yaml] [--set KEY=VALUE]`: the plain script on a study file's data (its
+    root, image size and backbones), the figures as JSON."""
+    import argparse
+    import json
+
+    from harness.cli import parse_overrides
+    from harness.config import load_study
+    from harness.data.prepare import ensure_dataset
+    from harness.preflight import study_backbones
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("study", nargs="?", default="studies/default.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    cfg = load_study(args.study, overrides=parse_overrides(args.set))
+    ensure_dataset(cfg.data)
+    size = (cfg.data.image_size.height, cfg.data.image_size.width)
+    print(json.dumps(run_plain(cfg.data.root, size, study_backbones(cfg), seed=cfg.seed), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

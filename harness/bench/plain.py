@@ -111,24 +111,25 @@ def run_plain(root: Path, size: tuple[int, int], backbones: list[str], trials: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m harness.bench.plain [STUDY.yaml] [--set KEY=VALUE]`: the plain script on a study file's data (its
-    root, image size and backbones), the figures as JSON."""
+    """`python -m harness.bench.plain [STUDY.yaml] [--root DIR]`: the plain script on a study file's data (its root,
+    or DIR holding a competition-layout dataset; its image size and backbones), the figures as JSON."""
     import argparse
     import json
 
-    from harness.cli import parse_overrides
     from harness.config import load_study
     from harness.data.prepare import ensure_dataset
     from harness.preflight import study_backbones
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("study", nargs="?", default="studies/default.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--root", type=Path, help="a competition-layout dataset (default: the study file's data.root)")
     args = parser.parse_args(argv)
-    cfg = load_study(args.study, overrides=parse_overrides(args.set))
-    ensure_dataset(cfg.data)
+    cfg = load_study(args.study)
+    if args.root is None:
+        ensure_dataset(cfg.data)
     size = (cfg.data.image_size.height, cfg.data.image_size.width)
-    print(json.dumps(run_plain(cfg.data.root, size, study_backbones(cfg), seed=cfg.seed), indent=2))
+    result = run_plain(args.root or cfg.data.root, size, study_backbones(cfg), seed=cfg.seed)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -9,6 +9,9 @@
                                 against the same in NCHW, on the trial's device (cpu or cuda).
   trial_amp_images_per_s        (CUDA only) float16 autocast against float32, both channels_last: mixed
                                 precision alone.
+  trial_compile_<device>_trial_seconds   one default trial's training images in eager mode (what the harness
+                                does) against the same through torch.compile, compilation included; met when
+                                eager is not slower (with both steady speeds and the break-even images).
   study_overhead_share_of_trial trial wall time not spent in epochs (model build, loaders, checkpoints,
                                 Optuna storage, the W&B run) against trial wall time, 2 trials.
 """
@@ -33,13 +36,16 @@ def _bench_cfg(bench: Bench):
 
 
 def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = None, mixed: bool = False,
-                           passes: int = 1, layout: torch.memory_format = torch.channels_last) -> float:
+                           passes: int = 1, layout: torch.memory_format = torch.channels_last,
+                           compiled: bool = False, timings: dict | None = None) -> float:
     """The reference: the harness's own training step (model, batch, loss, optimizer, clipping as the study
     file asks) over tensors already on `device`, without the loader, schedule or checks around it.
 
     `mixed` is what train_one_epoch does on CUDA: float16 autocast and a GradScaler. With mixed=False
     the loop is float32. `layout` is the model's and the batches' memory layout: channels_last is what
     build_model gives the model; torch.contiguous_format (NCHW) is the reference of the layout row.
+    `compiled`: the model through torch.compile (its first step compiles it); `timings["warmup_s"]` gets the
+    seconds of that first, untimed step.
     """
     from harness.augment import build_transform
     from harness.heads import build_loss
@@ -59,14 +65,19 @@ def bare_loop_images_per_s(cfg, data, steps: int, device: torch.device | None = 
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=mixed)
     model.train()
+    if compiled:
+        model = torch.compile(model)
     batches = [(x.contiguous(memory_format=layout), y)
                for x, y in zip(x_all.split(cfg.train.batch_size), y_all.split(cfg.train.batch_size))]
 
     def train_step(x, y) -> None:
         backward_step(model, forward_loss(model, x, y, loss_fn, mixed), optimizer, scaler, cfg.train.grad_clip)
 
-    train_step(*batches[0])  # warm-up: allocations, and cuDNN's choice of kernels on CUDA
+    warmup = time.perf_counter()
+    train_step(*batches[0])  # warm-up: allocations, cuDNN's choice of kernels on CUDA, torch.compile's compilation
     _synchronize(device)
+    if timings is not None:
+        timings["warmup_s"] = time.perf_counter() - warmup
     start, seen = time.perf_counter(), 0
     for _ in range(passes):
         for x, y in batches:
@@ -103,6 +114,10 @@ def bench_trial(bench: Bench) -> list[dict]:
             row("probe_cost_share_of_epoch", float(metrics["probe_time"].sum()), float(metrics["epoch_time"].sum()),
                 "seconds", 0.25, better="lower")]
     rows.append(layout_row(cfg, data, steps, device, cuda, bench.quick))
+    if bench.quick:  # compilation alone takes a minute or more
+        bench.notes.append(f"trial_compile_{device.type}_trial_seconds: skipped at --quick")
+    else:
+        rows.append(compile_row(cfg, data, steps, device, cuda))
     if cuda:
         rows.append(mixed_precision_row(cfg, data, steps, device, bench.quick))
     else:
@@ -123,6 +138,35 @@ def layout_row(cfg, data, steps: int, device: torch.device, cuda: bool, quick: b
     result = row(f"trial_channels_last_{device.type}_images_per_s", last, nchw, "images/s", 1.0)
     result["size"] = (f"{cfg.params.backbone}, batch {cfg.train.batch_size}, {cfg.data.image_size.height}x"
                       f"{cfg.data.image_size.width}, {steps * passes} steps")
+    return result
+
+
+def compile_row(cfg, data, steps: int, device: torch.device, cuda: bool) -> dict:
+    """Whether torch.compile would pay for a default trial: the seconds of one trial's training images (train
+    images x train.epochs) in eager mode, as the harness trains, against the same through torch.compile, its
+    compilation included. Met (ratio <= 1) when eager is not slower: the harness does not compile. The row
+    also carries both steady speeds, the compilation's seconds and the images after which it would pay."""
+    passes = 2
+    eager_timings, compiled_timings = {}, {}
+    eager = bare_loop_images_per_s(cfg, data, steps, device, mixed=cuda, passes=passes, timings=eager_timings)
+    try:
+        fast = bare_loop_images_per_s(cfg, data, steps, device, mixed=cuda, passes=passes, compiled=True,
+                                      timings=compiled_timings)
+    except Exception as error:  # noqa: BLE001 - no compiler toolchain, an unsupported op: the row says which
+        from harness.bench.common import unmeasured
+
+        return unmeasured(f"trial_compile_{device.type}_trial_seconds", "seconds", 1.0, "lower",
+                          f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    images = len(data.rows("train")) * cfg.train.epochs
+    compile_s = max(0.0, compiled_timings["warmup_s"] - eager_timings["warmup_s"])
+    eager_s, compiled_s = images / eager, compile_s + images / fast
+    result = row(f"trial_compile_{device.type}_trial_seconds", eager_s, compiled_s, "seconds", 1.0, better="lower")
+    gain = 1 / eager - 1 / fast
+    result.update(eager_images_per_s=round(eager, 1), compiled_images_per_s=round(fast, 1),
+                  compile_seconds=round(compile_s, 1), trial_images=images,
+                  break_even_images=round(compile_s / gain) if gain > 0 else None,
+                  size=(f"{cfg.params.backbone}, batch {cfg.train.batch_size}, {cfg.data.image_size.height}x"
+                        f"{cfg.data.image_size.width}, {steps * passes} steps"))
     return result
 
 

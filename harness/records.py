@@ -58,6 +58,8 @@ def state_name(state: Any) -> str:
 
 # The outcome's fields a reviewer filters on (Optuna user attributes, optuna-dashboard shows them) beside the
 # figures; best_epoch and epochs_run count from 0 / are counts, as in metrics.csv
+# the reason of a trial a budget stopped before its last epoch (harness.budget): stopped for time, not for its score
+BUDGET_STOP = "budget: "
 OUTCOME_FIELDS = ("best_epoch", "epochs_run", "images_per_s", "seconds", "state", "reason", "weights", "foreground")
 
 

@@ -43,7 +43,7 @@ from harness.foreground import BackgroundSwap, ItemPrepare, swapped_backgrounds
 from harness.heads import HEADS, build_loss
 from harness.metrics import OBJECTIVES, classification_metrics, confusion, per_class_f1
 from harness.model import FREEZE_POLICIES, apply_freeze, build_model, eval_logits
-from harness.records import TrialResult
+from harness.records import BUDGET_STOP, TrialResult
 from harness.store import folder_store
 
 log = logging.getLogger(__name__)
@@ -445,7 +445,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
                 break
         if deadline is not None and epoch + 1 < cfg.train.epochs and out_of_time(deadline(), epoch_started):
             result.state = "pruned"
-            result.reason = f"budget: epoch {epoch + 2} would end after the search's end"
+            result.reason = f"{BUDGET_STOP}epoch {epoch + 2} would end after the search's end"
             break
     result.fill(rows, best["epoch"])
     return result

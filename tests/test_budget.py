@@ -77,10 +77,22 @@ def test_the_budget_cuts_epochs_to_each_ones_best_then_configurations_then_folds
         assert size.seconds <= cost(configs, folds, epochs) + 1e-9
     best_epochs = size_promotion(costs, CANDIDATES, 3, 6, cost((2, 5), 3, "best") + 1e-9)
     assert "epochs trial 2 6 -> 4" in best_epochs.left_out
-    fewer = size_promotion(costs, CANDIDATES, 3, 6, cost((2,), 3, "best") * 0.99)  # two folds before no promotion
-    assert (fewer.configs, fewer.folds, fewer.epochs) == ((2,), 2, "full")
-    assert {"trial 5 (no time)", "folds 3 -> 2"} <= set(fewer.left_out)
-    assert size_promotion(costs, CANDIDATES, 3, 6, cost((2,), 2, "best") * 0.99) is None
+    # never fewer than MIN_FOLDS (3) folds: below the smallest 3-fold promotion there is none
+    assert size_promotion(costs, CANDIDATES, 3, 6, cost((2,), 3, "best") * 0.99) is None
+    fewer = size_promotion(costs, CANDIDATES, 5, 6, cost((2,), 3, "best") + 1e-9)  # a study file's 5 folds cut to 3
+    assert (fewer.configs, fewer.folds, fewer.epochs) == ((2,), 3, "best")
+    assert {"trial 5 (no time)", "folds 5 -> 3"} <= set(fewer.left_out)
+
+
+def test_a_trial_the_budget_stopped_is_an_ensemble_candidate_and_one_the_pruner_stopped_is_not():
+    import pandas as pd
+
+    from harness.promotion.ensemble import top_trials
+
+    frame = pd.DataFrame({"trial": [0, 1, 2], "state": ["complete", "pruned", "pruned"], "objective": [0.5, 0.7, 0.9],
+                          "epochs": [6, 4, 4], "reason": ["", "budget: epoch 5 would end after the search's end", ""]})
+    assert list(top_trials(frame, 5)["trial"]) == [1, 0]
+    assert list(top_trials(frame, 5, pruned_after=3)["trial"]) == [2, 1, 0]
 
 
 def test_only_the_winner_and_the_trials_tied_with_it_in_a_row_are_promotable():

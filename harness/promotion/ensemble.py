@@ -37,6 +37,7 @@ from harness.data.prepare import class_names
 from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder, objective_files
 from harness.metrics import OBJECTIVES, confusion, per_class_f1
 from harness.promotion.selection import METHODS, Selection, Views, blend, blend_score, honest_scores, person_halves, strategies
+from harness.records import BUDGET_STOP
 from harness.runtime import StudyError, load_existing_study
 from harness.study import trials_frame
 
@@ -79,14 +80,17 @@ class Stacked:
 
 def top_trials(frame: pd.DataFrame, top_k: int, max_gap: float | None = None,
                pruned_after: int | None = None) -> pd.DataFrame:
-    """The top_k trials by objective from `trials_frame` (one row per trial): the complete ones, and with
-    `pruned_after` the pruned ones that trained at least that many epochs (the promotion's late rungs).
+    """The top_k trials by objective from `trials_frame` (one row per trial): the complete ones and those a budget
+    stopped (for time, not for their score), and with `pruned_after` the pruned ones that trained at least that
+    many epochs (the promotion's late rungs).
 
     With max_gap, a trial whose gap/f1 is unknown (NaN) is left out: it cannot be shown to be within it.
     """
     if frame.empty:
         return frame
     eligible = frame["state"] == "complete"
+    if "reason" in frame:
+        eligible |= (frame["state"] == "pruned") & frame["reason"].fillna("").astype(str).str.startswith(BUDGET_STOP)
     if pruned_after is not None:
         eligible |= (frame["state"] == "pruned") & (frame["epochs"] >= pruned_after)
     eligible = frame[eligible & frame["objective"].notna()]

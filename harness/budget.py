@@ -356,6 +356,8 @@ class Budget:
         # now would move the search's end later after every trial)
         after_prep = self.record.budget_s * (1 - MARGIN) - self._search_started - after
         reserve = min(self._full_promotion_s(study), PROMOTION_SHARE * max(0.0, after_prep))
+        if reserve < self._smallest_promotion_s(study):  # a reserve no promotion fits in goes to the search
+            reserve = 0.0
         until = self.left() - after - reserve
         self._search_until = self.record.started + self.elapsed() + until
         search = min(max(0.0, until), self._rest_of_search_s(study, len(finished)))
@@ -390,16 +392,27 @@ class Budget:
         costs = self.costs
         return trials * max(costs.predict_s(b, costs.sizes.held_out) for b in self._search_backbones)
 
-    def _full_promotion_s(self, study) -> float:
-        """The promotion at the study file's size, of the best trials so far (trial 0's backbone before any)."""
+    def _ranked(self, study) -> list[Candidate]:
+        """The best finished trials so far as promotion candidates (top_k of them; trial 0's backbone before any)."""
         cfg = self.cfg
         ranked = sorted((t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")
                          and t.user_attrs.get("objective") is not None),
                         key=lambda t: -t.user_attrs["objective"])[: cfg.promotion.top_k]
-        backbones = [t.params.get("backbone", cfg.params.backbone) for t in ranked]
-        backbones += [cfg.params.backbone] * (cfg.promotion.top_k - len(backbones))
-        chosen = [Candidate(i, b, cfg.train.epochs) for i, b in enumerate(backbones)]
-        return promotion_cost(self.costs, chosen, cfg.promotion.folds, "full", cfg.train.epochs)
+        chosen = [Candidate(t.number, t.params.get("backbone", cfg.params.backbone),
+                            max(int(t.user_attrs.get("best_epoch", cfg.train.epochs - 1)) + 1, cfg.promotion_min_epochs))
+                  for t in ranked]
+        return chosen + [Candidate(-1, cfg.params.backbone, cfg.train.epochs)] * (cfg.promotion.top_k - len(chosen))
+
+    def _full_promotion_s(self, study) -> float:
+        """The promotion at the study file's size, of the best trials so far."""
+        cfg = self.cfg
+        return promotion_cost(self.costs, self._ranked(study), cfg.promotion.folds, "full", cfg.train.epochs)
+
+    def _smallest_promotion_s(self, study) -> float:
+        """The smallest promotion the budget would run: the best trial so far on MIN_FOLDS folds at its best epoch."""
+        cfg = self.cfg
+        return promotion_cost(self.costs, self._ranked(study)[:1], min(cfg.promotion.folds, MIN_FOLDS), "best",
+                              cfg.train.epochs)
 
     def search_until(self) -> float:
         """When the search must end (wall clock)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -422,6 +423,12 @@ class StudyConfig(_Frozen):
     @property
     def study_dir(self) -> Path:
         return self.runs_dir / self.name
+
+    @property
+    def promotion_min_epochs(self) -> int:
+        """Epochs a pruned trial must have trained to be promotable (a late rung): promotion.min_epochs, else half of
+        train.epochs; also the fewest epochs of a fold run."""
+        return self.promotion.min_epochs or math.ceil(self.train.epochs / 2)
 
     def replace(self, overrides: dict[str, Any]) -> StudyConfig:
         """A new config with dotted-key overrides (``{"train.epochs": 2}``) validated again."""

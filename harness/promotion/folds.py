@@ -32,7 +32,6 @@ the audit; `harness predict` then uses every fold model of every member.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ def companion_name(cfg: StudyConfig) -> str:
 
 def min_epochs(cfg: StudyConfig) -> int:
     """Epochs a pruned trial must have trained to be promotable (a late rung): the study file's, else half."""
-    return cfg.promotion.min_epochs or math.ceil(cfg.train.epochs / 2)
+    return cfg.promotion_min_epochs
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -339,8 +339,8 @@ class Budget:
         costs = CostBook(self.cfg, sizes)
         costs.observe()
         untimed = [b for b in backbones if b not in costs.measured]
-        costs.timed = time_steps(self.cfg, untimed, data.num_classes) if untimed else {}
-        costs.observe()
+        trained = [b for b in backbones if b in costs.measured][:1]  # what an epoch adds is read on one of them
+        costs.timed = time_steps(self.cfg, untimed + trained, data.num_classes) if untimed else {}
         self.costs = costs
         self.step_done("timing")
         self._search_started = self.elapsed()
@@ -355,13 +355,14 @@ class Budget:
         # the promotion's share of what the prep left, fixed when the search started (a share of what is left
         # now would move the search's end later after every trial)
         after_prep = self.record.budget_s * (1 - MARGIN) - self._search_started - after
-        reserve = min(self._full_promotion_s(study), PROMOTION_SHARE * max(0.0, after_prep))
+        full = self._full_promotion_s(study)
+        reserve = min(full, PROMOTION_SHARE * max(0.0, after_prep))
         if reserve < self._smallest_promotion_s(study):  # a reserve no promotion fits in goes to the search
             reserve = 0.0
         until = self.left() - after - reserve
         self._search_until = self.record.started + self.elapsed() + until
         search = min(max(0.0, until), self._rest_of_search_s(study, len(finished)))
-        promotion = min(self._full_promotion_s(study), max(0.0, self.left() - search - after))
+        promotion = min(full, max(0.0, self.left() - search - after))
         eta = self.elapsed() + search + after + promotion
         plan = {"at_s": round(self.elapsed(), 1), "search_left_s": round(until, 1),
                 "promotion_reserve_s": round(reserve, 1), "after_search_s": round(after, 1), "eta_s": round(eta, 1),
@@ -498,7 +499,8 @@ def describe(record: dict | None) -> str:
         return ""
     used = f"{format_duration(record['wall_s'])} used" if record.get("wall_s") is not None else "still running"
     search = record.get("search", {})
-    parts = [f"budget {format_duration(record['budget_s'])}: {used}"]
+    began = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["started"]))
+    parts = [f"budget {format_duration(record['budget_s'])} (the run of {began}): {used}"]
     if search:
         parts.append(f"search {search.get('trials_finished', 0)} trial(s) in "
                      f"{format_duration(search.get('seconds', 0))}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -171,7 +172,8 @@ def test_status_the_report_and_wandb_say_what_the_budget_planned_and_left_out(bu
     study_file = cfg.study_dir / "study.yaml"
     study_file.write_text(json.dumps(cfg.model_dump(mode="json")))
     assert main(["status", str(study_file)]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("budget 10m00s:"))
+    began = time.strftime("%Y-%m-%d %H:%M", time.localtime(outcome.budget["started"]))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"budget 10m00s (the run of {began}):"))
     assert "submission from the promotion" in line and ("left out:" in line or "nothing left out" in line)
     page = outcome.report.read_text()
     assert '<section id="budget">' in page and "Left out by the budget" in page
@@ -201,8 +203,6 @@ def test_best_epochs_train_each_configurations_fold_runs_to_its_own_best_epoch(b
 
 
 def test_with_no_time_left_no_promotion_is_planned_and_the_record_says_the_ensemble_is_submitted(smoke_study):
-    import time
-
     from harness.budget import Budget
 
     cfg = smoke_study()

@@ -4,7 +4,8 @@ It trains on the same data as the study, from the same ImageNet weights, and sha
 harness: every image decoded from its file per item (PIL, resized in the loader), a random 20% of the images as
 valid (no person grouping, no foreground, no probes), TPE over backbone, learning rate and weight decay,
 Optuna's MedianPruner on valid macro F1 after each epoch, `TRIALS` trials of `EPOCHS` epochs, then the best
-trial's model predicts the eval images. Its wall time is the budget's yardstick (`bench budget`); its eval F1
+trial's model predicts the eval images (the model as its trial ended, not a copy of its best epoch: the script
+keeps the model object, as a quick script does). Its wall time is the budget's yardstick (`bench budget`); its eval F1
 is reported beside it.
 """
 

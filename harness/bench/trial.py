@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.bench.common import Bench, row
+from harness.bench.common import Bench, row, unmeasured
 from harness.folders import TrialFolder
 
 
@@ -153,8 +153,6 @@ def compile_row(cfg, data, steps: int, device: torch.device, cuda: bool) -> dict
         fast = bare_loop_images_per_s(cfg, data, steps, device, mixed=cuda, passes=passes, compiled=True,
                                       timings=compiled_timings)
     except Exception as error:  # noqa: BLE001 - no compiler toolchain, an unsupported op: the row says which
-        from harness.bench.common import unmeasured
-
         return unmeasured(f"trial_compile_{device.type}_trial_seconds", "seconds", 1.0, "lower",
                           f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
     images = len(data.rows("train")) * cfg.train.epochs

@@ -171,7 +171,7 @@ def fold_epochs(cfg: StudyConfig, chosen: pd.DataFrame) -> dict[int, int]:
     best epoch on the single split (at least min_epochs: the late rung a pruned trial is promoted after)."""
     if cfg.promotion.epochs == "full":
         return {int(row.trial): cfg.train.epochs for row in chosen.itertuples()}
-    return {int(row.trial): min(cfg.train.epochs, max(int(row.best_epoch), min_epochs(cfg), 1))
+    return {int(row.trial): min(cfg.train.epochs, max(int(row.best_epoch), min_epochs(cfg)))
             for row in chosen.itertuples()}
 
 

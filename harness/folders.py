@@ -75,6 +75,17 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+IDENTITY = "identity"  # the identity the storage recorded for the study (runs/<study>/) or promotion (promotion/)
+
+
+def read_identity(folder: Path) -> str | None:
+    """The identity a study's or promotion's folder records, None where it records none."""
+    try:
+        return (Path(folder) / IDENTITY).read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 @dataclass(frozen=True)
 class Folder:
     """A folder under runs/<study>/ (a str or Path); its subclasses name its files."""
@@ -86,6 +97,33 @@ class Folder:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def adopt_identity(self, identity: str | None, keep: tuple[str, ...] = ()) -> Path | None:
+        """Record `identity` (the storage's study or promotion this folder holds the files of). Files another
+        identity left here (a study deleted and created again under the same name) are moved, not deleted, to
+        runs/<study>/earlier/<identity>-<time>/ (`keep`: names that stay, e.g. the SQLite storage itself);
+        returns where they went, None when nothing moved. Without an identity (created before identities
+        existed) nothing changes."""
+        if identity is None:
+            return None
+        recorded = read_identity(self.path)
+        if recorded == identity:
+            return None
+        leftovers = [p for p in self.path.iterdir() if p.name not in (*keep, IDENTITY, EARLIER)] \
+            if self.path.is_dir() else []
+        aside = None
+        if leftovers:
+            study, kind = (self.path.parent, "promotion") if isinstance(self, PromotionFolder) else (self.path, "study")
+            aside = study / EARLIER / f"{kind}-{recorded or 'unknown'}-{datetime.now():%Y%m%d-%H%M%S}"
+            aside.mkdir(parents=True)
+            for path in leftovers:
+                path.rename(aside / path.name)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.file(IDENTITY), identity)
+        return aside
+
+
+EARLIER = "earlier"  # runs/<study>/earlier/: what an earlier study or promotion of the same name left
 
 
 @dataclass(frozen=True)
@@ -104,6 +142,9 @@ class TrialFolder(Folder):
     RESULT = "result.json"
     TRACEBACK = "traceback.txt"
 
+    FILES = frozenset((CONFIG, METRICS, LAST, BEST, VALID_LOGITS, BGSWAP_LOGITS, VALID_INDEX, PER_CLASS_F1, CONFUSION,
+                       RESULT, TRACEBACK))  # every file a trial's folder holds (the store mirrors no other)
+
     # what a reader needs to find in a folder
     VIEW_FILES = {"valid": VALID_LOGITS, "bgswap": BGSWAP_LOGITS}  # log-probabilities of each evaluated view
     MODEL_FILES = (BEST, CONFIG)  # a model to predict with
@@ -120,6 +161,11 @@ class TrialFolder(Folder):
         """Create the folder and delete the half-written temporaries of a killed attempt."""
         self.path.mkdir(parents=True, exist_ok=True)
         remove_dead_temporaries(self.path)
+
+    def clear(self) -> None:
+        """Delete what an earlier training left (a checkpoint made for another configuration): start afresh."""
+        for name in self.FILES - {self.CONFIG}:  # the config is this run's, written before
+            self.file(name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------- config, result
     def write_config(self, study: dict, params: dict) -> None:

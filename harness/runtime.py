@@ -108,9 +108,26 @@ def load_existing_study(cfg: StudyConfig, storage: str | None = None) -> optuna.
         raise ConfigError(f"no study {cfg.name!r} yet ({database} does not exist); "
                           "run `harness study` first")
     try:
-        return optuna.load_study(study_name=cfg.name, storage=open_storage(url, cfg.search.heartbeat_s))
+        study = optuna.load_study(study_name=cfg.name, storage=open_storage(url, cfg.search.heartbeat_s))
     except KeyError:
         raise ConfigError(f"storage {redact(url)} holds no study named {cfg.name!r}") from None
+    adopt_study_identity(cfg, study)
+    return study
+
+
+IDENTITY_ATTR = "identity"  # a study's (and a promotion's) user attribute, set once at its creation
+
+
+def adopt_study_identity(cfg: StudyConfig, study: optuna.Study) -> None:
+    """Make runs/<study>/ the storage's study's: its identity recorded there (the store's keys and checkpoints
+    carry it); files a study of the same name created earlier left are moved to runs/<study>/earlier/."""
+    folder = StudyFolder.of(cfg)
+    database = folder.database.name  # the SQLite storage lives here: it is the study, never moved
+    moved = folder.adopt_identity(study.user_attrs.get(IDENTITY_ATTR),
+                                  keep=tuple(database + suffix for suffix in ("", "-journal", "-wal", "-shm")))
+    if moved is not None:
+        log.warning("%s held the files of an earlier study named %r (another identity than the storage's); moved "
+                    "to %s so that none of them enters this study's results", folder.path, cfg.name, moved)
 
 
 # ------------------------------------------------------------------- trials

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,8 +30,10 @@ from harness.io import remove_dead_temporaries
 from harness.preflight import check_study, study_backbones
 from harness.records import TrialResult, state_name, table_columns
 from harness.runtime import (
+    IDENTITY_ATTR,
     RecordAsFailed,
     StudyError,
+    adopt_study_identity,
     count_states,
     default_storage,
     load_existing_study,
@@ -181,11 +184,14 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
             if not any(t.user_attrs.get("recipe") == index for t in study.trials):
                 study.enqueue_trial(default_trial_params(cfg, recipe), user_attrs={"recipe": index})
         stored_attrs = {"space_hash": expected["space_hash"], "harness_version": harness.__version__}
+        if IDENTITY_ATTR not in stored:  # this study, not the name: a study created again gets another
+            stored_attrs[IDENTITY_ATTR] = uuid.uuid4().hex[:12]
         if data_summary is not None:  # persons, images, class counts: the report shows them
             stored_attrs["data_summary"] = data_summary
         stored_attrs["split_hash"] = split_hash  # last: the mark of a study set up completely
         for key, value in stored_attrs.items():
             study.set_user_attr(key, value)
+        adopt_study_identity(cfg, study)
         log.info("created study %r in %s", cfg.name, redact(url))
         return study
     checks = (("split_hash", "data split"),
@@ -196,6 +202,7 @@ def open_study(cfg: StudyConfig, storage_url: str | None, split_hash: str,
                 f"study {cfg.name!r} in {redact(url)} was created with a different {what} "
                 f"({key} {stored[key]} there, {expected[key]} now). Resuming would mix two experiments. "
                 f"Give the study a new `name:` in the study file, or delete {cfg.study_dir} to start over.")
+    adopt_study_identity(cfg, study)
     log.info("resuming study %r: %s", cfg.name, count_states(study))
     return study
 

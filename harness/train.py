@@ -44,7 +44,7 @@ from harness.heads import HEADS, build_loss
 from harness.metrics import OBJECTIVES, classification_metrics, confusion, per_class_f1
 from harness.model import FREEZE_POLICIES, apply_freeze, build_model, eval_logits
 from harness.records import BUDGET_STOP, TrialResult
-from harness.store import folder_store
+from harness.store import StoreError, Superseded, folder_store, store_key
 
 log = logging.getLogger(__name__)
 
@@ -280,15 +280,48 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def save_last(folder: TrialFolder, model, optimizer, scheduler, scaler, epoch: int, best: dict) -> None:
+def save_last(folder: TrialFolder, model, optimizer, scheduler, scaler, epoch: int, best: dict,
+              made_for: dict) -> None:
     folder.save_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                      "next_epoch": epoch + 1, "best": best, "rng": rng_state()})
+                      "next_epoch": epoch + 1, "best": best, "rng": rng_state(), "made_for": made_for})
 
 
-def resume(folder: TrialFolder, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
-    """Load last.pt into the live objects; returns (next epoch, best so far)."""
+def checkpoint_purpose(cfg: StudyConfig, params: Params, data: PreparedData, folder: TrialFolder) -> dict:
+    """What a checkpoint is made for: a resume uses last.pt only when all of it is what is asked for now (the
+    params, the persons of the split or fold, the input size and seed, and the folder's place with the study's
+    and the promotion's identities: a recreated study's leftovers never continue)."""
+    return {"params": params.model_dump(mode="json"), "split": data.split.hash, "seed": cfg.seed,
+            "image_size": [cfg.data.image_size.height, cfg.data.image_size.width],
+            "folder": store_key(cfg, folder.path)}
+
+
+def purpose_differences(stored: dict | None, wanted: dict) -> list[str]:
+    """What differs between the purpose last.pt records and the one asked for, in words."""
+    if stored is None:
+        return ["last.pt records no purpose (written by an earlier harness version)"]
+    differences = []
+    for key in wanted:
+        if key == "params":
+            changed = sorted(k for k in set(stored.get("params", {})) | set(wanted["params"])
+                             if stored.get("params", {}).get(k) != wanted["params"].get(k))
+            differences += [f"params.{k} {stored.get('params', {}).get(k)!r} there, {wanted['params'].get(k)!r} now"
+                            for k in changed]
+        elif stored.get(key) != wanted[key]:
+            differences.append(f"{key} {stored.get(key)!r} there, {wanted[key]!r} now")
+    return differences
+
+
+def resume(folder: TrialFolder, model, optimizer, scheduler, scaler, made_for: dict) -> tuple[int, dict]:
+    """Load last.pt into the live objects; returns (next epoch, best so far). A checkpoint made for another
+    purpose (purpose_differences) is not used: the folder is cleared, training starts afresh and says why."""
     state = folder.load_last()
+    differences = purpose_differences(state.get("made_for"), made_for)
+    if differences:
+        log.warning("%s: last.pt was made for something else (%s); training afresh", folder.path,
+                    "; ".join(differences))
+        folder.clear()
+        return 0, {"objective": -math.inf, "epoch": -1}
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -327,13 +360,22 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     result = TrialResult(state="failed", run_dir=str(folder.path), params=params.model_dump())
     started = time.perf_counter()
     mirror = folder_store(cfg, folder.path)
-    if mirror is not None:
-        # a trial another machine started (a stale retry): continue from the store's last.pt, not from scratch
-        _pull_quietly(mirror, folder)
-        on_epoch = _pushing(mirror, folder, on_epoch)
     try:
+        if mirror is not None:
+            # a trial another machine started (a stale retry): continue from the store's last.pt, not from scratch
+            _take_over(mirror, folder, trial)
+            on_epoch = _pushing(mirror, folder, on_epoch)
         result = _train(cfg, params, trial, data, folder, on_epoch, on_resume, stop_after_epochs, keep, result,
                         deadline)
+    except Superseded as error:  # another attempt owns the folder now: write nothing more there
+        mirror = None
+        result.state = "failed"
+        result.reason = f"superseded: {error}"
+    except StoreError as error:  # the stored progress cannot be read: training afresh would overwrite it
+        mirror = None
+        result.state = "failed"
+        result.reason = (f"{error}. The trial did not start, so the stored progress is kept: rerun when the store "
+                         "is reachable")
     except torch.OutOfMemoryError as error:
         result.state = "failed"
         result.reason = f"out of memory: {str(error).splitlines()[0]}; lower train.batch_size or the image size"
@@ -351,12 +393,18 @@ def run_trial(cfg: StudyConfig, params: Params | dict | None = None, trial=None,
     return result
 
 
-def _pull_quietly(mirror, folder: TrialFolder) -> None:
+def _take_over(mirror, folder: TrialFolder, trial) -> None:
+    """Claim the folder in the store (an earlier attempt still writing it stops) and fetch what it holds. A store
+    out of reach is a StoreError, never a silent start from scratch whose pushes would replace stored progress."""
+    label = f"{folder.path.name}" if trial is None else f"Optuna trial {trial.number} of {folder.path.name}"
     try:
+        mirror.claim(label)
         mirror.pull(folder.path, replace_differing=True)
-    except Exception as error:  # noqa: BLE001 - a store out of reach or a corrupt copy: go on from what is here
-        log.warning("store %s: could not fetch %s (%s: %s); the trial goes on from its local files", mirror.url,
-                    mirror.prefix, type(error).__name__, error)
+    except StoreError:
+        raise
+    except Exception as error:  # noqa: BLE001 - network, credentials: named in the trial's reason
+        raise StoreError(f"store {mirror.url}: could not fetch {mirror.prefix} ({type(error).__name__}: "
+                         f"{error})") from None
 
 
 def _pushing(mirror, folder: TrialFolder, on_epoch: Callable[[dict], None] | None) -> Callable[[dict], None]:
@@ -402,8 +450,9 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
 
     start_epoch, best = 0, {"objective": -math.inf, "epoch": -1}
+    made_for = checkpoint_purpose(cfg, params, data, folder)
     if folder.has_last():
-        start_epoch, best = resume(folder, model, optimizer, scheduler, scaler)
+        start_epoch, best = resume(folder, model, optimizer, scheduler, scaler, made_for)
     rows = folder.metrics_before(start_epoch)
     if rows and on_resume is not None:
         on_resume(rows)
@@ -435,7 +484,7 @@ def _train(cfg, params: Params, trial, data, folder: TrialFolder, on_epoch, on_r
             best = {"objective": row["objective"], "epoch": epoch}
             _save_best(folder, model, view_scores, data)
         folder.write_metrics(rows)
-        save_last(folder, model, optimizer, scheduler, scaler, epoch, best)
+        save_last(folder, model, optimizer, scheduler, scaler, epoch, best, made_for)
         if on_epoch is not None:
             on_epoch(row)
         if trial is not None:

@@ -4,6 +4,7 @@ trial continued by another from the stored last.pt, every later step from a thir
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -26,7 +27,7 @@ from harness.cli import main
 from harness.config import load_study
 from harness.folders import StudyFolder
 from harness.preflight import PreflightError, check_study
-from harness.store import MANIFEST, FolderStore, SharedDirectory, StoreError, folder_store
+from harness.store import MANIFESTS, check_store, folder_store, open_backend
 
 SLURM = REPO / "deploy" / "slurm-study.sbatch"
 KUBERNETES = REPO / "deploy" / "kubernetes-study.yaml"
@@ -79,10 +80,12 @@ def test_a_killed_machines_trial_is_continued_elsewhere_and_a_third_runs_folder_
     storage = create_database(postgres_server, f"machines_{os.getpid()}_{int(time.time())}")
     store_url = f"s3://harness-bucket/{tmp_path.name}"
     data = shared_data / "default" / "data"
-    mirrored = s3_root / "harness-bucket" / tmp_path.name / "default" / "trials" / "0"
     a = start_machine("machine-a", tmp_path, storage, store_url, endpoint, data)
     # A's trial 0 has pushed an epoch's last.pt to the store: kill A mid-trial, with its runs folder out of reach
-    wait_for_file(mirrored / MANIFEST, a)
+    wait_for_file(tmp_path / "machine-a" / "runs" / "default" / "identity", a)
+    identity = (tmp_path / "machine-a" / "runs" / "default" / "identity").read_text()
+    mirrored = s3_root / "harness-bucket" / tmp_path.name / f"default@{identity}" / "trials" / "0"
+    wait_for_file(mirrored / MANIFESTS, a)
     b = start_machine("machine-b", tmp_path, storage, store_url, endpoint, data)
     time.sleep(1.0)
     a.send_signal(signal.SIGKILL)
@@ -95,7 +98,8 @@ def test_a_killed_machines_trial_is_continued_elsewhere_and_a_third_runs_folder_
     assert [t.state for t in attempts] == [TrialState.FAIL, TrialState.COMPLETE]
     assert [t.user_attrs["machine"] for t in attempts] == ["machine-a", "machine-b"]
     # continued, not restarted: B's record of trial 0 starts with the epochs A trained and the store kept
-    stored = json.loads((mirrored / MANIFEST).read_text())
+    stored = json.loads(max((mirrored / MANIFESTS).glob("*.json")).read_text())
+    assert stored["owner"]["machine"] == "machine-b"
     finished = pd.read_csv(tmp_path / "machine-b" / "runs" / "default" / "trials" / "0" / "metrics.csv")
     assert finished["epoch"].tolist() == [0, 1, 2]
     assert "machine-b" in {record["machine"] for record in stored["files"].values()}
@@ -130,43 +134,13 @@ def test_a_store_that_cannot_be_written_is_refused_before_any_trial(smoke_study,
         assert not cfg.study_dir.exists()
 
 
-def test_a_fetched_file_whose_checksum_differs_is_fetched_again_then_refused_never_used(tmp_path):
-    backend = SharedDirectory(tmp_path / "store")
-    writer = FolderStore(backend, "shared", "study/trials/0")
-    source = tmp_path / "a" / "trials" / "0"
-    source.mkdir(parents=True)
-    (source / "best.pt").write_bytes(b"the model" * 100)
-    (source / "metrics.csv").write_text("epoch\n0\n")
-    assert sorted(writer.push(source)) == ["best.pt", "metrics.csv"]
-    assert writer.push(source) == []  # nothing changed, nothing uploaded
-    target = tmp_path / "b" / "trials" / "0"
-    assert sorted(FolderStore(backend, "shared", "study/trials/0").pull(target)) == ["best.pt", "metrics.csv"]
-    assert (target / "best.pt").read_bytes() == b"the model" * 100
-    record = json.loads((tmp_path / "store" / "study" / "trials" / "0" / MANIFEST).read_text())["files"]["best.pt"]
-    (tmp_path / "store" / "study" / "trials" / "0" / f"best.pt@{record['sha256']}").write_bytes(b"corrupt")
-    other = tmp_path / "c" / "trials" / "0"
-    with pytest.raises(StoreError, match="best.pt of study/trials/0 do not match their sha256"):
-        FolderStore(backend, "shared", "study/trials/0").pull(other)
-    assert not (other / "best.pt").exists() and not list(other.glob(".best.pt.fetch-*"))
-
-
-def test_a_new_version_replaces_the_old_object_only_after_the_manifest_names_it(tmp_path):
-    backend = SharedDirectory(tmp_path / "store")
-    store = FolderStore(backend, "shared", "s/trials/1")
-    folder = tmp_path / "runs" / "s" / "trials" / "1"
-    folder.mkdir(parents=True)
-    for epoch in range(3):
-        (folder / "last.pt").write_bytes(f"epoch {epoch}".encode())
-        os.utime(folder / "last.pt", ns=(epoch * 10**9, epoch * 10**9))
-        assert store.push(folder) == ["last.pt"]
-    objects = sorted(p.name for p in (tmp_path / "store" / "s" / "trials" / "1").iterdir())
-    assert len(objects) == 2 and MANIFEST in objects  # one last.pt object: the old ones were removed
-
-
 def test_the_store_mirrors_folders_under_runs_dir_only(tmp_path):
     cfg = load_study(REPO / "studies" / "default.yaml", overrides={"runs_dir": str(tmp_path / "runs"),
                                                                    "store.url": str(tmp_path / "store")})
-    assert folder_store(cfg, StudyFolder.of(cfg).trial(4).path).prefix == "default/trials/4"
+    assert folder_store(cfg, StudyFolder.of(cfg).trial(4).path).prefix == "default/trials/4"  # no identity yet
+    cfg.study_dir.mkdir(parents=True)
+    (cfg.study_dir / "identity").write_text("a1b2")
+    assert folder_store(cfg, StudyFolder.of(cfg).trial(4).path).prefix == "default@a1b2/trials/4"
     assert folder_store(cfg, tmp_path / "elsewhere") is None
     assert folder_store(load_study(REPO / "studies" / "default.yaml"), Path("runs/default/trials/4")) is None
 
@@ -192,3 +166,13 @@ def test_the_launch_recipes_parse_and_run_the_command_the_tests_run():
     secrets = [ref["valueFrom"]["secretKeyRef"]["name"] for ref in container["env"] if "valueFrom" in ref
                and "secretKeyRef" in ref["valueFrom"]]
     assert secrets and set(secrets) == {"harness-secrets"}
+
+
+def test_an_s3_server_that_ignores_conditional_writes_is_named_before_any_trial(smoke_study, s3_server, s3_keys,
+                                                                                  tmp_path, caplog):
+    endpoint, _ = s3_server  # rclone serve s3 accepts If-None-Match and ignores it
+    cfg = smoke_study(**{"store.url": f"s3://harness-bucket/{tmp_path.name}", "store.endpoint_url": endpoint})
+    with caplog.at_level(logging.WARNING, logger="harness.store"):
+        check_store(cfg)
+    assert f"store {cfg.store.url} ignores conditional writes" in caplog.text
+    assert open_backend(cfg.store.url, endpoint).conditional is False  # its pushes read back what they wrote

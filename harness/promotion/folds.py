@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,7 @@ from harness.metrics import OBJECTIVES, macro_f1
 from harness.promotion.ensemble import Stacked, top_trials
 from harness.promotion.selection import METHODS, blend, held_out_weights, person_halves, strategies
 from harness.runtime import (
+    IDENTITY_ATTR,
     RecordAsFailed,
     StudyError,
     default_storage,
@@ -60,6 +62,7 @@ from harness.runtime import (
     run_workers,
     trial_identity,
 )
+from harness.store import forget_tree
 from harness.study import store_result, trials_frame
 from harness.uncertainty import expected_f1, f1_interval, f1_on_held_out, f1_on_new_set, undiluted
 
@@ -140,6 +143,10 @@ def open_promotion(cfg: StudyConfig, storage: str | None, progress: bool = True
         log.info("promotion of study %r started in %s", cfg.name, redact(url))
     else:
         _check_resume(cfg, companion, settings, main)
+    moved = PromotionFolder.of(cfg).adopt_identity(companion.user_attrs.get(IDENTITY_ATTR))
+    if moved is not None:
+        log.warning("%s held the fold models of an earlier promotion; moved to %s so that none of them enters this "
+                    "one", PromotionFolder.of(cfg).path, moved)
     return companion, data, folds
 
 
@@ -161,6 +168,7 @@ def _create_plan(cfg: StudyConfig, main: optuna.Study, companion: optuna.Study, 
         for fold in range(cfg.promotion.folds):
             companion.enqueue_trial({}, user_attrs={"identity": position, "config": config, "fold": fold})
             position += 1
+    settings = {**settings, IDENTITY_ATTR: companion.user_attrs.get(IDENTITY_ATTR) or uuid.uuid4().hex[:12]}
     for key, value in settings.items():
         companion.set_user_attr(key, value)
     companion.set_user_attr("plan", json_ready(plan))  # last: the mark of a promotion set up completely
@@ -234,10 +242,13 @@ def _lost_pairs(cfg: StudyConfig, companion: optuna.Study) -> int:
 def restart(cfg: StudyConfig, storage: str | None) -> None:
     """Discard a promotion: its companion study and its folder (the study itself is untouched)."""
     url = storage or default_storage(cfg)
+    storage_ = open_storage(url, cfg.search.heartbeat_s)
     try:
-        optuna.delete_study(study_name=companion_name(cfg), storage=open_storage(url, cfg.search.heartbeat_s))
+        identity = optuna.load_study(study_name=companion_name(cfg), storage=storage_).user_attrs.get(IDENTITY_ATTR)
+        optuna.delete_study(study_name=companion_name(cfg), storage=storage_)
     except KeyError:
-        pass
+        identity = None
+    forget_tree(cfg, PromotionFolder.of(cfg).path, identity)  # its fold models in the store, on every machine
     shutil.rmtree(PromotionFolder.of(cfg).path, ignore_errors=True)
 
 

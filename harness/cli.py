@@ -265,8 +265,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from harness.predict import describe_held_out
     from harness.promotion.folds import describe_estimate
 
-    if line := describe_estimate(PromotionFolder.of(cfg).summary() or {}):
-        print(f"promotion: {line}")
+    try:
+        if line := describe_estimate(PromotionFolder.of(cfg).summary() or {}):
+            print(f"promotion: {line}")
+    except OSError as error:  # status reports it and goes on
+        print(f"promotion: {error}")
     if line := describe_held_out(cfg):
         print(line)
     from harness.budget import describe, read_record

@@ -368,11 +368,17 @@ class PromotionFolder(EnsembleFolder):
         _write_json(self.file(self.SUMMARY), summary)
 
     def summary(self) -> dict | None:
-        """The summary, or None when the promotion has not finished (or its file cannot be read)."""
-        try:
-            return _read_json(self.file(self.SUMMARY)) if self.file(self.SUMMARY).is_file() else None
-        except (OSError, json.JSONDecodeError):
+        """The summary, or None when the promotion has not finished. A summary that exists and cannot be read is
+        an OSError saying how to recover, never None: predict would silently submit the single-split ensemble."""
+        path = self.file(self.SUMMARY)
+        if not path.is_file():
             return None
+        try:
+            return _read_json(path)
+        except (OSError, json.JSONDecodeError) as error:
+            raise OSError(f"{path} cannot be read ({type(error).__name__}: {error}): the promotion's result is in no "
+                          "other file. Run `harness promote` again (its trained folds are kept: it writes the summary "
+                          "without training them again), or predict with `--from ensemble`") from None
 
 
 @dataclass(frozen=True)

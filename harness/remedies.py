@@ -51,7 +51,12 @@ def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = Non
     if unknown:
         raise ValueError(f"unknown remedies {unknown}; choose from {list(REMEDIES)}")
     data = prepare_data(cfg, progress=False, refuse_foreground=False)
-    if data.foreground is None:  # nothing person-based applies: rank each run's epochs by val F1 alone
+    objective_note = ""
+    if data.foreground is None and cfg.search.objective != "val/f1":
+        # nothing person-based applies: rank each run's epochs by val F1 alone, and say so in the table
+        objective_note = (f" Each run's epoch was chosen by val/f1, not the study's objective {cfg.search.objective} "
+                          "(it reads the swapped view, which needs the person masks this data lacks).")
+        print(f"remedies:{objective_note}", flush=True)
         cfg = cfg.replace({"search.objective": "val/f1"})
     truth = _eval_truth(cfg)
     rows = []
@@ -82,8 +87,8 @@ def run_remedies(cfg: StudyConfig, seeds: int = 1, names: list[str] | None = Non
         rows.append(_summarise(name, runs))
     note = (f"The study file's defaults ({cfg.params.backbone}, {cfg.train.epochs} epochs) trained once per remedy "
             f"and seed ({seeds} seed(s), mean shown); eval F1 against eval/gt.csv"
-            + ("" if truth is not None else " (no eval/gt.csv here: eval columns are empty)") + ".")
-    table = {"note": note, "seeds": seeds, "rows": rows}
+            + ("" if truth is not None else " (no eval/gt.csv here: eval columns are empty)") + "." + objective_note)
+    table = {"note": note, "seeds": seeds, "rows": rows, "objective": cfg.search.objective}
     atomic_write_text(StudyFolder.of(cfg).remedies_table, json.dumps(json_ready(table), indent=2))
     print(remedies_table(table))
     return table

@@ -505,7 +505,11 @@ def promotion_section(cfg: StudyConfig) -> Section:
 
     section = Section("promotion", "Promotion")
     folder = PromotionFolder.of(cfg)
-    summary = folder.summary()
+    try:
+        summary = folder.summary()
+    except OSError as error:
+        section.note(str(error))
+        return section
     if summary is None:
         section.note("no promotion yet: `harness promote STUDY.yaml` retrains the best configurations on "
                      "person-grouped folds and audits the labels")

@@ -173,15 +173,23 @@ def undiluted(members: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, dic
     average = blend(members, weights)
     target = float(np.average(members.max(axis=2).mean(axis=1), weights=weights))
     before = float(average.max(axis=1).mean())
-    temperature = 1.0
+    temperature, reached = 1.0, True
     if before < target:
         from scipy.optimize import brentq
 
         log_average = np.log(np.clip(average, 1e-12, 1.0))
-        temperature = brentq(lambda t: softmax_np(log_average / t, axis=1).max(axis=1).mean() - target, 1e-3, 1.0,
-                             xtol=1e-6)
+
+        def shortfall(t: float) -> float:
+            return float(softmax_np(log_average / t, axis=1).max(axis=1).mean()) - target
+
+        sharpest = 1e-3
+        if shortfall(sharpest) < 0:  # exact ties among near-certain members: no temperature reaches the target
+            temperature, reached = sharpest, False
+        else:
+            temperature = brentq(shortfall, sharpest, 1.0, xtol=1e-6)
         average = softmax_np(log_average / temperature, axis=1)
-    return average, {"members_confidence": target, "average_confidence": before, "temperature": float(temperature)}
+    return average, {"members_confidence": target, "average_confidence": before, "temperature": float(temperature),
+                     "target_reached": reached}
 
 
 def objective_samples(view_preds: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray,

@@ -185,6 +185,19 @@ def test_an_average_of_models_that_disagree_is_given_back_their_confidence_and_r
     assert what["temperature"] == 1 and np.allclose(alone, members[0])
 
 
+
+def test_undiluted_never_raises_on_near_certain_members_with_an_exact_tie():
+    """Digits-like data: every fold model near-certain, two of them on different classes for one image: the average
+    ties exactly there and no temperature reaches the members' confidence; the sharpest one is used and said."""
+    members = np.full((2, 50, 10), 1e-7)
+    members[:, np.arange(50), np.arange(50) % 10] = 1 - 9e-7
+    members[1, 0] = 1e-7
+    members[1, 0, 1] = 1 - 9e-7  # image 0: member 0 says class 0, member 1 says class 1, each all but certain
+    average, what = undiluted(members, np.array([1, 1]))
+    assert not what["target_reached"] and what["temperature"] == pytest.approx(1e-3)
+    assert np.isfinite(average).all() and np.allclose(average.sum(axis=1), 1)
+    assert (average[1:].argmax(axis=1) == np.arange(1, 50) % 10).all() and average[0, :2] == pytest.approx([0.5, 0.5])
+
 def test_a_new_sets_score_falls_in_the_estimates_interval_stratified_or_not():
     """A classifier right on 80% of images, six classes two of them rare, persons of seven images: the estimate
     from 120 labelled persons, at a held-out size of 40, against fresh held-out sets of 40 persons (200 drawn as a

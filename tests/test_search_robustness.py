@@ -184,7 +184,7 @@ def test_enqueued_trials_are_never_pruned_when_the_study_spares_them():
             trial.report(value, 1)
             trial.should_prune()
             study.tell(trial, value)
-        study.enqueue_trial({})
+        study.enqueue_trial({}, user_attrs={"recipe": 0})
         answers = []
         for _ in range(2):  # the enqueued recipe, then a proposed trial, both weak after epoch 1
             trial = study.ask()
@@ -192,3 +192,31 @@ def test_enqueued_trials_are_never_pruned_when_the_study_spares_them():
             answers.append(trial.should_prune())
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         assert answers == expected, spare
+
+
+def test_a_sampled_trial_continued_after_an_interruption_stays_prunable():
+    """requeue_interrupted (and a stale trial's retry) enqueue a sampled trial with its params fixed: it is still
+    the sampler's trial, and the pruner may stop it; the requeued reference is still spared."""
+    from harness.runtime import requeue_interrupted
+    from harness.study import make_pruner
+
+    cfg = load_study(REPO / "studies" / "default.yaml", overrides={"search.pruner.evidence": False})
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg))
+    for value in (0.9, 0.8, 0.85):
+        trial = study.ask()
+        trial.report(value, 1)
+        trial.should_prune()
+        study.tell(trial, value)
+    for attrs in ({"identity": 3, "reference": True}, {"identity": 4}):  # Ctrl-C during the reference, a sampled one
+        study.enqueue_trial({}, user_attrs=attrs)
+        interrupted = study.ask()
+        interrupted.set_user_attr("interrupted", True)
+        study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    requeue_interrupted(study)
+    answers = {}
+    for _ in range(2):
+        trial = study.ask()
+        trial.report(0.1, 1)
+        answers[trial.user_attrs["identity"]] = trial.should_prune()
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    assert answers == {3: False, 4: True}

@@ -70,11 +70,13 @@ def test_a_study_that_uses_no_person_measure_skips_the_foreground_and_the_probe(
 
 
 def test_remedies_that_need_faces_are_reported_as_not_applying(tmp_path):
-    cfg = load_study(digits_as_user(tmp_path, "remedies"))
+    # the default study's objective, which reads the swapped view
+    cfg = load_study(digits_as_user(tmp_path, "remedies"), overrides={"search.objective": "robust/f1"})
     table = run_remedies(cfg, names=["face_crop", "remove_background", "bgswap_aug"])
     assert [row["applies"] for row in table["rows"]] == [False, False, False]
     assert all("faces found in 0%" in row["reason"] for row in table["rows"])
     assert not (cfg.study_dir / "remedies").exists()
+    assert table["objective"] == "val/f1" and "not the study's objective robust/f1" in table["note"]
 
 
 def test_a_person_objective_on_portraits_still_applies(smoke_study):

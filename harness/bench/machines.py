@@ -110,12 +110,12 @@ def same_trials(one, two) -> int:
 
 def store_seconds(cfg: StudyConfig, frame, folder) -> tuple[float, float]:
     """(upload seconds from the trials' manifests, seconds to fetch every trial's files into `folder`)."""
-    from harness.store import FolderStore, open_backend
+    from harness.folders import StudyFolder
+    from harness.store import folder_store
 
-    backend = open_backend(cfg.store.url, cfg.store.endpoint_url)
     upload, started = 0.0, time.perf_counter()
     for identity in frame["trial"]:
-        store = FolderStore(backend, cfg.store.url, f"{cfg.name}/trials/{int(identity)}")
+        store = folder_store(cfg, StudyFolder.of(cfg).trial(int(identity)).path)  # its key: the study's identity
         upload += float(store.manifest().get("upload_seconds", 0.0))
         store.pull(folder / str(int(identity)))
     return upload, time.perf_counter() - started

@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param (lr=0.01) or any setting (train.epochs=2); repeatable")
     with_storage = argparse.ArgumentParser(add_help=False, parents=[common])
-    with_storage.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///runs/<study>/study.db)")
+    with_storage.add_argument("--storage", help="Optuna RDB URL (default: $HARNESS_STORAGE, else "
+                              "sqlite:///runs/<study>/study.db). Keep a password off the command line, where `ps` "
+                              "shows it: set PGPASSWORD (or ~/.pgpass) and leave it out of the URL")
 
     def verb(name: str, run, help: str, parent=common) -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help, parents=[parent])
@@ -405,6 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def storage_url(given: str | None) -> str | None:
+    """--storage, else $HARNESS_STORAGE (a cluster's Secret mounts it there), else None (the study's SQLite file).
+    A password in --storage is visible to every user of the node (`ps`): said, and left to the user to move."""
+    if given is not None:
+        credentials = given.partition("://")[2].rpartition("@")[0]
+        if ":" in credentials or "password=" in given.lower():
+            log.warning("--storage holds a password, which `ps` shows to every user of this machine: set PGPASSWORD "
+                        "(or ~/.pgpass, or HARNESS_STORAGE) and leave it out of the command line")
+        return given
+    return os.environ.get("HARNESS_STORAGE") or None
+
+
 def main(argv: list[str] | None = None) -> int:
     # A W&B service inherited from a parent process would hold this process's runs: a kill -9
     # here would then leave them open there. Each harness process owns its own service.
@@ -413,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if hasattr(args, "storage"):
+            args.storage = storage_url(args.storage)
         return args.run(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

@@ -147,7 +147,8 @@ def test_the_store_mirrors_folders_under_runs_dir_only(tmp_path):
 
 def test_the_launch_recipes_parse_and_run_the_command_the_tests_run():
     line = worker_line()
-    assert line.startswith(".venv/bin/harness study ") and "--storage" in line and "store.url=" in line
+    assert line.startswith(".venv/bin/harness study ") and "store.url=" in line
+    assert "--storage" not in line and "PASSWORD" not in line  # the URL and its password come from the environment
     script = SLURM.read_text()
     assert "#SBATCH --array=" in script and "#SBATCH --gres=gpu:1" in script
     assert subprocess.run(["bash", "-n", str(SLURM)]).returncode == 0
@@ -158,7 +159,9 @@ def test_the_launch_recipes_parse_and_run_the_command_the_tests_run():
     assert job["parallelism"] >= 2
     container = job["template"]["spec"]["containers"][0]
     env = {item["name"] for item in container["env"]}
-    assert {"HARNESS_STORAGE", "HARNESS_STORE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env
+    assert {"HARNESS_STORAGE", "PGPASSWORD", "HARNESS_STORE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env
+    storage = next(item["value"] for item in container["env"] if item["name"] == "HARNESS_STORAGE")
+    assert "@" in storage and ":" not in storage.partition("://")[2].partition("@")[0]  # no password in the URL
     # the same worker command: Kubernetes' $(VAR) is the script's "$VAR"
     slurm_words = shlex.split(line.replace(" ${HARNESS_ARGS:-}", ""))
     kube_words = [re.sub(r"\$\((\w+)\)", r"$\1", word) for word in container["command"]]
@@ -176,3 +179,19 @@ def test_an_s3_server_that_ignores_conditional_writes_is_named_before_any_trial(
         check_store(cfg)
     assert f"store {cfg.store.url} ignores conditional writes" in caplog.text
     assert open_backend(cfg.store.url, endpoint).conditional is False  # its pushes read back what they wrote
+
+
+
+def test_the_storage_comes_from_the_environment_and_a_password_on_the_command_line_is_warned(tmp_path, monkeypatch,
+                                                                                            caplog):
+    from harness.cli import storage_url
+
+    monkeypatch.setenv("HARNESS_STORAGE", "postgresql://harness@db:5432/harness")
+    assert storage_url(None) == "postgresql://harness@db:5432/harness"
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        assert storage_url("sqlite:///x.db") == "sqlite:///x.db"
+        assert "password" not in caplog.text
+        storage_url("postgresql://harness:secret@db:5432/harness")
+    assert "--storage holds a password, which `ps` shows" in caplog.text and "secret" not in caplog.text
+    monkeypatch.delenv("HARNESS_STORAGE")
+    assert storage_url(None) is None

@@ -32,6 +32,7 @@ nothing else spells a name inside them. Writes are atomic (temp file + os.replac
         confusion.npy       confusion matrix on valid at the best epoch
         result.json         state (complete / pruned / failed), reason, best figures
         traceback.txt       where a failed trial failed
+        tracked.json        the epochs its W&B run holds and whether its tracker finished (resume logs the rest)
 
     runs/<study>/ensemble/              EnsembleFolder
         members.json, metrics.json, valid_probs.npy, per_class_f1.npy, confusion.npy,
@@ -100,7 +101,7 @@ class Folder:
 
     def adopt_identity(self, identity: str | None, keep: tuple[str, ...] = ()) -> Path | None:
         """Record `identity` (the storage's study or promotion this folder holds the files of). Files another
-        identity left here (a study deleted and created again under the same name) are moved, not deleted, to
+        recorded identity left here (a study deleted and created again under the same name) are moved, not deleted, to
         runs/<study>/earlier/<identity>-<time>/ (`keep`: names that stay, e.g. the SQLite storage itself);
         returns where they went, None when nothing moved. Without an identity (created before identities
         existed) nothing changes."""
@@ -109,8 +110,10 @@ class Folder:
         recorded = read_identity(self.path)
         if recorded == identity:
             return None
+        # a folder that records no identity is this study's (its first open: a probe may have written in it
+        # already) or an earlier harness version's, whose files carry no identity to tell them apart
         leftovers = [p for p in self.path.iterdir() if p.name not in (*keep, IDENTITY, EARLIER)] \
-            if self.path.is_dir() else []
+            if recorded is not None and self.path.is_dir() else []
         aside = None
         if leftovers:
             study, kind = (self.path.parent, "promotion") if isinstance(self, PromotionFolder) else (self.path, "study")
@@ -141,9 +144,10 @@ class TrialFolder(Folder):
     CONFUSION = "confusion.npy"
     RESULT = "result.json"
     TRACEBACK = "traceback.txt"
+    TRACKED = "tracked.json"  # the epochs the trial's W&B run holds, and whether its tracker finished
 
     FILES = frozenset((CONFIG, METRICS, LAST, BEST, VALID_LOGITS, BGSWAP_LOGITS, VALID_INDEX, PER_CLASS_F1, CONFUSION,
-                       RESULT, TRACEBACK))  # every file a trial's folder holds (the store mirrors no other)
+                       RESULT, TRACEBACK, TRACKED))  # every file a trial's folder holds (the store mirrors no other)
 
     # what a reader needs to find in a folder
     VIEW_FILES = {"valid": VALID_LOGITS, "bgswap": BGSWAP_LOGITS}  # log-probabilities of each evaluated view
@@ -180,6 +184,18 @@ class TrialFolder(Folder):
     def read_result(self) -> dict | None:
         path = self.file(self.RESULT)
         return _read_json(path) if path.is_file() else None
+
+    def tracked(self) -> dict | None:
+        """The W&B ledger (harness.tracking.TrialTracker): run id, epochs held (counted from 1), finished."""
+        path = self.file(self.TRACKED)
+        try:
+            return _read_json(path) if path.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None  # writes are atomic: an unreadable ledger was damaged by other hands; read as none
+
+    def write_tracked(self, ledger: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_json(self.file(self.TRACKED), ledger)
 
     def write_traceback(self, text: str) -> None:
         self.file(self.TRACEBACK).write_text(text)

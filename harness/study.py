@@ -310,6 +310,8 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
         target = 1
     study, data = open_search(cfg, storage, progress, warm_start)
     requeue_interrupted(study)
+    if track_study:  # one process per machine does it: the study's own, or the parent of run_search_workers
+        replay_untracked(cfg, data)
     study_run = StudyRun(cfg, data) if track_study else None
     deadline = may_start = None
     if budget is not None:
@@ -334,6 +336,45 @@ def run_study(cfg: StudyConfig, trials: int | None = None, timeout: float | None
     return study
 
 
+def replay_untracked(cfg: StudyConfig, data: PreparedData) -> list[int]:
+    """The trials that ended while their W&B records waited for the server's answer, in a process that died before
+    the answer came: their ledger (tracked.json) says unfinished, and their records are on disk (metrics.csv,
+    result.json). Log what each run lacks and finish it; returns their identities. Only ledgers this machine
+    wrote, by a process no longer alive (another machine's, or a live one's, may still settle them itself)."""
+    from harness.tracking import TrialTracker
+
+    if cfg.tracking.mode == "disabled" or not StudyFolder.of(cfg).trials.is_dir():
+        return []
+    replayed = []
+    for path in sorted(StudyFolder.of(cfg).trials.iterdir()):
+        folder = TrialFolder(path)
+        ledger, result = folder.tracked(), folder.read_result()
+        if not path.name.isdigit() or ledger is None or ledger.get("finished") or result is None:
+            continue
+        if ledger.get("machine") != machine_name() or process_alive(ledger.get("pid")):
+            continue
+        with TrialTracker(cfg, int(path.name), folder.read_config()["params"], {"replayed": True}) as tracker:
+            tracker.catch_up(folder.metrics_before(result.get("epochs_run", 0) + 1))
+            tracker.finish(TrialResult(**result), folder.confusion(), list(data.frame.attrs["class_names"]))
+        replayed.append(int(path.name))
+    if replayed:
+        log.warning("trial(s) %s ended while their W&B records waited for the server's answer and the process died; "
+                    "their records were logged again from their folders", replayed)
+    return replayed
+
+
+def process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_search_workers(cfg: StudyConfig, workers: int, trials: int | None = None, timeout: float | None = None,
                        storage: str | None = None, progress: bool = True,
                        warm_start: tuple[str, list[dict]] | None = None) -> optuna.Study:
@@ -342,6 +383,7 @@ def run_search_workers(cfg: StudyConfig, workers: int, trials: int | None = None
 
     def prepare(cfg: StudyConfig, storage: str | None, progress: bool):
         study, data = open_search(cfg, storage, progress, warm_start)
+        replay_untracked(cfg, data)
         return study, lambda: StudyRun(cfg, data)
 
     return run_workers(cfg, workers, run=run_study, prepare=prepare, trials=trials, timeout=timeout, storage=storage,

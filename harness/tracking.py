@@ -425,13 +425,41 @@ class TrialTracker(_Tracker):
                  fold: tuple[int, int] | None = None):
         """`fold` = (configuration, fold) makes it the run of one fold of a promoted configuration: job_type
         "fold", grouped by the configuration (the promotion's trials are a study of their own)."""
+        study = StudyFolder.of(cfg)
         if fold is None:
             run_id, name, job_type, group = run_id_for(cfg.name, identity), f"trial-{identity:04d}", TRIAL_JOB, None
+            self.folder = study.trial(identity)
         else:
             config, index = fold
             run_id, name = fold_run_id(cfg.name, config, index), f"trial-{config:04d}-fold-{index}"
             job_type, group = FOLD_JOB, f"{cfg.name}/promotion/trial-{config:04d}"
+            self.folder = study.promotion.fold(config, index)
         super().__init__(cfg, run_id, name, job_type, {**_as_dict(params), **(extra_config or {})}, group=group)
+        self._ledgered = self.active
+        if self._ledgered:
+            self._note(finished=False)  # on disk before any record: a crash while waiting is found and replayed
+
+    def _ledger(self) -> dict:
+        """The trial folder's W&B ledger for this run (tracked.json): which epochs the run holds. It lives with the
+        trial's files (the store carries it to a retry on another machine), so resume logs exactly the rest."""
+        ledger = self.folder.tracked()
+        if ledger is None or ledger.get("run_id") != self.run_id:
+            ledger = {"run_id": self.run_id, "epochs": [], "finished": False}
+        return ledger
+
+    def _note(self, epochs: tuple[int, ...] = (), finished: bool | None = None) -> None:
+        from harness.store import machine_name
+
+        ledger = self._ledger()
+        ledger["epochs"] = sorted(set(ledger["epochs"]) | set(epochs))
+        if finished is not None:
+            ledger["finished"] = finished
+        ledger.update(machine=machine_name(), pid=os.getpid())
+        try:
+            self.folder.write_tracked(ledger)
+        except OSError as error:  # the trial goes on: at worst a resume logs an epoch twice
+            log.warning("could not write %s (%s); a resume may log an epoch to W&B twice",
+                        self.folder.file(self.folder.TRACKED), error)
 
     def _configure(self) -> None:
         self.run.define_metric("epoch")
@@ -453,23 +481,24 @@ class TrialTracker(_Tracker):
         if self._recoveries > recoveries and self.active:  # the run went on offline: this epoch goes there too
             with self._guard(f"log of epoch {clean.get('epoch')}"):
                 self.run.log(clean)
+        if self.run is not None:
+            self._note(epochs=(clean["epoch"],))
 
     def catch_up(self, rows: list[Mapping[str, Any]]) -> None:
-        """Log the epochs a resumed trial already ran that W&B never received.
+        """Log the epochs a resumed trial already ran that its W&B run does not hold, each once.
 
-        A process killed right after an epoch's checkpoint can die before W&B wrote that
-        epoch. Offline, the run's own files say which epochs it holds, so exactly the
-        missing ones are logged; online, only the last checkpointed epoch is at risk.
+        A process killed after an epoch's checkpoint can die before W&B received that epoch, or while the
+        epochs waited in memory for the server's answer. The ledger (tracked.json, written after each epoch W&B
+        took, and carried by the store) says which epochs the run holds; offline, the run's own files too.
         """
         if not self.active or not rows or self._defer(lambda: self.catch_up(rows)):
             return
+        held = set(self._ledger()["epochs"])
         if self.run.settings.mode == "offline":
-            held = {h.get("epoch") for h in read_offline_run(StudyFolder(self.dir).wandb, self.run_id)["history"]}
-            missing = [row for row in rows if int(row["epoch"]) + 1 not in held]
-        else:
-            missing = list(rows[-1:])
-        for row in missing:
-            self.log_epoch(row)
+            held |= {h.get("epoch") for h in read_offline_run(StudyFolder(self.dir).wandb, self.run_id)["history"]}
+        for row in rows:
+            if int(row["epoch"]) + 1 not in held:
+                self.log_epoch(row)
 
     def finish(self, result: TrialResult | None = None, confusion: np.ndarray | None = None,
                class_names: list[str] | None = None) -> None:
@@ -495,6 +524,11 @@ class TrialTracker(_Tracker):
                 self.run.log({"best/confusion": _confusion_chart(confusion, class_names,
                                                                  f"valid confusion, best epoch {epoch}")})
         self._close(exit_code=1 if state == "failed" else 0)
+
+    def _close(self, exit_code: int, block: bool = False) -> None:
+        super()._close(exit_code, block)
+        if self._ledgered and self._waiting is None and not self.failed:  # closed, not parked: nothing waits
+            self._note(finished=True)
 
     def _close_on_exit(self, exc: BaseException | None) -> None:
         if exc is None:

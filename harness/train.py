@@ -413,6 +413,7 @@ def _pushing(mirror, folder: TrialFolder, on_epoch: Callable[[dict], None] | Non
         mirror.push_quietly(folder.path)
         if on_epoch is not None:
             on_epoch(row)
+            mirror.push_quietly(folder.path)  # the W&B ledger naming this epoch: a retry elsewhere logs it once
 
     return push_then
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -294,3 +296,51 @@ def test_a_server_answering_5xx_after_the_run_does_not_make_it_uploaded(smoke_st
             server.probe_status = 503
     assert tracker.state == "offline" and len(pending_folders(cfg.study_dir)) == 1
     assert run_states(cfg.study_dir) == {tracker.run_id: "offline"}
+
+
+def test_a_resumed_online_run_logs_every_epoch_the_server_lacks_and_none_twice(smoke_study, wandb_home, monkeypatch):
+    cfg = online_study(smoke_study)
+    rows = [{"epoch": epoch, "val/f1": epoch / 10} for epoch in range(4)]
+    with FakeWandbServer(lifetime_s=120) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", server.url)
+        with TrialTracker(cfg, 0, {}, {}) as first:  # the attempt a kill cut: W&B took 1 of the 3 epochs trained
+            first.log_epoch(rows[0])
+        with TrialTracker(cfg, 0, {}, {}) as second:  # resumed from the third epoch's checkpoint
+            second.catch_up(rows[:3])
+            second.log_epoch(rows[3])
+        with TrialTracker(cfg, 0, {}, {}) as third:  # resumed again with nothing new: nothing logged twice
+            third.catch_up(rows)
+        assert [h["epoch"] for h in server.history(first.run_id) if "val/f1" in h] == [1, 2, 3, 4]
+    ledger = StudyFolder.of(cfg).trial(0).tracked()
+    assert ledger["epochs"] == [1, 2, 3, 4] and ledger["finished"] and ledger["run_id"] == first.run_id
+
+
+@pytest.mark.slow
+def test_records_waiting_for_the_servers_answer_survive_a_sigkill_and_reach_the_server(tmp_path, shared_data,
+                                                                                         wandb_home):
+    """A real `harness study` whose W&B server never answers, SIGKILLed once its trial ended with every record
+    still waiting in memory; the same command run again with the server back logs them, each epoch once."""
+    from conftest import smoke_study_args, wait_for
+
+    args = smoke_study_args(tmp_path, shared_data, "--set", "name=waiting", "--set", "tracking.mode=online",
+                            "--set", "tracking.init_timeout_s=120", "--set", "train.epochs=2", "--trials", "1")
+    folder = tmp_path / "runs" / "waiting" / "trials" / "0"
+    with BlackHole(lifetime_s=600) as hole:
+        env = harness_env(WANDB_BASE_URL=hole.url, WANDB_API_KEY=FAKE_API_KEY)
+        process = subprocess.Popen([sys.executable, "-m", "harness.cli", "study", *args], env=env, cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        assert wait_for(folder / "result.json", process), "the trial never ended"
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    ledger = json.loads((folder / "tracked.json").read_text())
+    assert ledger["epochs"] == [] and not ledger["finished"]  # nothing reached W&B; the ledger says so on disk
+    with FakeWandbServer(lifetime_s=300) as server:
+        env = harness_env(WANDB_BASE_URL=server.url, WANDB_API_KEY=FAKE_API_KEY)
+        done = subprocess.run([sys.executable, "-m", "harness.cli", "study", *args], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "their records were logged again" in done.stderr
+        rows = [h for h in server.history(run_id_for("waiting", 0)) if "val/f1" in h]
+        assert [h["epoch"] for h in rows] == [1, 2]
+    assert json.loads((folder / "tracked.json").read_text())["finished"]

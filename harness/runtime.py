@@ -178,7 +178,15 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, cfg: Study
             time.sleep(IDLE_POLL_S)
             continue
         callbacks = [lambda s, t: on_change(s)] if on_change else []
-        study.optimize(objective, n_trials=1, catch=(RecordAsFailed,), gc_after_trial=False, callbacks=callbacks)
+        try:
+            study.optimize(objective, n_trials=1, catch=(RecordAsFailed,), gc_after_trial=False, callbacks=callbacks)
+        except ValueError as error:
+            if not str(error).startswith("Cannot tell a "):
+                raise
+            # this process's trial went stale (no heartbeat while it was frozen, swapped out, cut off) and another
+            # attempt took it over: its outcome is the other attempt's to record; the study goes on
+            log.warning("a trial of this process was declared stale and retried by another attempt, which records "
+                        "its outcome; this process's attempt stopped (%s)", error)
 
 
 def heartbeat_trials_that_never_beat(study: optuna.Study, grace_s: float) -> None:

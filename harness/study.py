@@ -247,7 +247,12 @@ class Objective:
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # Optuna records FAIL; the next run re-enqueues it
             raise
-        store_result(trial, result)
+        try:
+            store_result(trial, result)
+        except optuna.exceptions.UpdateFinishedTrialError:  # went stale here and was retried elsewhere
+            print(f"trial {identity:4d} was taken over by another attempt (this one's heartbeat went stale); this "
+                  f"attempt ended: {result.summary()}", flush=True)
+            raise RecordAsFailed("taken over by another attempt") from None
         print(f"trial {identity:4d} {result.summary()}{self.tracked}", flush=True)
         if result.state == "pruned":
             raise optuna.TrialPruned(f"pruned after {result.epochs_run} epoch(s)")

@@ -27,6 +27,7 @@ from harness.bench.budget import bench_budget
 from harness.bench.common import DEFAULT_STUDY, Bench, load_average, machine, print_rows
 from harness.bench.ensemble import bench_ensemble
 from harness.bench.estimate import bench_estimate
+from harness.bench.faults import bench_faults
 from harness.bench.loader import bench_loader
 from harness.bench.machines import bench_machines
 from harness.bench.outage import bench_tracking_outage
@@ -45,7 +46,8 @@ GROUPS: dict[str, Callable[[Bench], list[dict]]] = {
     "report": bench_report, "workers": bench_workers, "search": bench_search, "real": bench_real,
     "shortcut": bench_shortcut, "remedies": bench_remedies, "promotion": bench_promotion,
     "tracking": bench_tracking_outage, "applicability": bench_applicability, "spread": bench_spread,
-    "own_data": bench_own_data, "machines": bench_machines, "estimate": bench_estimate, "budget": bench_budget}
+    "own_data": bench_own_data, "machines": bench_machines, "estimate": bench_estimate, "budget": bench_budget,
+    "faults": bench_faults}
 
 
 def write_bench_json(out: Path, report: dict) -> None:

@@ -269,34 +269,6 @@ def objective_files(cfg: StudyConfig) -> tuple[str, ...]:
     return TrialFolder.files_for(OBJECTIVES.get(cfg.search.objective).views)
 
 
-def find_trial_folder(cfg: StudyConfig, stored: str | None, identity: int,
-                      needs: tuple[str, ...] = ()) -> tuple[TrialFolder | None, list[Path]]:
-    """The trial's folder holding `needs`: the one stored with the trial, else the study's trial folder
-    (the runs folder may have moved), else the study's trial folder filled from the store (store.url: the
-    trial ran on another machine). Returns (folder or None, the places looked at)."""
-    options = [Path(stored)] if stored else []
-    own = StudyFolder.of(cfg).trial(identity).path
-    options.append(own)
-    for path in options:
-        if path.is_dir() and TrialFolder(path).has(needs):
-            return TrialFolder(path), options
-    fetched = fetch_folder(cfg, own, needs)
-    return (fetched, options) if fetched is not None else (None, options)
-
-
-def fetch_folder(cfg: StudyConfig, path: Path, needs: tuple[str, ...]) -> TrialFolder | None:
-    """The folder at `path` with `needs` fetched from the store where it lacks them (every file the store has
-    when `needs` is empty); None without a store or when the store lacks them too."""
-    from harness.store import folder_store
-
-    store = folder_store(cfg, path)
-    if store is None:
-        return None
-    store.pull(path, names=needs or None)
-    folder = TrialFolder(path)
-    return folder if path.is_dir() and folder.has(needs) else None
-
-
 @dataclass(frozen=True)
 class EnsembleFolder(Folder):
     """runs/<study>/ensemble/: what `harness ensemble` chose and how it scored, and the eval scores."""

@@ -29,7 +29,7 @@ from harness.config import Params, StudyConfig
 from harness.data.cache import build_cache
 from harness.data.prepare import class_names
 from harness.data.readers import IMAGE_SUFFIXES, DataError, is_junk, read_eval, truth_source
-from harness.folders import EnsembleFolder, PromotionFolder, StudyFolder, TrialFolder, fetch_folder
+from harness.folders import EnsembleFolder, PromotionFolder, StudyFolder, TrialFolder
 from harness.foreground import foreground
 from harness.io import atomic_write_text
 from harness.metrics import confusion, macro_f1, per_class_f1
@@ -37,6 +37,7 @@ from harness.model import build_model, eval_logits
 from harness.promotion.ensemble import trial_folder_with
 from harness.promotion.selection import blend
 from harness.runtime import StudyError, load_existing_study
+from harness.store import fetch_folder
 from harness.study import trials_frame
 from harness.train import EVAL_BATCH, pick_device
 
@@ -401,7 +402,7 @@ def score_trials_on_eval(cfg: StudyConfig, storage: str | None = None, progress:
     nothing is ranked, pruned or promoted by it. Trials scored before are not scored again. Empty without
     an eval set with ground truth.
     """
-    from harness.folders import find_trial_folder
+    from harness.store import find_trial_folder
 
     try:
         images = EvalImages(cfg, progress)

@@ -46,11 +46,12 @@ import yaml
 import harness
 from harness.config import StudyConfig
 from harness.data.prepare import class_names, data_summary
-from harness.folders import EnsembleFolder, PromotionFolder, StudyFolder, TrialFolder, find_trial_folder
+from harness.folders import EnsembleFolder, PromotionFolder, StudyFolder, TrialFolder
 from harness.io import atomic_write_text
 from harness.records import shown_figures
 from harness.remedies import read_remedies
 from harness.runtime import default_storage, load_existing_study, redact
+from harness.store import find_trial_folder
 from harness.study import scored_frame
 from harness.tracking import describe_states, strip_secrets
 

@@ -56,6 +56,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from harness.config import ConfigError, StudyConfig
+from harness.folders import StudyFolder, TrialFolder, read_identity
 
 log = logging.getLogger(__name__)
 
@@ -452,8 +453,6 @@ class FolderStore:
 def store_key(cfg: StudyConfig, folder: Path) -> str | None:
     """The store key of a folder under runs_dir: its relative path, each folder that records an identity (the
     study's, the promotion's: folders.read_identity) followed by `@<identity>`; None for a folder outside runs_dir."""
-    from harness.folders import read_identity
-
     runs = Path(cfg.runs_dir).resolve()
     try:
         relative = Path(folder).resolve().relative_to(runs)
@@ -469,8 +468,6 @@ def store_key(cfg: StudyConfig, folder: Path) -> str | None:
 
 def folder_store(cfg: StudyConfig, folder: Path) -> FolderStore | None:
     """The store's mirror of `folder`, or None without a store or for a folder outside runs_dir."""
-    from harness.folders import TrialFolder
-
     if cfg.store.url is None:
         return None
     key = store_key(cfg, folder)
@@ -478,6 +475,32 @@ def folder_store(cfg: StudyConfig, folder: Path) -> FolderStore | None:
         return None
     return FolderStore(open_backend(cfg.store.url, cfg.store.endpoint_url, cfg.store.region), cfg.store.url, key,
                        allowed=TrialFolder.FILES)
+
+
+def find_trial_folder(cfg: StudyConfig, stored: str | None, identity: int,
+                      needs: tuple[str, ...] = ()) -> tuple[TrialFolder | None, list[Path]]:
+    """The trial's folder holding `needs`: the one stored with the trial, else the study's trial folder
+    (the runs folder may have moved), else the study's trial folder filled from the store (store.url: the
+    trial ran on another machine). Returns (folder or None, the places looked at)."""
+    options = [Path(stored)] if stored else []
+    own = StudyFolder.of(cfg).trial(identity).path
+    options.append(own)
+    for path in options:
+        if path.is_dir() and TrialFolder(path).has(needs):
+            return TrialFolder(path), options
+    fetched = fetch_folder(cfg, own, needs)
+    return (fetched, options) if fetched is not None else (None, options)
+
+
+def fetch_folder(cfg: StudyConfig, path: Path, needs: tuple[str, ...]) -> TrialFolder | None:
+    """The folder at `path` with `needs` fetched from the store where it lacks them (every file the store has
+    when `needs` is empty); None without a store or when the store lacks them too."""
+    store = folder_store(cfg, path)
+    if store is None:
+        return None
+    store.pull(path, names=needs or None)
+    folder = TrialFolder(path)
+    return folder if path.is_dir() and folder.has(needs) else None
 
 
 def forget_tree(cfg: StudyConfig, folder: Path, identity: str | None) -> None:

@@ -299,7 +299,7 @@ def checkpoint_purpose(cfg: StudyConfig, params: Params, data: PreparedData, fol
 def purpose_differences(stored: dict | None, wanted: dict) -> list[str]:
     """What differs between the purpose last.pt records and the one asked for, in words."""
     if stored is None:
-        return ["last.pt records no purpose (written by an earlier harness version)"]
+        return ["the checkpoint records no purpose (written by an earlier harness version)"]
     differences = []
     for key in wanted:
         if key == "params":
@@ -318,7 +318,7 @@ def resume(folder: TrialFolder, model, optimizer, scheduler, scaler, made_for: d
     state = folder.load_last()
     differences = purpose_differences(state.get("made_for"), made_for)
     if differences:
-        log.warning("%s: last.pt was made for something else (%s); training afresh", folder.path,
+        log.warning("%s was made for something else (%s); training afresh", folder.file(folder.LAST),
                     "; ".join(differences))
         folder.clear()
         return 0, {"objective": -math.inf, "epoch": -1}

@@ -203,7 +203,8 @@ def with_intervals(cfg, frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """`frame` (trials_frame) plus objective_low / objective_high (a 95% person-bootstrap interval of each
     trial's objective at its best epoch, from its stored valid log-probabilities) and tied_with_best (its
     difference from the best trial's objective, on the same resamples, has an interval that holds 0)."""
-    from harness.folders import TrialFolder, find_trial_folder
+    from harness.folders import TrialFolder
+    from harness.store import find_trial_folder
 
     frame = frame.copy()
     frame["objective_low"], frame["objective_high"], frame["tied_with_best"] = np.nan, np.nan, pd.NA

@@ -131,7 +131,7 @@ def test_third_party_private_apis_are_used_in_harness_compat_only():
 FOLDER_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "valid_logits.npy", "valid_index.csv",
                 "per_class_f1.npy", "confusion.npy", "result.json", "traceback.txt", "members.json",
                 "metrics.json", "valid_probs.npy", "eval_metrics", "study.db", "trials.csv", "report.html",
-                "remedies.json", "predictions.csv", "model.pt2", "outage.json")
+                "remedies.json", "predictions.csv", "model.pt2", "outage.json", "tracked.json", "budget.json")
 
 
 def spelled_file_names(tree: ast.Module) -> list[str]:

@@ -168,6 +168,7 @@ def test_a_hostile_manifest_name_is_refused_naming_the_key_and_nothing_is_writte
 # ------------------------------------------------------------------------------- identity
 
 
+@pytest.mark.slow
 def test_a_recreated_study_never_continues_the_earlier_ones_trials(smoke_study, tmp_path):
     cfg = smoke_study(**{"store.url": str(tmp_path / "store"), "train.epochs": 1})
     run_study(cfg, trials=1, progress=False, track_study=False)

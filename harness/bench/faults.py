@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from harness.bench.common import Bench, row
+from harness.folders import TrialFolder, read_identity
 
 SMOKE = {"search.pruner.name": "none", "train.epochs": 2, "search.heartbeat_s": 1, "tracking.mode": "disabled"}
 
@@ -100,9 +101,7 @@ def last_line(text: str, *needles: str) -> str:
 
 
 def made_for(folder: Path) -> dict:
-    import torch
-
-    return torch.load(folder / "last.pt", weights_only=False, map_location="cpu")["made_for"]
+    return TrialFolder(folder).load_last()["made_for"]
 
 
 # ------------------------------------------------------------------------------------------- cases
@@ -123,16 +122,16 @@ def recreated(bench: Bench) -> dict:
 
 
 def read_identity_key(case: Case) -> str:
-    return f"{case.settings['name']}@{(case.runs() / 'identity').read_text()}"
+    return f"{case.settings['name']}@{read_identity(case.runs())}"
 
 
 def restart(bench: Bench, endpoint: str) -> dict:
     case = Case(bench, "restart")
     store = {"store.url": f"s3://team/{bench.out.name}-restart", "store.endpoint_url": endpoint}
     steps = [case.run("study", "--trials", "2", **store), case.run("promote", **store)]
-    earlier = (case.runs() / "promotion" / "identity").read_text()
+    earlier = read_identity(case.runs() / "promotion")
     steps.append(case.run("promote", "--restart", **store, **{"promotion.folds": 3}))
-    now = (case.runs() / "promotion" / "identity").read_text()
+    now = read_identity(case.runs() / "promotion")
     folds = sorted((case.runs() / "promotion").glob("trial-*/fold-*"))
     stale = sum(f"promotion@{now}/" not in made_for(fold)["folder"] for fold in folds)
     left = count_keys(store, f"promotion@{earlier}/")
@@ -152,13 +151,13 @@ def two_writers(bench: Bench, endpoint: str) -> dict:
     from harness.store import MANIFESTS, open_backend
 
     case = Case(bench, "two_writers", **{"train.epochs": 4})
-    storage = f"sqlite:///{case.root / 'study.db'}"
+    storage = f"sqlite:///{case.root / 'shared-storage.sqlite'}"
     store = {"store.url": f"s3://team/{bench.out.name}-two", "store.endpoint_url": endpoint}
     frozen = case.start("study", "--trials", "1", "--storage", storage, machine="a", **store)
-    wait_for(case.runs("a") / "trials" / "0" / "last.pt", frozen)
+    wait_for(TrialFolder(case.runs("a") / "trials" / "0").file(TrialFolder.LAST), frozen)
     os.kill(frozen.pid, signal.SIGSTOP)  # alive, silent: its trial goes stale after 3 heartbeats
     retry = case.start("study", "--trials", "1", "--storage", storage, machine="b", **store)
-    key = f"{case.settings['name']}@{(case.runs('a') / 'identity').read_text()}/trials/0"
+    key = f"{case.settings['name']}@{read_identity(case.runs('a'))}/trials/0"
     backend = open_backend(store["store.url"], endpoint)
     deadline = time.monotonic() + 600
     while not any(b"machine\": \"b\"" in (backend.get_bytes(f"{key}/{MANIFESTS}/{n}") or b"")
@@ -173,7 +172,7 @@ def two_writers(bench: Bench, endpoint: str) -> dict:
     stale = sum(record["machine"] == "a" and record["time"] > final["owner"]["since"]
                 for record in final["files"].values())
     lost = sum(backend.get_bytes(f"{key}/{name}@{record['sha256']}") is None for name, record in final["files"].items())
-    said = last_line((case.root / "a.log").read_text(), "taken over by another attempt")
+    said = last_line((case.root / "a.log").read_text(), "was taken over by another attempt")
     return {"exit": codes, "stale_used": stale, "files_lost": lost, "owner": final["owner"]["machine"], "said": said}
 
 
@@ -186,7 +185,7 @@ def hostile_name(bench: Bench) -> dict:
     key = case.root / "store" / read_identity_key(case) / "trials" / "0" / MANIFESTS
     newest = max(key.glob("*.json"))
     manifest = json.loads(newest.read_text())
-    manifest["files"]["../../escaped.txt"] = manifest["files"]["metrics.csv"]
+    manifest["files"]["../../escaped.txt"] = manifest["files"][TrialFolder.METRICS]
     newest.write_text(json.dumps(manifest))
     outputs = []
     shutil.copytree(case.runs(), case.runs("b"), ignore=shutil.ignore_patterns("trials", "ensemble"))
@@ -209,11 +208,11 @@ def wandb_waiting(bench: Bench) -> dict:
     with BlackHole(lifetime_s=900) as hole:  # accepts, never answers: every record waits in memory
         env = {"WANDB_BASE_URL": hole.url, "WANDB_API_KEY": "x" * 40, "WANDB_MODE": ""}
         process = case.start("study", "--trials", "1", env=env, **{"tracking.mode": "online"})
-        wait_for(trial / "result.json", process)
+        wait_for(trial / TrialFolder.RESULT, process)
         time.sleep(1.0)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    epochs = int(json.loads((trial / "result.json").read_text())["epochs_run"])
+    epochs = int(TrialFolder(trial).read_result()["epochs_run"])
     again = case.run("study", "--trials", "1", env={"WANDB_MODE": "offline"}, **{"tracking.mode": "offline"})
     history = read_offline_run(case.runs() / "wandb", run_id_for(case.settings["name"], 0))["history"]
     logged = [int(h["epoch"]) for h in history if "val/f1" in h]
@@ -226,7 +225,7 @@ def params_changed(bench: Bench) -> dict:
     case = Case(bench, "params_changed", **{"train.epochs": 4})
     process = case.start("study", "--trials", "1")
     trial = case.runs() / "trials" / "0"
-    wait_for(trial / "last.pt", process)
+    wait_for(trial / TrialFolder.LAST, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     before = {p.name: p.read_bytes() for p in trial.iterdir() if p.is_file()}

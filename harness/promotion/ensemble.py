@@ -34,11 +34,12 @@ import pandas as pd
 
 from harness.config import StudyConfig
 from harness.data.prepare import class_names
-from harness.folders import EnsembleFolder, TrialFolder, find_trial_folder, objective_files
+from harness.folders import EnsembleFolder, TrialFolder, objective_files
 from harness.metrics import OBJECTIVES, confusion, per_class_f1
 from harness.promotion.selection import METHODS, Selection, Views, blend, blend_score, honest_scores, person_halves, strategies
 from harness.records import BUDGET_STOP
 from harness.runtime import StudyError, load_existing_study
+from harness.store import find_trial_folder
 from harness.study import trials_frame
 
 

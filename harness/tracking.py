@@ -493,9 +493,10 @@ class TrialTracker(_Tracker):
         """
         if not self.active or not rows or self._defer(lambda: self.catch_up(rows)):
             return
-        held = set(self._ledger()["epochs"])
-        if self.run.settings.mode == "offline":
-            held |= {h.get("epoch") for h in read_offline_run(StudyFolder(self.dir).wandb, self.run_id)["history"]}
+        if self.run.settings.mode == "offline":  # the run's own files are the truth: what W&B wrote before a kill
+            held = {h.get("epoch") for h in read_offline_run(StudyFolder(self.dir).wandb, self.run_id)["history"]}
+        else:  # online: what W&B took, as the ledger recorded it (on another machine too, through the store)
+            held = set(self._ledger()["epochs"])
         for row in rows:
             if int(row["epoch"]) + 1 not in held:
                 self.log_epoch(row)
@@ -527,7 +528,8 @@ class TrialTracker(_Tracker):
 
     def _close(self, exit_code: int, block: bool = False) -> None:
         super()._close(exit_code, block)
-        if self._ledgered and self._waiting is None and not self.failed:  # closed, not parked: nothing waits
+        # closed, not parked, and kept (online, or offline after a recovery): nothing of it waits in memory
+        if self._ledgered and self._waiting is None and (not self.failed or self._recoveries):
             self._note(finished=True)
 
     def _close_on_exit(self, exc: BaseException | None) -> None:

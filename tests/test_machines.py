@@ -65,6 +65,16 @@ def start_machine(name: str, tmp_path: Path, storage: str, store_url: str, endpo
     return subprocess.Popen(["bash", "-c", worker_line()], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
+def stored_names(mirrored: Path) -> set[str]:
+    """The file names the store's newest manifest of a folder names (none while it has none)."""
+    for path in sorted(mirrored.glob(f"{MANIFESTS}/*.json"), reverse=True):
+        try:
+            return set(json.loads(path.read_text())["files"])
+        except (FileNotFoundError, ValueError):  # replaced by a newer one while read
+            continue
+    return set()
+
+
 def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -85,7 +95,11 @@ def test_a_killed_machines_trial_is_continued_elsewhere_and_a_third_runs_folder_
     wait_for_file(tmp_path / "machine-a" / "runs" / "default" / "identity", a)
     identity = (tmp_path / "machine-a" / "runs" / "default" / "identity").read_text()
     mirrored = s3_root / "harness-bucket" / tmp_path.name / f"default@{identity}" / "trials" / "0"
-    wait_for_file(mirrored / MANIFESTS, a)
+    # A's trial 0 has pushed an epoch's last.pt (its first manifest, the claim, names no file yet)
+    deadline = time.monotonic() + 300
+    while not stored_names(mirrored) & {"last.pt"}:
+        assert a.poll() is None and time.monotonic() < deadline, "A never pushed a last.pt"
+        time.sleep(0.05)
     b = start_machine("machine-b", tmp_path, storage, store_url, endpoint, data)
     time.sleep(1.0)
     a.send_signal(signal.SIGKILL)

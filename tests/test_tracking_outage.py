@@ -343,4 +343,5 @@ def test_records_waiting_for_the_servers_answer_survive_a_sigkill_and_reach_the_
         assert "their records were logged again" in done.stderr
         rows = [h for h in server.history(run_id_for("waiting", 0)) if "val/f1" in h]
         assert [h["epoch"] for h in rows] == [1, 2]
-    assert json.loads((folder / "tracked.json").read_text())["finished"]
+    ledger = json.loads((folder / "tracked.json").read_text())
+    assert ledger["finished"] and ledger["epochs"] == [1, 2]

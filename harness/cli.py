@@ -411,8 +411,9 @@ def storage_url(given: str | None) -> str | None:
     """--storage, else $HARNESS_STORAGE (a cluster's Secret mounts it there), else None (the study's SQLite file).
     A password in --storage is visible to every user of the node (`ps`): said, and left to the user to move."""
     if given is not None:
-        credentials = given.partition("://")[2].rpartition("@")[0]
-        if ":" in credentials or "password=" in given.lower():
+        from harness.runtime import redact
+
+        if redact(given) != given:  # it hid a password: one is in the URL
             log.warning("--storage holds a password, which `ps` shows to every user of this machine: set PGPASSWORD "
                         "(or ~/.pgpass, or HARNESS_STORAGE) and leave it out of the command line")
         return given

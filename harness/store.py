@@ -311,6 +311,7 @@ class FolderStore:
             generation, manifest = self.latest()
             claimed = {**manifest, "generation": generation + 1, "owner": self.owner}
             if self._write(generation + 1, claimed):
+                self._collect(generation + 1, manifest["files"], manifest["files"])  # older generations only
                 previous = manifest.get("owner")
                 if previous:
                     log.info("store %s: %s took over %s from %s", self.url, label, self.prefix, previous["label"])
@@ -379,7 +380,8 @@ class FolderStore:
             stem = name.removesuffix(".json")
             if stem.isdigit() and int(stem) < generation:
                 self.backend.delete(f"{self.prefix}/{MANIFESTS}/{name}")
-        self.backend.delete(f"{self.prefix}/{LEGACY_MANIFEST}")
+        if generation == 1:  # the claim that took over a store written before generations
+            self.backend.delete(f"{self.prefix}/{LEGACY_MANIFEST}")
         named = {(name, record["sha256"]) for name, record in self.latest()[1]["files"].items()}
         named |= {(name, record["sha256"]) for name, record in now.items()}
         for name, record in before.items():

@@ -26,7 +26,7 @@ import harness
 from harness.config import Params, StudyConfig
 from harness.data.prepare import PreparedData, prepare_data
 from harness.folders import StudyFolder, TrialFolder
-from harness.io import remove_dead_temporaries
+from harness.io import process_alive, remove_dead_temporaries
 from harness.preflight import check_study, study_backbones
 from harness.records import TrialResult, state_name, table_columns
 from harness.runtime import (
@@ -356,7 +356,7 @@ def replay_untracked(cfg: StudyConfig, data: PreparedData) -> list[int]:
         ledger, result = folder.tracked(), folder.read_result()
         if not path.name.isdigit() or ledger is None or ledger.get("finished") or result is None:
             continue
-        if ledger.get("machine") != machine_name() or process_alive(ledger.get("pid")):
+        if ledger.get("machine") != machine_name() or (ledger.get("pid") and process_alive(int(ledger["pid"]))):
             continue
         with TrialTracker(cfg, int(path.name), folder.read_config()["params"], {"replayed": True}) as tracker:
             tracker.catch_up(folder.metrics_before(result.get("epochs_run", 0) + 1))
@@ -367,16 +367,6 @@ def replay_untracked(cfg: StudyConfig, data: PreparedData) -> list[int]:
                     "their records were logged again from their folders", replayed)
     return replayed
 
-
-def process_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -227,7 +227,7 @@ class Objective:
         self.tracked = ""  # how the last trial's W&B run went, for its console line
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from harness.tracking import run_id_for
+        from harness.tracking import run_id_for, study_key
 
         cfg = self.cfg
         identity = trial_identity(trial)
@@ -235,7 +235,7 @@ class Objective:
         # first, before sampling: a retry (stale or interrupted) copies these and keeps the identity
         trial.set_user_attr("identity", identity)
         trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("wandb_run_id", run_id_for(cfg.name, identity))
+        trial.set_user_attr("wandb_run_id", run_id_for(study_key(cfg), identity))
         trial.set_user_attr("machine", machine_name())  # who ran it (a retry on another machine says so)
         trial.set_user_attr("device", device_label(cfg))
         params = suggest_params(trial, cfg)

@@ -45,12 +45,12 @@ from typing import Any
 import numpy as np
 
 from harness.compat import has_exit_record, read_offline_run, was_synced
-from harness.folders import StudyFolder
+from harness.folders import StudyFolder, read_identity
 from harness.io import json_ready
 from harness.records import FIGURES, TrialResult, state_name
 
 __all__ = ["StudyTracker", "TrialTracker", "log_ensemble", "read_offline_run", "run_id_for", "study_run_id",
-           "ensemble_run_id", "strip_secrets"]
+           "ensemble_run_id", "strip_secrets", "study_key", "study_key_at", "promotion_key"]
 
 log = logging.getLogger("harness.tracking")
 
@@ -85,38 +85,60 @@ def _slug(name: str) -> str:
     return slug[:40].rstrip("-") or "study"
 
 
-def _run_id(study_name: str, part: str) -> str:
-    # The hash of the raw name keeps "My.Study" and "my-study" apart although their slugs match.
-    digest = hashlib.sha256(f"{study_name}\0{part}".encode()).hexdigest()[:8]
-    return f"{_slug(study_name)}-{part}-{digest}"
+def study_key(cfg) -> str:
+    """What a study's W&B run ids are made from: its name and the identity its storage recorded at its creation
+    (runs/<study>/identity), so a study deleted and created again under the same name, or another team's study of
+    that name in the same project, never resumes (and appends to) an earlier study's runs on the server. A study
+    made before identities existed keeps the ids of its name alone."""
+    return study_key_at(cfg.name, StudyFolder.of(cfg).path)
 
 
-def run_id_for(study_name: str, identity: int) -> str:
-    """The W&B run id of trial `identity` of a study: readable, deterministic, valid W&B id characters."""
+def study_key_at(name: str, study_folder: Path) -> str:
+    """study_key of the study `name` whose runs folder is `study_folder` (runs/<study>/)."""
+    identity = read_identity(Path(study_folder))
+    return f"{name}@{identity}" if identity else name
+
+
+def promotion_key(cfg) -> str:
+    """The study's key and its current promotion's identity: `promote --restart` starts runs of its own."""
+    identity = read_identity(StudyFolder.of(cfg).promotion.path)
+    return f"{study_key(cfg)}/promotion@{identity}" if identity else study_key(cfg)
+
+
+def _run_id(key: str, part: str) -> str:
+    # The hash of the raw key keeps "My.Study" and "my-study" (and two identities of one name) apart although
+    # their slugs match; the slug is the study's name alone, readable in W&B's run list.
+    digest = hashlib.sha256(f"{key}\0{part}".encode()).hexdigest()[:8]
+    return f"{_slug(key.split('@')[0])}-{part}-{digest}"
+
+
+def run_id_for(key: str, identity: int) -> str:
+    """The W&B run id of trial `identity` of the study `key` (study_key): readable, deterministic, valid W&B id
+    characters."""
     if not isinstance(identity, int | np.integer) or identity < 0:
         raise ValueError(f"trial identity must be an int >= 0 (the Optuna trial number), got {identity!r}")
-    return _run_id(study_name, f"t{int(identity):04d}")
+    return _run_id(key, f"t{int(identity):04d}")
 
 
-def fold_run_id(study_name: str, config: int, fold: int) -> str:
-    """The W&B run id of fold `fold` of promoted configuration (trial) `config`."""
-    return _run_id(study_name, f"t{int(config):04d}-f{int(fold)}")
+def fold_run_id(key: str, config: int, fold: int) -> str:
+    """The W&B run id of fold `fold` of promoted configuration (trial) `config` (key: promotion_key)."""
+    return _run_id(key, f"t{int(config):04d}-f{int(fold)}")
 
 
-def study_run_id(study_name: str) -> str:
-    return _run_id(study_name, "study")
+def study_run_id(key: str) -> str:
+    return _run_id(key, "study")
 
 
-def ensemble_run_id(study_name: str) -> str:
-    return _run_id(study_name, "ensemble")
+def ensemble_run_id(key: str) -> str:
+    return _run_id(key, "ensemble")
 
 
-def promotion_run_id(study_name: str) -> str:
-    return _run_id(study_name, "promotion")
+def promotion_run_id(key: str) -> str:
+    return _run_id(key, "promotion")
 
 
-def budget_run_id(study_name: str) -> str:
-    return _run_id(study_name, "budget")
+def budget_run_id(key: str) -> str:
+    return _run_id(key, "budget")
 
 
 # --------------------------------------------------------------------------- plain values
@@ -245,6 +267,8 @@ class _Tracker:
         self.mode = _resolve_mode(cfg.tracking.mode)
         if self.mode == "disabled":
             return
+        identity = read_identity(StudyFolder.of(cfg).path)  # W&B's filter for one study where names repeat
+        config = {**config, "study_identity": identity} if identity else config
         self._init_args = dict(
             project=cfg.tracking.project, entity=cfg.tracking.entity, dir=str(self.dir), group=group or cfg.name,
             job_type=job_type, name=name, id=run_id, resume="allow", config=json_ready(strip_secrets(config)))
@@ -427,11 +451,11 @@ class TrialTracker(_Tracker):
         "fold", grouped by the configuration (the promotion's trials are a study of their own)."""
         study = StudyFolder.of(cfg)
         if fold is None:
-            run_id, name, job_type, group = run_id_for(cfg.name, identity), f"trial-{identity:04d}", TRIAL_JOB, None
+            run_id, name, job_type, group = run_id_for(study_key(cfg), identity), f"trial-{identity:04d}", TRIAL_JOB, None
             self.folder = study.trial(identity)
         else:
             config, index = fold
-            run_id, name = fold_run_id(cfg.name, config, index), f"trial-{config:04d}-fold-{index}"
+            run_id, name = fold_run_id(promotion_key(cfg), config, index), f"trial-{config:04d}-fold-{index}"
             job_type, group = FOLD_JOB, f"{cfg.name}/promotion/trial-{config:04d}"
             self.folder = study.promotion.fold(config, index)
         super().__init__(cfg, run_id, name, job_type, {**_as_dict(params), **(extra_config or {})}, group=group)
@@ -543,7 +567,7 @@ class StudyTracker(_Tracker):
     """The study's own run: a table of all trials, refreshed by `update`, and the counts by state."""
 
     def __init__(self, cfg, extra_config: Mapping[str, Any] | None = None):
-        super().__init__(cfg, study_run_id(cfg.name), "study", STUDY_JOB, dict(extra_config or {}))
+        super().__init__(cfg, study_run_id(study_key(cfg)), "study", STUDY_JOB, dict(extra_config or {}))
 
     def update(self, trials) -> None:
         """Log `trials` (the DataFrame of harness.study.trials_frame: trial, state, objective, val F1s, eval F1,
@@ -605,14 +629,14 @@ def log_ensemble(cfg, members, metrics: Mapping[str, Any], confusion: np.ndarray
     row = {"members": members}
     if confusion is not None:
         row["ensemble/confusion"] = _confusion_chart(confusion, class_names, "valid confusion, ensemble")
-    return _log_result(cfg, ensemble_run_id(cfg.name), ENSEMBLE_JOB, row, metrics, extra_config)
+    return _log_result(cfg, ensemble_run_id(study_key(cfg)), ENSEMBLE_JOB, row, metrics, extra_config)
 
 
 def log_promotion(cfg, configurations, metrics: Mapping[str, Any],
                   extra_config: Mapping[str, Any] | None = None) -> str | None:
     """One run (job_type "promotion") in the study's group: the configurations' table, and in the summary the
     submission's estimate first, then the cross-validated figures it was made from. The run id, or None."""
-    return _log_result(cfg, promotion_run_id(cfg.name), PROMOTION_JOB, {"configurations": configurations}, metrics,
+    return _log_result(cfg, promotion_run_id(promotion_key(cfg)), PROMOTION_JOB, {"configurations": configurations}, metrics,
                        extra_config)
 
 
@@ -630,7 +654,7 @@ def log_budget(cfg, record: Mapping[str, Any]) -> str | None:
                "budget/left_out": "; ".join(record.get("left_out") or []) or "nothing",
                "budget/summary": describe(record),
                "budget/submission": record.get("submission", {}).get("source")}
-    return _log_result(cfg, budget_run_id(cfg.name), BUDGET_JOB, {"plans": plans}, metrics,
+    return _log_result(cfg, budget_run_id(study_key(cfg)), BUDGET_JOB, {"plans": plans}, metrics,
                        {"budget_s": record["budget_s"]})
 
 

@@ -38,7 +38,7 @@ from harness.io import atomic_torch_save, load_checkpoint
 from harness.losses import LOSSES
 from harness.runtime import StudyError
 from harness.study import run_study, status, trials_frame
-from harness.tracking import run_id_for
+from harness.tracking import run_id_for, study_key
 
 FOLDERS = people(12)  # write_competition gives folder i the suffix .jpg, .jpeg, .png, .JPG for i % 4 = 0..3
 
@@ -517,7 +517,7 @@ def test_wandb_failure_is_a_warning_and_the_trial_completes(provoke, smoke_study
     trial = cfg.study_dir / "trials" / "0"
     assert pd.read_csv(trial / "metrics.csv")["epoch"].tolist() == [0] and (trial / "last.pt").is_file()
     warnings = [r.getMessage() for r in caplog.records if r.name == "harness.tracking"]
-    assert any(f"W&B init failed for run {run_id_for(cfg.name, 0)}" in w and "training goes on" in w
+    assert any(f"W&B init failed for run {run_id_for(study_key(cfg), 0)}" in w and "training goes on" in w
                for w in warnings), warnings
     assert not list(tmp_path.rglob("*.wandb"))
     if provoke != "WANDB_MODE=bogus":

@@ -15,7 +15,7 @@ from harness.config import ConfigError, format_duration, parse_duration, parse_s
 from harness.folders import PromotionFolder, StudyFolder
 from harness.pipeline import make_study
 from harness.runtime import StudyError, load_existing_study
-from harness.tracking import budget_run_id, read_offline_run
+from harness.tracking import budget_run_id, read_offline_run, study_key
 from harness.train import run_trial
 
 # -------------------------------------------------------------------------------- durations
@@ -177,7 +177,7 @@ def test_status_the_report_and_wandb_say_what_the_budget_planned_and_left_out(bu
     assert "submission from the promotion" in line and ("left out:" in line or "nothing left out" in line)
     page = outcome.report.read_text()
     assert '<section id="budget">' in page and "Left out by the budget" in page
-    run = read_offline_run(cfg.study_dir / "wandb", budget_run_id(cfg.name))
+    run = read_offline_run(cfg.study_dir / "wandb", budget_run_id(study_key(cfg)))
     assert run["job_type"] == "budget" and run["summary"]["budget/seconds"] == 600
     assert run["summary"]["budget/submission"] == "promotion"
     assert run["summary"]["budget/left_out"] == ("; ".join(outcome.budget["left_out"]) or "nothing")

@@ -65,7 +65,7 @@ from harness.data.prepare import prepare_data
 from harness.io import load_checkpoint
 from harness.runtime import default_storage, open_storage
 from harness.study import default_trial_params, open_study, run_study, suggest_params, trials_frame
-from harness.tracking import ensemble_run_id, read_offline_run, run_id_for, study_run_id
+from harness.tracking import ensemble_run_id, read_offline_run, run_id_for, study_key_at, study_run_id
 from harness.train import run_trial
 
 # the tests that rebuild a killed process's storage call study.ask() outside study.optimize
@@ -391,7 +391,7 @@ def wandb_history_problems(layout: Layout, frame: pd.DataFrame) -> tuple[list[st
     problems, unfinished = [], 0
     for row in frame.itertuples():
         try:
-            run = read_offline_run(layout.wandb, run_id_for(NAME, int(row.trial)))
+            run = read_offline_run(layout.wandb, run_id_for(study_key_at(NAME, layout.study), int(row.trial)))
         except FileNotFoundError as error:
             problems.append(f"trial {row.trial}: {error}")
             continue
@@ -489,12 +489,13 @@ def check_outcome(layout: Layout, reference: Layout, chaos: Chaos, reference_out
     check(frame["trial"].is_unique and len(frame) == TRIALS and set(frame["state"]) <= {"complete", "pruned"},
           f"trial identities in storage (latest attempt each):\n{show(frame)}")
     check(folders == identities, f"trial folders {folders} but trial identities {identities}")
+    key = study_key_at(NAME, layout.study)  # the W&B ids carry the study's identity
     for t in study.trials:
-        expected = run_id_for(NAME, int(t.user_attrs.get("identity", t.number)))
+        expected = run_id_for(key, int(t.user_attrs.get("identity", t.number)))
         check(t.user_attrs.get("wandb_run_id", expected) == expected, f"attempt {t.number}: W&B run id "
               f"{t.user_attrs.get('wandb_run_id')} is not its identity's {expected}")
-    strays = wandb_run_ids_on_disk(layout) - {run_id_for(NAME, i) for i in identities} - {
-        study_run_id(NAME), ensemble_run_id(NAME)}
+    strays = wandb_run_ids_on_disk(layout) - {run_id_for(key, i) for i in identities} - {
+        study_run_id(key), ensemble_run_id(key)}
     check(not strays, f"W&B runs of no trial identity in the study: {sorted(strays)}")
     problems.extend(wandb_issues)
     # trial 0 is the study file's defaults, exactly once

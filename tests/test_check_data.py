@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import people, write_competition, write_image
 from harness.config import parse_study
 from harness.data.check import check_data
@@ -94,6 +96,7 @@ def _figures(line: str) -> tuple[float, float]:
     return face, iou
 
 
+@pytest.mark.slow  # a long end-to-end run: make test-long
 def test_synthetic_data_made_with_other_settings_is_refused_not_reused(tmp_path):
     good = tmp_path / "study.yaml"
     good.write_text(f"name: t\ndata: {{root: {tmp_path / 'data'}, cache_dir: {tmp_path / 'cache'}, "

@@ -19,7 +19,7 @@ from harness.predict import EvalImages, PredictError, load_member_model, member_
 from harness.promotion.ensemble import EnsembleError, run_ensemble
 from harness.promotion.selection import blend_score, greedy_selection, honest_scores, person_halves
 from harness.study import run_study, trials_frame
-from harness.tracking import ensemble_run_id, read_offline_run
+from harness.tracking import ensemble_run_id, read_offline_run, study_key
 
 REPO = Path(__file__).resolve().parents[1]
 C = 18
@@ -233,7 +233,7 @@ def test_ensemble_charts_name_the_classes_the_study_stored(tmp_path):
     study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{cfg.study_dir / 'study.db'}")
     study.set_user_attr("data_summary", {"class_names": names})
     run_ensemble(cfg)
-    run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(cfg.name))
+    run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(study_key(cfg)))
     table = run["tables"]["ensemble/confusion_table"]
     assert {row[table["columns"].index("Actual")] for row in table["data"]} == set(names)
 
@@ -322,7 +322,7 @@ def test_ensemble_of_a_real_study_writes_its_files(ensembled):
     best = frame.loc[frame["state"] == "complete", "objective"].max()
     assert metrics["fitted_on_all_valid"]["best_single"] == pytest.approx(best)  # stored logits = Optuna's value
 
-    run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(cfg.name))
+    run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(study_key(cfg)))
     assert run["job_type"] == "ensemble"
     assert run["summary"]["honest/greedy"] == pytest.approx(metrics["honest"]["greedy"])
 
@@ -341,7 +341,7 @@ def test_predict_writes_a_submission_in_info_order_and_scores_eval(ensembled, ca
     assert "eval macro F1" in capsys.readouterr().out
     saved = json.loads((cfg.study_dir / "ensemble" / "eval_metrics.json").read_text())
     assert saved["eval_f1"] == pytest.approx(result["eval_f1"])
-    run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(cfg.name))
+    run = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(study_key(cfg)))
     assert run["summary"]["eval/f1"] == pytest.approx(result["eval_f1"])
     assert "honest/greedy" in run["summary"]  # the eval figures joined the same run
 

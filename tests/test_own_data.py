@@ -28,7 +28,7 @@ from harness.predict import EvalImages, PredictError, predict_images, predict_su
 from harness.preflight import PreflightError, check_study
 from harness.runtime import load_existing_study
 from harness.study import trials_frame
-from harness.tracking import ensemble_run_id, read_offline_run
+from harness.tracking import ensemble_run_id, read_offline_run, study_key
 
 TEMPLATE = REPO / "studies" / "template.yaml"
 
@@ -76,7 +76,7 @@ def test_the_test_set_is_predicted_scored_and_shown_everywhere_but_chooses_nothi
     assert np.asarray(scores["confusion"]).sum() == len(test)
     assert len(scores["per_class_f1"]) == 10
     # the same figure in W&B, per class too
-    summary = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(cfg.name))["summary"]
+    summary = read_offline_run(cfg.study_dir / "wandb", ensemble_run_id(study_key(cfg)))["summary"]
     assert summary["eval/f1"] == pytest.approx(scores["eval_f1"])
     assert summary["eval/f1_class_3"] == pytest.approx(scores["per_class_f1"][3])
     # each trial's test F1 beside its objective; the study's ranking is the objective's alone

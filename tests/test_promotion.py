@@ -38,7 +38,7 @@ from harness.promotion.folds import (
 from harness.report import AUDIT_ROWS, external_references, write_report
 from harness.runtime import default_storage
 from harness.study import run_study, status, trials_frame
-from harness.tracking import fold_run_id, promotion_run_id, read_offline_run
+from harness.tracking import fold_run_id, promotion_key, promotion_run_id, read_offline_run
 from harness.uncertainty import (
     expected_f1,
     f1_interval,
@@ -92,7 +92,7 @@ def test_each_configuration_trains_on_each_fold_of_all_persons(promoted):
         held_out = [set(PromotionFolder.of(cfg).fold(config, f).valid_index()["person"])
                     for f in range(cfg.promotion.folds)]
         assert set().union(*held_out) == persons and not set.intersection(*held_out)
-        run = read_offline_run(cfg.study_dir / "wandb", fold_run_id(cfg.name, config, 0))
+        run = read_offline_run(cfg.study_dir / "wandb", fold_run_id(promotion_key(cfg), config, 0))
         assert run["job_type"] == "fold" and run["group"] == f"{cfg.name}/promotion/trial-{config:04d}"
         epochs = sorted({int(h["epoch"]) for h in run["history"] if "val/f1" in h})
         assert epochs == list(range(1, cfg.train.epochs + 1))  # full epochs, no pruning
@@ -131,7 +131,7 @@ def test_estimate_of_the_submission_is_taken_at_the_held_out_sets_size_and_logge
     changed = int((labels_after(data.frame, issues, True) != data.frame["label"].to_numpy()).sum())
     assert summary["corrected_labels"] == changed
     assert list(PromotionFolder.of(cfg).summary())[:6] == ["folds", "method", "objective", "members", "estimate", "cv_f1"]
-    run = read_offline_run(cfg.study_dir / "wandb", promotion_run_id(cfg.name))
+    run = read_offline_run(cfg.study_dir / "wandb", promotion_run_id(promotion_key(cfg)))
     assert run["job_type"] == "promotion"
     assert run["summary"]["estimate/f1"] == pytest.approx(estimate["f1"])
     assert run["summary"]["estimate/f1_as_averaged"] == pytest.approx(estimate["dilution"]["f1_as_averaged"])

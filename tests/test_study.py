@@ -246,7 +246,12 @@ def test_successive_halving_stops_trials_at_its_rungs_only(smoke_study):
     assert all(sorted(t.intermediate_values) == list(range(1, epochs_run[t.number] + 1)) for t in study.trials)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+# the default and the template in `make test`; the other study files' smoke runs (20 s each) with the long suites
+LONG_SMOKE = {"digits", "mask"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in LONG_SMOKE else p
+                                  for p in sorted((REPO / "studies").glob("*.yaml"))], ids=lambda p: p.stem)
 def test_every_study_file_runs_its_smoke_variant(smoke_study, path):
     cfg = smoke_study(path)
     study = run_study(cfg, progress=False)

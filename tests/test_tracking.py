@@ -10,14 +10,18 @@ import pandas as pd
 import pytest
 
 from harness.config import parse_study
+from harness.folders import StudyFolder
 from harness.records import TrialResult
 from harness.tracking import (
     StudyTracker,
     TrialTracker,
     ensemble_run_id,
+    fold_run_id,
     log_ensemble,
+    promotion_key,
     read_offline_run,
     run_id_for,
+    study_key,
     study_run_id,
 )
 
@@ -106,6 +110,25 @@ def test_run_ids_are_stable_distinct_and_valid():
     assert all(W_AND_B_ID.match(i) for i in ids | {run_id_for(name, 12345) for name in similar})
     with pytest.raises(ValueError, match="identity"):
         run_id_for("demo", -1)
+
+
+def test_a_study_created_again_under_its_name_gets_run_ids_of_its_own(study):
+    """The W&B ids carry the identity the storage recorded for the study (runs/<study>/identity): a study deleted
+    and created again under the same name never resumes the earlier one's runs; one without an identity keeps
+    its name's ids."""
+    folder = StudyFolder.of(study)
+    unscoped = run_id_for(study_key(study), 0)
+    assert unscoped == run_id_for("t", 0)
+    folder.adopt_identity("aaaaaaaaaaaa")
+    first = {run_id_for(study_key(study), 0), study_run_id(study_key(study)), fold_run_id(promotion_key(study), 0, 0)}
+    folder.adopt_identity("bbbbbbbbbbbb")  # the same name, created again
+    second = {run_id_for(study_key(study), 0), study_run_id(study_key(study)), fold_run_id(promotion_key(study), 0, 0)}
+    assert not first & second and unscoped not in first | second
+    assert all(i.startswith("t-") for i in first | second)  # still readable: the study's name first
+    with TrialTracker(study, identity=0, params={"lr": 0.1}) as tracker:
+        tracker.log_epoch(epoch_row(0))
+    run = read_offline_run(folder.wandb, run_id_for(study_key(study), 0))
+    assert run["config"]["study_identity"] == "bbbbbbbbbbbb"  # W&B's filter for one study where names repeat
 
 
 @pytest.mark.parametrize("provoke", ["invalid WANDB_MODE", "runs_dir is a file"])

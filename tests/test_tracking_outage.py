@@ -33,6 +33,8 @@ from harness.tracking import (
     read_offline_run,
     run_id_for,
     run_states,
+    study_key,
+    study_key_at,
     study_run_id,
     sync_runs,
 )
@@ -57,7 +59,7 @@ def online_study(smoke_study, **overrides):
 def assert_every_epoch_kept(cfg, frame) -> None:
     """Every trial's W&B files hold each epoch it trained, counted from 1, exactly once."""
     for row in frame.itertuples():
-        run = read_offline_run(cfg.study_dir / "wandb", run_id_for(cfg.name, int(row.trial)))
+        run = read_offline_run(cfg.study_dir / "wandb", run_id_for(study_key(cfg), int(row.trial)))
         epochs = [int(h["epoch"]) for h in run["history"] if "val/f1" in h]
         assert epochs == list(range(1, row.epochs + 1)), (row.trial, epochs)
 
@@ -84,7 +86,7 @@ def test_an_unreachable_server_is_asked_once_and_every_trial_logs_offline(smoke_
     assert len(outage_warnings(caplog)) == 1
     outage = json.loads(StudyFolder.of(cfg).outage.read_text())
     assert outage["url"] == url and outage["retry_at"] > time.time()
-    assert run_states(cfg.study_dir)[study_run_id(cfg.name)] == "offline"  # the study's table too
+    assert run_states(cfg.study_dir)[study_run_id(study_key(cfg))] == "offline"  # the study's table too
     page = write_report(cfg).read_text()
     assert f"0 trial run(s) online, {cfg.search.trials} offline, 0 synced" in page
     assert study.user_attrs  # the study itself went on as usual
@@ -133,7 +135,7 @@ def test_a_server_lost_mid_trial_loses_nothing_and_make_sync_uploads_it_all(smok
     frame = status(cfg)
     assert_every_epoch_kept(cfg, frame)
     assert set(frame["wandb"]) == {"offline"}
-    trial0 = run_id_for(cfg.name, 0)
+    trial0 = run_id_for(study_key(cfg), 0)
     assert len([h for h in server.history(trial0) if "val/f1" in h]) < 3  # the server saw only a part of trial 0
     assert pending_folders(cfg.study_dir)
 
@@ -145,9 +147,9 @@ def test_a_server_lost_mid_trial_loses_nothing_and_make_sync_uploads_it_all(smok
                               text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         for row in frame.itertuples():
-            rows = [h for h in again.history(run_id_for(cfg.name, int(row.trial))) if "val/f1" in h]
+            rows = [h for h in again.history(run_id_for(study_key(cfg), int(row.trial))) if "val/f1" in h]
             assert [h["epoch"] for h in rows] == list(range(1, row.epochs + 1)), row.trial
-        assert study_run_id(cfg.name) in again.upserted_run_ids()
+        assert study_run_id(study_key(cfg)) in again.upserted_run_ids()
     assert set(status(cfg)["wandb"]) == {"synced"} and not pending_folders(cfg.study_dir)
     again = subprocess.run([sys.executable, "-m", "harness.cli", "sync", *args], env=env, capture_output=True,
                            text=True, timeout=120)
@@ -341,7 +343,7 @@ def test_records_waiting_for_the_servers_answer_survive_a_sigkill_and_reach_the_
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "their records were logged again" in done.stderr
-        rows = [h for h in server.history(run_id_for("waiting", 0)) if "val/f1" in h]
+        rows = [h for h in server.history(run_id_for(study_key_at("waiting", tmp_path / "runs" / "waiting"), 0)) if "val/f1" in h]
         assert [h["epoch"] for h in rows] == [1, 2]
     ledger = json.loads((folder / "tracked.json").read_text())
     assert ledger["finished"] and ledger["epochs"] == [1, 2]

@@ -134,6 +134,7 @@ def test_the_weights_verb_names_every_source_and_fails_on_a_missing_one(tmp_path
     assert f"`harness weights {path} --download`" in lines[-1]
 
 
+@pytest.mark.slow  # a long end-to-end run: make test-long
 def test_download_fetches_missing_weights_once_through_the_hub_client(tmp_path, checkpoint):
     state, served = checkpoint
     path, cache = study_file(tmp_path, ["efficientnet_lite0", HUB_MODEL]), tmp_path / "hub"

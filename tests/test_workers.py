@@ -44,6 +44,7 @@ def _ask(url: str, asks: int, answers) -> None:
     answers.put([study.ask().number for _ in range(asks)])
 
 
+@pytest.mark.slow  # a long end-to-end run: make test-long
 def test_an_enqueued_trial_is_given_to_one_process_only_on_sqlite(tmp_path):
     """Optuna's SELECT ... FOR UPDATE does nothing on SQLite: three processes popping enqueued trials got one
     another's trials (15 of 180 asks) until the storage's transactions began IMMEDIATE."""

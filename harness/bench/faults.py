@@ -201,7 +201,7 @@ def hostile_name(bench: Bench) -> dict:
 def wandb_waiting(bench: Bench) -> dict:
     from harness.bench.servers import BlackHole
     from harness.compat import read_offline_run
-    from harness.tracking import run_id_for
+    from harness.tracking import run_id_for, study_key_at
 
     case = Case(bench, "wandb_waiting", **{"tracking.init_timeout_s": 300})
     trial = case.runs() / "trials" / "0"
@@ -214,7 +214,7 @@ def wandb_waiting(bench: Bench) -> dict:
         process.wait()
     epochs = int(TrialFolder(trial).read_result()["epochs_run"])
     again = case.run("study", "--trials", "1", env={"WANDB_MODE": "offline"}, **{"tracking.mode": "offline"})
-    history = read_offline_run(case.runs() / "wandb", run_id_for(case.settings["name"], 0))["history"]
+    history = read_offline_run(case.runs() / "wandb", run_id_for(study_key_at(case.settings["name"], case.runs()), 0))["history"]
     logged = [int(h["epoch"]) for h in history if "val/f1" in h]
     lost = len(set(range(1, epochs + 1)) - set(logged))
     return {"exit": [again.returncode], "stale_used": len(logged) - len(set(logged)), "files_lost": lost,

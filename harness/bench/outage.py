@@ -72,13 +72,13 @@ def complete_histories(cfg: StudyConfig) -> tuple[int, int]:
     """(trials whose every trained epoch is in their W&B files, trials)."""
     from harness.runtime import load_existing_study
     from harness.study import trials_frame
-    from harness.tracking import read_offline_run, run_id_for
+    from harness.tracking import read_offline_run, run_id_for, study_key
 
     frame = trials_frame(load_existing_study(cfg))
     kept = 0
     for trial in frame.itertuples():
         try:
-            history = read_offline_run(StudyFolder.of(cfg).wandb, run_id_for(cfg.name, int(trial.trial)))["history"]
+            history = read_offline_run(StudyFolder.of(cfg).wandb, run_id_for(study_key(cfg), int(trial.trial)))["history"]
         except FileNotFoundError:
             continue
         kept += sorted(int(h["epoch"]) for h in history if "val/f1" in h) == list(range(1, trial.epochs + 1))

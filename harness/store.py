@@ -52,6 +52,8 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -268,6 +270,18 @@ class FolderStore:
         self.backend, self.url, self.prefix, self.allowed = backend, url, prefix, allowed
         self.owner: dict | None = None  # set by `claim`: this attempt writes the folder
         self._digests: dict[str, tuple[int, int, str]] = {}  # name -> (size, mtime_ns, sha256) hashed here
+        # what the store costs the folder, in its manifests' `store_seconds`: every claim, pull and push of this
+        # attempt (each push's own manifest write and clean-up counted in the next one's) and the earlier ones'
+        self._spent = 0.0
+        self._earlier = 0.0
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._spent += time.perf_counter() - started
 
     # ----------------------------------------------------------------- reading
     def latest(self) -> tuple[int, dict]:
@@ -277,7 +291,7 @@ class FolderStore:
                                  if n.removesuffix(".json").isdigit())
             if not generations:
                 legacy = self.backend.get_bytes(f"{self.prefix}/{LEGACY_MANIFEST}")
-                return 0, self._parsed(legacy, LEGACY_MANIFEST) if legacy else {"files": {}, "upload_seconds": 0.0}
+                return 0, self._parsed(legacy, LEGACY_MANIFEST) if legacy else {"files": {}, "store_seconds": 0.0}
             data = self.backend.get_bytes(self._manifest_key(generations[-1]))
             if data is not None:  # else a writer removed it after a newer one appeared: list again
                 return generations[-1], self._parsed(data, self._manifest_key(generations[-1]))
@@ -307,6 +321,12 @@ class FolderStore:
         took over. An earlier owner still running stops at its next push."""
         self.owner = {"id": uuid.uuid4().hex, "label": label, "machine": machine_name(), "pid": os.getpid(),
                       "since": time.time()}
+        with self._timed():
+            manifest = self._claim(label)
+        self._earlier = manifest.get("store_seconds", manifest.get("upload_seconds", 0.0))
+        return manifest
+
+    def _claim(self, label: str) -> dict:
         for _ in range(CLAIM_ATTEMPTS):
             generation, manifest = self.latest()
             claimed = {**manifest, "generation": generation + 1, "owner": self.owner}
@@ -323,6 +343,10 @@ class FolderStore:
         names. Raises Superseded, writing nothing, when another attempt owns the folder now."""
         if self.owner is None:
             raise RuntimeError("FolderStore.push before claim: only the attempt that claimed a folder writes it")
+        with self._timed():
+            return self._push(folder)
+
+    def _push(self, folder: Path) -> list[str]:
         started = time.perf_counter()
         generation, manifest = self.latest()
         self._check_owner(manifest)
@@ -338,8 +362,8 @@ class FolderStore:
             changed.append(path.name)
         if files == manifest["files"]:
             return []
-        seconds = manifest.get("upload_seconds", 0.0) + time.perf_counter() - started
-        written = {"files": files, "upload_seconds": seconds, "machine": machine_name(),
+        seconds = self._earlier + self._spent + time.perf_counter() - started
+        written = {"files": files, "store_seconds": seconds, "machine": machine_name(),
                    "generation": generation + 1, "owner": self.owner}
         if not self._write(generation + 1, written):
             self._check_owner(self.latest()[1])  # a claim came between: raises Superseded
@@ -402,7 +426,10 @@ class FolderStore:
         """Download the manifest's files (or `names` among them) that the folder lacks (and, with
         `replace_differing`, those whose local copy differs); each name checked and each file verified before
         it is used. A missing or mismatched object is tried again from a fresh manifest."""
-        folder = Path(folder)
+        with self._timed():
+            return self._pull(Path(folder), names, replace_differing)
+
+    def _pull(self, folder: Path, names: tuple[str, ...] | None, replace_differing: bool) -> list[str]:
         fetched: list[str] = []
         problems: dict[str, str] = {}
         for attempt in range(FETCH_ATTEMPTS):

@@ -730,6 +730,7 @@ class Outage:
         probe goes on, and records an outage if it times out)."""
         state = self._read()
         if state and time.time() < state.get("retry_at", 0):
+            _no_wandb_analytics()
             return "offline"
         answer = Probe.answer(self, wait_s)
         if answer is None:
@@ -738,6 +739,7 @@ class Outage:
             if state:
                 self.end(state)
             return "online"
+        _no_wandb_analytics()
         return "offline"
 
     def settle(self, answered: bool, seen: dict | None) -> None:
@@ -764,6 +766,8 @@ class Outage:
             log.warning("W&B at %s is unreachable (%s): this study's runs log offline under %s, with their own run "
                         "ids; `make sync` uploads them. Online is tried again after %.0f s.", server_url(), reason,
                         self.path.parent, self.tracking.retry_online_s)
+
+        _no_wandb_analytics()
 
     def end(self, seen: dict) -> None:
         """End the outage recorded as `seen` (what this process read before the server answered it); a record
@@ -797,6 +801,20 @@ class Outage:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _no_wandb_analytics() -> None:
+    """Turn wandb's own usage analytics off in this process once its server is known not to answer: they go to
+    that server, and at exit wandb waits for their last report (a 10 s request) however offline every run is.
+    That wait was the 10-12 s a 6-trial smoke study with the server black-holed paid after its report (py-spy:
+    the main thread in MeterProvider.shutdown, joining a POST to the server). The runs' records are not
+    affected; a wandb without these analytics has nothing to turn off."""
+    try:
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+        opentelemetry_proxy.disable()
+    except (ImportError, AttributeError):
+        pass
 
 
 class Probe:
@@ -845,6 +863,7 @@ def start_probe(cfg) -> None:
     """Ask the W&B server in the background now, so that the study's first run finds the answer in."""
     if _resolve_mode(cfg.tracking.mode) == "online":
         Probe.start(Outage(Path(cfg.study_dir).resolve(), cfg.tracking))
+
 
 
 def _free_run_ids() -> None:

@@ -94,6 +94,8 @@ def test_a_superseded_writer_stops_without_writing_or_deleting(backend, tmp_path
     original.claim("Optuna trial 0 of 0")
     mine = trial_files(tmp_path / "a", last_pt=b"epoch 0 of the original", metrics_csv=b"epoch\n0\n")
     assert sorted(original.push(mine)) == ["last.pt", "metrics.csv"]
+    original_cost = original.manifest()["store_seconds"]  # its claim and push, timed
+    assert original_cost > 0
 
     retry = FolderStore(backend, "store", "s@a/trials/0")  # the stale original's retry on another machine
     taken_over = retry.claim("Optuna trial 3 of 0")
@@ -113,6 +115,7 @@ def test_a_superseded_writer_stops_without_writing_or_deleting(backend, tmp_path
     assert retry.latest() == (generation, manifest)  # nothing written, nothing deleted
     assert stored_objects(backend, "s@a/trials/0") == objects
     assert manifest["owner"]["label"] == "Optuna trial 3 of 0"
+    assert manifest["store_seconds"] > original_cost  # the folder's store cost: the original's, then the retry's
     for name, record in manifest["files"].items():  # every object the manifest names exists
         assert f"{name}@{record['sha256']}" in objects
 

@@ -83,6 +83,9 @@ def test_an_unreachable_server_is_asked_once_and_every_trial_logs_offline(smoke_
     assert_every_epoch_kept(cfg, frame)
     assert set(frame["wandb"]) == {"offline"}  # waiting for `make sync`
     assert asked == (1 if server == "black hole" else 0)  # the breaker: one probe for the whole study
+    # wandb's own analytics are off too: they would make the process's exit wait 10 s on the server
+    from wandb.analytics.opentelemetry import opentelemetry_proxy
+    assert opentelemetry_proxy.get_open_telemetry_proxy() is None
     assert len(outage_warnings(caplog)) == 1
     outage = json.loads(StudyFolder.of(cfg).outage.read_text())
     assert outage["url"] == url and outage["retry_at"] > time.time()

@@ -29,7 +29,7 @@ from harness.bench.ensemble import bench_ensemble
 from harness.bench.estimate import bench_estimate
 from harness.bench.faults import bench_faults
 from harness.bench.loader import bench_loader
-from harness.bench.machines import bench_machines
+from harness.bench.machines import bench_machines, bench_store_cost
 from harness.bench.outage import bench_tracking_outage
 from harness.bench.own_data import bench_own_data
 from harness.bench.promotion import bench_promotion
@@ -47,7 +47,7 @@ GROUPS: dict[str, Callable[[Bench], list[dict]]] = {
     "shortcut": bench_shortcut, "remedies": bench_remedies, "promotion": bench_promotion,
     "tracking": bench_tracking_outage, "applicability": bench_applicability, "spread": bench_spread,
     "own_data": bench_own_data, "machines": bench_machines, "estimate": bench_estimate, "budget": bench_budget,
-    "faults": bench_faults}
+    "faults": bench_faults, "store": bench_store_cost}
 
 
 def write_bench_json(out: Path, report: dict) -> None:

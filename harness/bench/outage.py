@@ -14,12 +14,17 @@ condition's faster run counts (the machine is shared and noisy).
                        may cost no more than 10%.
   tracking_outage_history_kept    harness = trials whose every epoch is in their W&B files after the outage,
                        reference = trials; ratio = harness / reference, met at >= 1.0.
+  tracking_outage_whole_study     harness = `harness study` in a process of its own (6 smoke trials, ensemble,
+                       report and the process's exit included) with the server black-holed, reference = the
+                       same command with tracking offline; one run each; ratio met at <= 1.10.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +38,7 @@ TRIALS = 12  # at least 6: the fixed costs of a study are a smaller share of a l
 WALL_TARGET = 1.05
 VERSUS_OFFLINE_TARGET = 1.10
 REPEATS = 3
+WHOLE_TRIALS = 6
 FAKE_KEY = "x" * 40
 
 
@@ -106,4 +112,29 @@ def bench_tracking_outage(bench: Bench) -> list[dict]:
     versus_offline.update(size=size)
     history = row("tracking_outage_history_kept", kept, trials, "trials", 1.0)
     history.update(size=size)
-    return [wall, versus_offline, history]
+    return [wall, versus_offline, history, whole_study_row(bench, home)]
+
+
+def whole_study_row(bench: Bench, home: Path) -> dict:
+    """`harness study` as a user runs it (its own process: ensemble, report and the process's exit included),
+    WHOLE_TRIALS smoke trials, once with the server black-holed and once offline, one run each."""
+    walls = {}
+    for mode in ("offline", "online"):
+        runs = bench.out / "outage" / f"whole-{mode}"
+        shutil.rmtree(runs, ignore_errors=True)
+        base = bench.default_study(smoke=True)
+        command = [sys.executable, "-m", "harness.cli", "study", str(bench.study_file), "--smoke", "--trials",
+                   str(WHOLE_TRIALS)]
+        for key, value in {"runs_dir": runs, "data.root": base.data.root, "data.cache_dir": base.data.cache_dir,
+                           "search.pruner.name": "none", "tracking.mode": mode}.items():
+            command += ["--set", f"{key}={value}"]
+        with BlackHole(lifetime_s=3600) as hole, wandb_client(home, hole.url if mode == "online" else None):
+            started = time.perf_counter()
+            done = subprocess.run(command, env=dict(os.environ), capture_output=True, text=True, timeout=1800)
+            walls[mode] = time.perf_counter() - started
+        if done.returncode:
+            raise RuntimeError(f"harness study ({mode}) failed: {done.stderr[-2000:]}")
+    result = row("tracking_outage_whole_study", walls["online"], walls["offline"], "seconds", VERSUS_OFFLINE_TARGET,
+                 better="lower")
+    result.update(size=f"{WHOLE_TRIALS} smoke trials, ensemble and report, one run each")
+    return result

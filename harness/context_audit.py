@@ -213,6 +213,7 @@ def audit_views(images: np.ndarray, frame, fg, methods: list[str], folds: int = 
     """The audit of `images` (the decoded cache, rows as `frame`) as loaded and as each preprocessor in
     `methods` leaves them; `fg` the foreground (harness.foreground) or None."""
     from harness.augment import PREPROCESSORS, preprocess
+    from harness.io import progress_bar
 
     persons = frame["person"].to_numpy()
     tasks = task_labels(frame)
@@ -221,7 +222,7 @@ def audit_views(images: np.ndarray, frame, fg, methods: list[str], folds: int = 
         region, region_name = outside_person(fg.masks), "outside the person"
     else:
         region, region_name = np.broadcast_to(corner_region(height, width), images.shape[:3]), "corners"
-    views = [("as loaded", region_name, images, region)]
+    views = [("as loaded", region_name, None, region)]
     for method in methods:
         if method == "none" or (PREPROCESSORS.get(method).uses_foreground and fg is None):
             continue
@@ -231,19 +232,25 @@ def audit_views(images: np.ndarray, frame, fg, methods: list[str], folds: int = 
         if remedied.mean() < MIN_CONTEXT:  # the background removed: nothing left to read it from
             views.append((method, BLANKED, None, None))
             continue
-        views.append((method, region_name, preprocess(np.asarray(images), method, fg), remedied))
+        views.append((method, region_name, method, remedied))
     found = []
-    for view, region_name, pixels, region in views:
-        if pixels is None:
-            nan = float("nan")
-            found += [TaskAudit(view, region_name, task, int(labels.max()) + 1, nan, nan, nan, nan, nan, nan, False)
-                      for task, labels in tasks.items()]
-            continue
-        features = context_features(pixels, region)
-        whole = context_features(pixels, np.ones((height, width), bool))
-        for task, labels in tasks.items():
-            found.append(audit_task(features, whole, labels, persons, folds, permutations, view, region_name, task,
-                                    seed))
+    with progress_bar(len(views) * len(tasks), "context audit", unit="fit") as bar:
+        for view, region_name, method, region in views:
+            if region is None:
+                nan = float("nan")
+                found += [TaskAudit(view, region_name, task, int(labels.max()) + 1, nan, nan, nan, nan, nan, nan,
+                                    False) for task, labels in tasks.items()]
+                bar.update(len(tasks))
+                continue
+            # one remedied copy of the images at a time: at the competition's size each is gigabytes
+            pixels = images if method is None else preprocess(np.asarray(images), method, fg)
+            features = context_features(pixels, region)
+            whole = context_features(pixels, np.ones((height, width), bool))
+            del pixels
+            for task, labels in tasks.items():
+                found.append(audit_task(features, whole, labels, persons, folds, permutations, view, region_name,
+                                        task, seed))
+                bar.update()
     return found
 
 

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from harness.augment import PREPROCESSORS, foreground_of
-from harness.io import atomic_save_npy, atomic_write_text, remove_dead_temporaries
+from harness.io import atomic_save_npy, atomic_write_text, progress_bar, remove_dead_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +302,13 @@ def compute_foreground(images: np.ndarray, threads: int = 0) -> Foreground:
     previous = cv2.getNumThreads()
     cv2.setNumThreads(1)  # the threads are the parallelism
     try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool, progress_bar(count, "faces and person masks") as bar:
             for row, result in enumerate(pool.map(lambda image: _analyse(np.asarray(image)), images)):
                 faces[row], found[row], detector, masks[row], fell_back, plates[row] = result
                 detectors[detector] = detectors.get(detector, 0) + 1
                 if fell_back:
                     fallback_rows.append(row)
+                bar.update()
     finally:
         cv2.setNumThreads(previous)
     stats = {"version": FOREGROUND_VERSION, "images": count, "detectors": detectors,

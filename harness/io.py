@@ -87,6 +87,16 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def progress_bar(total: int, desc: str, unit: str = "img", enabled: bool = True):
+    """A tqdm bar for a step that takes more than a few seconds, drawn only where someone watches (stderr a
+    terminal): logs and tests stay free of bar noise."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or not sys.stderr.isatty())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_file(path, "w") as handle:
         handle.write(text)

@@ -17,7 +17,7 @@ from harness.context_audit import BLANKED, as_records, audit_key, audit_study_da
 from harness.folders import StudyFolder
 from harness.runtime import StudyError, default_storage
 from harness.study import default_trial_params, make_sampler, open_study, run_study, suggest_params, trials_frame
-from harness.tracking import read_offline_run, run_id_for, study_run_id
+from harness.tracking import read_offline_run, run_id_for, study_key, study_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_config_errors_exit_non_zero_before_any_trial(tmp_path):
 def check_wandb_history(cfg, frame):
     """Every trial's W&B offline run (read back from W&B's own files) has val/f1 and gap/f1 per epoch."""
     for row in frame.itertuples():
-        run = read_offline_run(cfg.study_dir / "wandb", run_id_for(cfg.name, row.trial))
+        run = read_offline_run(cfg.study_dir / "wandb", run_id_for(study_key(cfg), row.trial))
         epochs = sorted({int(h["epoch"]) for h in run["history"] if "val/f1" in h and "gap/f1" in h})
         assert epochs == list(range(1, row.epochs + 1)), (row.trial, epochs)  # counted from 1
         assert run["group"] == cfg.name and run["job_type"] == "trial"
@@ -169,7 +169,7 @@ def test_study_runs_to_target_and_logs_every_trial(smoke_study):
         ("as loaded", "mask"), ("as loaded", "gender"), ("as loaded", "age")]
     removed = [row for row in shortcuts["audit"] if row["view"] == "remove_background"]
     assert len(removed) == 3 and all(row["region"] == BLANKED and not row["flagged"] for row in removed)
-    run = read_offline_run(cfg.study_dir / "wandb", study_run_id(cfg.name))
+    run = read_offline_run(cfg.study_dir / "wandb", study_run_id(study_key(cfg)))
     assert run["tables"]["shortcut_audit"]["columns"][:3] == ["view", "region", "task"]
     assert run["summary"]["shortcut/probe_applies"] is True
     assert len(run["tables"]["shortcut_audit"]["data"]) == len(shortcuts["audit"])

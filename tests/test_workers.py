@@ -16,7 +16,7 @@ from conftest import HARNESS_STUDY, REPO, harness_env, smoke_study_args, wait_fo
 from harness.bench.postgres import create_database
 from harness.runtime import open_storage
 from harness.study import run_study, trials_frame
-from harness.tracking import read_offline_run, study_run_id
+from harness.tracking import read_offline_run, study_key_at, study_run_id
 
 
 def start(command, tmp_path, name):
@@ -90,7 +90,7 @@ def test_two_workers_share_one_sqlite_study(tmp_path, shared_data):
     frame = check_outcome(study, target=4, workers=2)
     drawn = [repr(sorted(t.params.items())) for t in study.trials]
     assert len(set(drawn)) == len(drawn), "two workers drew the same params"
-    run = read_offline_run(tmp_path / "runs" / "default" / "wandb", study_run_id("default"))
+    run = read_offline_run(tmp_path / "runs" / "default" / "wandb", study_run_id(study_key_at("default", tmp_path / "runs" / "default")))
     assert len(run["folders"]) == 1
     table = run["tables"]["trials"]
     numbers = sorted(row[table["columns"].index("trial")] for row in table["data"])

@@ -32,6 +32,7 @@ from harness.bench.loader import bench_loader
 from harness.bench.machines import bench_machines, bench_store_cost
 from harness.bench.outage import bench_tracking_outage
 from harness.bench.own_data import bench_own_data
+from harness.bench.prep import bench_prep
 from harness.bench.promotion import bench_promotion
 from harness.bench.real import bench_real
 from harness.bench.report import bench_report
@@ -47,7 +48,7 @@ GROUPS: dict[str, Callable[[Bench], list[dict]]] = {
     "shortcut": bench_shortcut, "remedies": bench_remedies, "promotion": bench_promotion,
     "tracking": bench_tracking_outage, "applicability": bench_applicability, "spread": bench_spread,
     "own_data": bench_own_data, "machines": bench_machines, "estimate": bench_estimate, "budget": bench_budget,
-    "faults": bench_faults, "store": bench_store_cost}
+    "faults": bench_faults, "store": bench_store_cost, "prep": bench_prep}
 
 
 def write_bench_json(out: Path, report: dict) -> None:

@@ -59,7 +59,7 @@ def bench_machines(bench: Bench) -> list[dict]:
         if any(codes):
             raise RuntimeError(f"a simulated machine failed (exit codes {codes}); see {root}/*.log")
         third = machine_cfg(bench, root / "machine-c", store)
-        two_frame = trials_frame(load_existing_study(third, storage))
+        two_frame = finished(trials_frame(load_existing_study(third, storage)))
         two_members = members_of(run_ensemble(third, storage=storage, log_to_wandb=False))
         upload_s, fetch_s = store_seconds(third, two_frame, root / "fetch")
     same = same_trials(one_frame, two_frame)
@@ -109,7 +109,7 @@ def bench_store_cost(bench: Bench) -> list[dict]:
             raise RuntimeError(f"the store study failed (exit {code}); see {root / 'study.log'}")
         os.environ.update(S3_KEYS)
         cfg = base.replace(settings)
-        frame = trials_frame(load_existing_study(cfg))
+        frame = finished(trials_frame(load_existing_study(cfg)))  # not the recipes the trial count left waiting
         store_s, fetch_s = store_seconds(cfg, frame, root / "fetch")
     trial_s = float(frame["duration_s"].mean())
     cost = (store_s + fetch_s) / len(frame)
@@ -137,6 +137,11 @@ def start_machine(bench: Bench, root, name: str, storage: str | None, store: dic
     log = open(root / f"{name}.log", "w")
     env = {**os.environ, "HARNESS_MACHINE": name, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finished(frame):
+    """The trials that ran to an end (complete or pruned): the store's cost is per trial that trained."""
+    return frame[frame["state"].isin(["complete", "pruned"])]
 
 
 def members_of(summary: dict) -> list[tuple[int, int]]:

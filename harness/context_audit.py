@@ -65,6 +65,7 @@ class TaskAudit:
     chance_high: float  # the highest F1 with shuffled labels
     whole_f1: float  # the same test on features of the whole image
     flagged: bool
+    sampled: str = ""  # "<n> of <N> images" where the audit read a sample of whole persons (audit_images)
 
     @property
     def share(self) -> float:
@@ -208,13 +209,30 @@ def task_labels(frame) -> dict[str, np.ndarray]:
     return dict(zip(TASKS, decode(labels), strict=True))
 
 
+def sample_rows(persons: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Rows of whole persons, drawn in a seeded order until `limit` images are reached (sorted)."""
+    order = np.random.default_rng(seed).permutation(np.unique(persons))
+    counts = pd.Series(persons).value_counts().reindex(order).to_numpy()
+    chosen = order[:int(np.searchsorted(np.cumsum(counts), limit)) + 1]
+    return np.flatnonzero(np.isin(persons, chosen))
+
+
 def audit_views(images: np.ndarray, frame, fg, methods: list[str], folds: int = 5,
-                permutations: int = 20, seed: int = 0) -> list[TaskAudit]:
+                permutations: int = 20, seed: int = 0, max_images: int | None = None) -> list[TaskAudit]:
     """The audit of `images` (the decoded cache, rows as `frame`) as loaded and as each preprocessor in
-    `methods` leaves them; `fg` the foreground (harness.foreground) or None."""
+    `methods` leaves them; `fg` the foreground (harness.foreground) or None. Beyond `max_images`, a seeded
+    sample of whole persons (the rows say so)."""
     from harness.augment import PREPROCESSORS, preprocess
     from harness.io import progress_bar
 
+    sampled = ""
+    if max_images is not None and len(frame) > max_images:
+        rows = sample_rows(frame["person"].to_numpy(), max_images, seed)
+        sampled = f"{len(rows)} of {len(frame)} images"
+        images, attrs = np.asarray(images[rows]), dict(frame.attrs)
+        frame = frame.iloc[rows].reset_index(drop=True)
+        frame.attrs.update(attrs)  # whether the labels hold the competition's tasks
+        fg = fg.take(rows) if fg is not None else None
     persons = frame["person"].to_numpy()
     tasks = task_labels(frame)
     height, width = images.shape[1:3]
@@ -251,7 +269,7 @@ def audit_views(images: np.ndarray, frame, fg, methods: list[str], folds: int = 
                 found.append(audit_task(features, whole, labels, persons, folds, permutations, view, region_name,
                                         task, seed))
                 bar.update()
-    return found
+    return [replace(item, sampled=sampled) for item in found]
 
 
 def remedied_region(region: np.ndarray, method: str, fg) -> np.ndarray:
@@ -286,7 +304,7 @@ def audit_study_data(cfg, data) -> list[TaskAudit]:
     except (OSError, ValueError, TypeError):  # not measured yet (or a half-written file of a killed writer)
         pass
     found = audit_views(data.cache.images, data.frame, data.foreground, methods, cfg.shortcuts.audit_folds,
-                        cfg.shortcuts.audit_permutations, seed=cfg.seed)
+                        cfg.shortcuts.audit_permutations, seed=cfg.seed, max_images=cfg.shortcuts.audit_images)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(as_records(found)))
     return found
@@ -299,7 +317,8 @@ def audit_key(cfg, data, methods: list[str]) -> str:
     the audit's settings."""
     masks = data.foreground.stats.get("version") if data.foreground is not None else None
     digest = hashlib.sha256(repr((AUDIT_VERSION, data.cache.key, masks, methods, cfg.shortcuts.audit_folds,
-                                  cfg.shortcuts.audit_permutations, cfg.seed, bool(data.frame.attrs.get("tasks")))
+                                  cfg.shortcuts.audit_permutations, cfg.seed, bool(data.frame.attrs.get("tasks")),
+                                  cfg.shortcuts.audit_images)
                                  ).encode())
     for column in ("label", "person"):
         digest.update(pd.util.hash_pandas_object(data.frame[column], index=False).to_numpy().tobytes())
@@ -317,6 +336,9 @@ def describe(found: list[TaskAudit]) -> list[str]:
             "view/task pairs): a model may learn where photos were taken instead of what they show"
             if flagged else f"context audit: no label is predictable from context alone ({audited} view/task "
                             "pairs checked)")
+    sampled = next((item.sampled for item in found if item.sampled), "")
+    if sampled:
+        head += f" (on {sampled}: whole persons, a seeded sample; shortcuts.audit_images)"
     return [head] + [f"  {item.line()}" for item in found]
 
 

@@ -271,6 +271,15 @@ class Foreground:
     plates: np.ndarray  # (N, H, W, 3) uint8
     stats: dict  # images, detector counts, mask fallbacks, version
 
+    def take(self, rows: np.ndarray) -> Foreground:
+        """The foreground of the images at `rows` (in that order), as if computed for them alone."""
+        rows = np.asarray(rows)
+        fallback = set(int(r) for r in self.stats["mask_fallback_rows"])
+        stats = {**self.stats, "images": int(len(rows)),
+                 "mask_fallback_rows": [i for i, r in enumerate(rows) if int(r) in fallback]}
+        return Foreground(self.faces[rows], self.found[rows], np.asarray(self.masks[rows]),
+                          np.asarray(self.plates[rows]), stats)
+
     def counts(self, rows: np.ndarray | None = None) -> dict:
         """Fallbacks among `rows` (all when None): images, faces not found, masks from the template."""
         rows = np.arange(len(self.found)) if rows is None else np.asarray(rows)

@@ -15,7 +15,7 @@ import yaml
 from conftest import harness_env
 from harness.applicability import foreground_users
 from harness.config import load_study, parse_study
-from harness.context_audit import audit_views, corner_region
+from harness.context_audit import audit_views, corner_region, describe, sample_rows
 from harness.data.prepare import prepare_data
 from harness.remedies import run_remedies
 from harness.runtime import default_storage
@@ -121,6 +121,33 @@ def test_the_audit_flags_a_background_that_follows_the_label_and_not_one_that_do
     images, frame = context_dataset(240, trap=False)
     free = audit_views(images, frame, None, ["none"], folds=4, permutations=8)
     assert not free[0].flagged and free[0].whole_f1 > 0.9  # the object is there; the context says nothing
+
+
+def test_a_large_set_is_audited_on_a_sample_of_whole_persons_with_the_same_verdict():
+    images, frame = context_dataset(600, trap=True)  # 200 persons of 3 images
+    every = audit_views(images, frame, None, ["none"], folds=4, permutations=8)
+    sample = audit_views(images, frame, None, ["none"], folds=4, permutations=8, max_images=300)
+    assert every[0].flagged and sample[0].flagged and every[0].sampled == ""
+    assert sample[0].sampled == "300 of 600 images"
+    assert "on 300 of 600 images: whole persons" in describe(sample)[0]
+    rows = sample_rows(frame["person"].to_numpy(), 300, seed=0)
+    chosen = set(frame["person"].to_numpy()[rows])
+    assert len(rows) == 300 and len(chosen) == 100  # whole persons: all three images of each
+    assert np.array_equal(rows, sample_rows(frame["person"].to_numpy(), 300, seed=0))  # the same every run
+
+
+def test_a_foreground_taken_at_rows_is_the_foreground_of_those_images():
+    from harness.foreground import Foreground
+
+    count = 5
+    fg = Foreground(np.arange(count * 4, dtype=np.float32).reshape(count, 4), np.array([1, 0, 1, 1, 0], bool),
+                    np.arange(count, dtype=np.uint8)[:, None, None] * np.ones((count, 2, 2), np.uint8),
+                    np.zeros((count, 2, 2, 3), np.uint8), {"images": count, "mask_fallback_rows": [1, 4]})
+    taken = fg.take(np.array([4, 0, 1]))
+    assert taken.faces[:, 0].tolist() == [16, 0, 4] and taken.found.tolist() == [False, True, False]
+    assert taken.masks[:, 0, 0].tolist() == [4, 0, 1]
+    assert taken.stats["mask_fallback_rows"] == [0, 2] and taken.stats["images"] == 3
+    assert taken.counts() == {"images": 3, "no_face": 2, "mask_fallback": 2}
 
 
 def test_the_audit_stays_quiet_where_the_object_itself_reaches_the_corners(tmp_path):

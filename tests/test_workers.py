@@ -90,7 +90,8 @@ def test_two_workers_share_one_sqlite_study(tmp_path, shared_data):
     frame = check_outcome(study, target=4, workers=2)
     drawn = [repr(sorted(t.params.items())) for t in study.trials]
     assert len(set(drawn)) == len(drawn), "two workers drew the same params"
-    run = read_offline_run(tmp_path / "runs" / "default" / "wandb", study_run_id(study_key_at("default", tmp_path / "runs" / "default")))
+    folder = tmp_path / "runs" / "default"
+    run = read_offline_run(folder / "wandb", study_run_id(study_key_at("default", folder)))
     assert len(run["folders"]) == 1
     table = run["tables"]["trials"]
     numbers = sorted(row[table["columns"].index("trial")] for row in table["data"])

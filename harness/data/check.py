@@ -119,7 +119,7 @@ def audit_summary(cfg: StudyConfig, frame: pd.DataFrame, cache, fg) -> list[str]
         return ["", AUDIT_OFF]
     try:
         found = audit_views(cache.images, frame, fg, study_methods(cfg), cfg.shortcuts.audit_folds,
-                            cfg.shortcuts.audit_permutations, seed=cfg.seed)
+                            cfg.shortcuts.audit_permutations, seed=cfg.seed, max_images=cfg.shortcuts.audit_images)
     except ValueError as error:
         return ["", f"context audit: not run ({str(error).splitlines()[0]})"]
     return [""] + describe(found)

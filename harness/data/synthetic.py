@@ -530,6 +530,7 @@ def _render_in_subprocesses(shards: list[list[tuple]]) -> None:
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # the worker died on start; its exit code and stderr are reported below
+        _follow(procs, sum(len(shard) for shard in shards), Path(shards[0][0][5]) / "truth" / "faces")
         for proc, log in procs:
             if proc.wait() != 0:
                 log.seek(0)
@@ -541,6 +542,17 @@ def _render_in_subprocesses(shards: list[list[tuple]]) -> None:
                 proc.kill()
                 proc.wait()
             log.close()
+
+
+def _follow(procs: list, persons: int, written: Path) -> None:
+    """A progress bar of the persons drawn (each writes its faces' truth file last) while the workers run."""
+    from harness.io import progress_bar
+
+    with progress_bar(persons, "drawing synthetic persons", unit="person") as bar:
+        while any(proc.poll() is None for proc, _ in procs):
+            done = sum(1 for _ in written.glob("*.csv")) if written.is_dir() else 0
+            bar.update(done - bar.n)
+            time.sleep(0.5)
 
 
 def _render_person(job: tuple) -> None:
